@@ -1,0 +1,843 @@
+//! From cluster state to the [`Table`] one node enforces, and from one pod change to a [`Delta`].
+//!
+//! A full compile and an incremental pod update run the same code: every local pod address is
+//! dispatched by [`Compiler::refresh_local_ip`], and every peer set learns an address's
+//! membership through [`Compiler::refresh_membership`]. A full compile is those steps for every
+//! address; a pod change is those steps for the pod's old and new addresses.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hasher;
+use std::net::IpAddr;
+
+use fnv::FnvHasher;
+use ipnet::IpNet;
+
+use crate::cluster::Cluster;
+use crate::diff::{diff, Delta};
+use crate::ir::{
+    AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
+    SetKey, Table, Verdict, ND_TYPES, TABLE_NAME,
+};
+use crate::model::{Namespace, NetworkPolicy, Pod};
+use crate::policy::{
+    resolve, Diagnostic, Direction, NamespaceScope, PeerMatch, Peers, PortMatch, Ports,
+    ResolvedPolicy,
+};
+
+/// Longest comment `nft` accepts.
+const COMMENT_MAX: usize = 128;
+
+/// The compiled ruleset of one node, kept up to date as the cluster changes.
+#[derive(Clone, Debug)]
+pub struct Compiler {
+    node: String,
+    cluster: Cluster,
+    /// Valid parts of every policy, by namespace, in name order.
+    policies: BTreeMap<String, Vec<ResolvedPolicy>>,
+    diagnostics: Vec<Diagnostic>,
+    table: Table,
+    /// What each set of peer addresses stands for, so a pod change can update it.
+    set_defs: BTreeMap<String, SetDef>,
+    /// Sets each pod chain refers to; a set lives while some chain refers to it.
+    chain_sets: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// What a peer set holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SetDef {
+    /// Addresses of the pods a pod peer selects.
+    Pods { family: Family, peer: PeerMatch },
+    /// The prefixes of an ipBlock (fixed).
+    Block { family: Family, nets: Vec<IpNet> },
+    /// `address . protocol . port` of every pod the peer (or, with `None`, any peer) covers
+    /// whose containers name the port: egress named ports resolve per destination pod.
+    NamedPort {
+        family: Family,
+        peer: Option<PeerMatch>,
+        protocol: Protocol,
+        name: String,
+    },
+}
+
+impl SetDef {
+    fn family(&self) -> Family {
+        match self {
+            SetDef::Pods { family, .. }
+            | SetDef::Block { family, .. }
+            | SetDef::NamedPort { family, .. } => *family,
+        }
+    }
+}
+
+impl Compiler {
+    /// Compiles the ruleset of `node` from scratch.
+    pub fn new(cluster: Cluster, node: &str) -> Self {
+        let mut diagnostics = Vec::new();
+        let mut policies: BTreeMap<String, Vec<ResolvedPolicy>> = BTreeMap::new();
+        for policy in cluster.policies() {
+            policies
+                .entry(policy.namespace.clone())
+                .or_default()
+                .push(resolve(policy, &mut diagnostics));
+        }
+        let mut compiler = Self {
+            node: node.to_string(),
+            table: base_table(node),
+            cluster,
+            policies,
+            diagnostics,
+            set_defs: BTreeMap::new(),
+            chain_sets: BTreeMap::new(),
+        };
+        let local_ips: BTreeSet<IpAddr> = compiler
+            .cluster
+            .pods()
+            .filter(|p| compiler.is_local(p))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        let mut ignored = Delta::default();
+        for ip in local_ips {
+            compiler.refresh_local_ip(ip, &mut ignored);
+        }
+        compiler
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn into_cluster(self) -> Cluster {
+        self.cluster
+    }
+
+    /// What could not be enforced as written, for every policy in the cluster.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        &self.diagnostics
+    }
+
+    /// The resolved policies of a namespace, in name order.
+    pub fn policies_in(&self, namespace: &str) -> &[ResolvedPolicy] {
+        self.policies.get(namespace).map_or(&[], Vec::as_slice)
+    }
+
+    /// Adds or replaces a pod; returns what changed in the table.
+    pub fn apply_pod(&mut self, pod: Pod) -> Delta {
+        match self.cluster.apply_pod(pod.clone()) {
+            None => Delta::default(),
+            Some(old) => self.pod_changed(old.as_ref(), Some(&pod)),
+        }
+    }
+
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Delta {
+        match self.cluster.delete_pod(namespace, name) {
+            None => Delta::default(),
+            Some(old) => self.pod_changed(Some(&old), None),
+        }
+    }
+
+    /// Namespace and policy changes recompile the node and diff against the old table.
+    pub fn apply_namespace(&mut self, ns: Namespace) -> Delta {
+        if self.cluster.apply_namespace(ns) {
+            self.rebuild()
+        } else {
+            Delta::default()
+        }
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) -> Delta {
+        if self.cluster.delete_namespace(name) {
+            self.rebuild()
+        } else {
+            Delta::default()
+        }
+    }
+
+    pub fn apply_policy(&mut self, policy: NetworkPolicy) -> Delta {
+        if self.cluster.apply_policy(policy) {
+            self.rebuild()
+        } else {
+            Delta::default()
+        }
+    }
+
+    pub fn delete_policy(&mut self, namespace: &str, name: &str) -> Delta {
+        if self.cluster.delete_policy(namespace, name) {
+            self.rebuild()
+        } else {
+            Delta::default()
+        }
+    }
+
+    fn rebuild(&mut self) -> Delta {
+        let cluster = std::mem::take(&mut self.cluster);
+        let fresh = Self::new(cluster, &self.node);
+        let delta = diff(&self.table, &fresh.table);
+        *self = fresh;
+        delta
+    }
+
+    fn is_local(&self, pod: &Pod) -> bool {
+        pod.is_enforceable() && pod.node.as_deref() == Some(self.node.as_str())
+    }
+
+    fn pod_changed(&mut self, old: Option<&Pod>, new: Option<&Pod>) -> Delta {
+        let mut delta = Delta::default();
+        let ips: BTreeSet<IpAddr> = old
+            .into_iter()
+            .chain(new)
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        let on_node = |p: &Pod| p.node.as_deref() == Some(self.node.as_str());
+        if old.is_some_and(on_node) || new.is_some_and(on_node) {
+            for ip in &ips {
+                self.refresh_local_ip(*ip, &mut delta);
+            }
+            self.collect_garbage(&mut delta);
+        }
+        for ip in ips {
+            self.refresh_membership(ip, &mut delta);
+        }
+        delta
+    }
+
+    /// Points the dispatch maps and the self set at whichever local pod owns `ip` now.
+    fn refresh_local_ip(&mut self, ip: IpAddr, delta: &mut Delta) {
+        let family = Family::of(&ip);
+        let owner = self
+            .cluster
+            .pods_with_ip(ip)
+            .find(|p| self.is_local(p))
+            .cloned();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let want = owner.as_ref().and_then(|pod| {
+                let chain = self.ensure_chain(direction, pod, delta)?;
+                Some(MapEntry {
+                    chain,
+                    comment: comment(format!("{}/{}", pod.namespace, pod.name)),
+                })
+            });
+            let map_name = dispatch_map(direction, family);
+            let Some(map) = self.table.maps.get_mut(&map_name) else {
+                continue;
+            };
+            let have = map.elements.get(&ip);
+            if have == want.as_ref() {
+                continue;
+            }
+            if have.is_some() {
+                map.elements.remove(&ip);
+                delta.remove_map_entry(&map_name, ip);
+            }
+            if let Some(entry) = want {
+                map.elements.insert(ip, entry.clone());
+                delta.add_map_entry(&map_name, ip, entry);
+            }
+        }
+        let self_set = format!("self{}", family.digit());
+        self.set_member(&self_set, Element::AddrPair(ip, ip), owner.is_some(), delta);
+    }
+
+    /// The chain holding the rules for `pod` in one direction, built on first use; `None` when
+    /// no policy isolates the pod in that direction.
+    fn ensure_chain(
+        &mut self,
+        direction: Direction,
+        pod: &Pod,
+        delta: &mut Delta,
+    ) -> Option<String> {
+        let selecting: Vec<&ResolvedPolicy> = self
+            .policies_in(&pod.namespace)
+            .iter()
+            .filter(|p| p.rules(direction).is_some() && p.selector.matches(&pod.labels))
+            .collect();
+        if selecting.is_empty() {
+            return None;
+        }
+        let name = chain_name(direction, pod, &selecting);
+        if self.table.chains.contains_key(&name) {
+            return Some(name);
+        }
+        let (chain, defs) = build_chain(&name, direction, pod, &selecting);
+        let set_names: BTreeSet<String> = defs.iter().map(|(n, _)| n.clone()).collect();
+        for (set_name, def) in defs {
+            if !self.set_defs.contains_key(&set_name) {
+                let set = self.make_set(&set_name, &def);
+                delta.add_sets.push(set.clone());
+                self.table.sets.insert(set_name.clone(), set);
+                self.set_defs.insert(set_name, def);
+            }
+        }
+        self.chain_sets.insert(name.clone(), set_names);
+        delta.add_chains.push(chain.clone());
+        self.table.chains.insert(name.clone(), chain);
+        Some(name)
+    }
+
+    /// Drops pod chains no map refers to any more, then sets no chain refers to.
+    fn collect_garbage(&mut self, delta: &mut Delta) {
+        let used: BTreeSet<&String> = self
+            .table
+            .maps
+            .values()
+            .flat_map(|m| m.elements.values().map(|e| &e.chain))
+            .collect();
+        let unused: Vec<String> = self
+            .chain_sets
+            .keys()
+            .filter(|c| !used.contains(c))
+            .cloned()
+            .collect();
+        for chain in unused {
+            self.chain_sets.remove(&chain);
+            self.table.chains.remove(&chain);
+            delta.delete_chains.push(chain);
+        }
+        let used: BTreeSet<&String> = self.chain_sets.values().flatten().collect();
+        let unused: Vec<String> = self
+            .set_defs
+            .keys()
+            .filter(|s| !used.contains(s))
+            .cloned()
+            .collect();
+        for set in unused {
+            self.set_defs.remove(&set);
+            self.table.sets.remove(&set);
+            delta.delete_sets.push(set);
+        }
+    }
+
+    /// Brings every peer set up to date for one address.
+    fn refresh_membership(&mut self, ip: IpAddr, delta: &mut Delta) {
+        let family = Family::of(&ip);
+        let owners: Vec<&Pod> = self.cluster.pods_with_ip(ip).collect();
+        let mut changes: Vec<(String, BTreeSet<Element>, BTreeSet<Element>)> = Vec::new();
+        for (name, def) in &self.set_defs {
+            if def.family() != family {
+                continue;
+            }
+            let want: BTreeSet<Element> = owners
+                .iter()
+                .flat_map(|pod| elements_for(&self.cluster, def, pod, ip))
+                .collect();
+            let Some(set) = self.table.sets.get(name) else {
+                continue;
+            };
+            let have: BTreeSet<Element> = match def {
+                SetDef::Block { .. } => continue,
+                SetDef::Pods { .. } => set
+                    .elements
+                    .get(&Element::Addr(ip))
+                    .into_iter()
+                    .copied()
+                    .collect(),
+                SetDef::NamedPort { .. } => set
+                    .elements
+                    .range(
+                        Element::AddrProtoPort(ip, Protocol::Tcp, 0)
+                            ..=Element::AddrProtoPort(ip, Protocol::Sctp, u16::MAX),
+                    )
+                    .copied()
+                    .collect(),
+            };
+            if want != have {
+                changes.push((name.clone(), have, want));
+            }
+        }
+        for (name, have, want) in changes {
+            for e in have.difference(&want) {
+                self.set_member(&name, *e, false, delta);
+            }
+            for e in want.difference(&have) {
+                self.set_member(&name, *e, true, delta);
+            }
+        }
+    }
+
+    fn set_member(&mut self, set: &str, element: Element, present: bool, delta: &mut Delta) {
+        let Some(s) = self.table.sets.get_mut(set) else {
+            return;
+        };
+        if present && s.elements.insert(element) {
+            delta.add_element(set, element);
+        } else if !present && s.elements.remove(&element) {
+            delta.remove_element(set, element);
+        }
+    }
+
+    /// A new set, filled from the whole cluster.
+    fn make_set(&self, name: &str, def: &SetDef) -> Set {
+        let family = def.family();
+        let (key, interval, comment_text) = match def {
+            SetDef::Pods { peer, .. } => (SetKey::Addr(family), false, describe_peer(peer)),
+            SetDef::Block { .. } => (SetKey::Addr(family), true, String::new()),
+            SetDef::NamedPort {
+                peer,
+                protocol,
+                name,
+                ..
+            } => (
+                SetKey::AddrProtoPort(family),
+                false,
+                format!(
+                    "port {name}/{} of {}",
+                    protocol.k8s_name(),
+                    peer.as_ref().map_or("any pod".to_string(), describe_peer)
+                ),
+            ),
+        };
+        let elements = match def {
+            SetDef::Block { nets, .. } => nets.iter().map(|n| Element::Net(*n)).collect(),
+            SetDef::Pods { peer, .. }
+            | SetDef::NamedPort {
+                peer: Some(peer), ..
+            } => self
+                .candidates(peer)
+                .flat_map(|pod| {
+                    pod.ips
+                        .iter()
+                        .flat_map(|ip| elements_for(&self.cluster, def, pod, *ip))
+                })
+                .collect(),
+            SetDef::NamedPort { peer: None, .. } => self
+                .cluster
+                .pods()
+                .flat_map(|pod| {
+                    pod.ips
+                        .iter()
+                        .flat_map(|ip| elements_for(&self.cluster, def, pod, *ip))
+                })
+                .collect(),
+        };
+        let comment_text = match def {
+            SetDef::Block { nets, .. } => format!(
+                "ipBlock {}",
+                nets.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            _ => comment_text,
+        };
+        Set {
+            name: name.to_string(),
+            key,
+            interval,
+            comment: comment(comment_text),
+            elements,
+        }
+    }
+
+    /// Pods a peer could select, narrowed by namespace first so a full compile does not test
+    /// every pod against every peer.
+    fn candidates<'a>(&'a self, peer: &'a PeerMatch) -> Box<dyn Iterator<Item = &'a Pod> + 'a> {
+        match peer {
+            PeerMatch::Pods {
+                namespaces: NamespaceScope::Same(ns),
+                ..
+            } => Box::new(self.cluster.pods_in(ns)),
+            PeerMatch::Pods {
+                namespaces: NamespaceScope::Matching(sel),
+                ..
+            } => Box::new(
+                self.cluster
+                    .namespace_names()
+                    .filter(move |ns| sel.matches(self.cluster.namespace_labels(ns)))
+                    .flat_map(move |ns| self.cluster.pods_in(ns)),
+            ),
+            PeerMatch::Block { .. } => Box::new(self.cluster.pods()),
+        }
+    }
+}
+
+/// Elements `pod`, holding `ip`, contributes to a set.
+fn elements_for(cluster: &Cluster, def: &SetDef, pod: &Pod, ip: IpAddr) -> Vec<Element> {
+    if !pod.is_enforceable() || Family::of(&ip) != def.family() {
+        return Vec::new();
+    }
+    match def {
+        SetDef::Block { .. } => Vec::new(),
+        SetDef::Pods { peer, .. } => {
+            if peer_covers(cluster, peer, pod, ip) {
+                vec![Element::Addr(ip)]
+            } else {
+                Vec::new()
+            }
+        }
+        SetDef::NamedPort {
+            peer,
+            protocol,
+            name,
+            ..
+        } => {
+            let covered = peer
+                .as_ref()
+                .is_none_or(|p| peer_covers(cluster, p, pod, ip));
+            match pod.named_port(name, protocol.k8s_name()) {
+                Some(port) if covered => vec![Element::AddrProtoPort(ip, *protocol, port)],
+                _ => Vec::new(),
+            }
+        }
+    }
+}
+
+fn peer_covers(cluster: &Cluster, peer: &PeerMatch, pod: &Pod, ip: IpAddr) -> bool {
+    match peer {
+        PeerMatch::Pods { namespaces, pods } => {
+            let ns_ok = match namespaces {
+                NamespaceScope::Same(ns) => *ns == pod.namespace,
+                NamespaceScope::Matching(sel) => {
+                    sel.matches(cluster.namespace_labels(&pod.namespace))
+                }
+            };
+            ns_ok && pods.matches(&pod.labels)
+        }
+        PeerMatch::Block { nets, .. } => nets.iter().any(|n| n.contains(&ip)),
+    }
+}
+
+fn describe_peer(peer: &PeerMatch) -> String {
+    match peer {
+        PeerMatch::Pods {
+            namespaces: NamespaceScope::Same(ns),
+            pods,
+        } => format!("pods {pods} in namespace {ns}"),
+        PeerMatch::Pods {
+            namespaces: NamespaceScope::Matching(sel),
+            pods,
+        } => format!("pods {pods} in namespaces {sel}"),
+        PeerMatch::Block { cidr, .. } => format!("pods in ipBlock {cidr}"),
+    }
+}
+
+fn dispatch_map(direction: Direction, family: Family) -> String {
+    format!("{}{}", direction.as_str(), family.digit())
+}
+
+fn fnv(text: &str) -> u64 {
+    let mut h = FnvHasher::default();
+    h.write(text.as_bytes());
+    h.finish()
+}
+
+/// Named for what decides its rules: the namespace, the policies selecting the pod, and (for
+/// ingress) the numbers the pod gives the named ports those policies use. Pods sharing all
+/// three share the chain, so pod churn changes map elements, not chains.
+fn chain_name(direction: Direction, pod: &Pod, selecting: &[&ResolvedPolicy]) -> String {
+    let mut signature = String::new();
+    for policy in selecting {
+        signature.push_str(&policy.name);
+        signature.push('\n');
+    }
+    if direction == Direction::Ingress {
+        let named: BTreeSet<(Protocol, &str)> = selecting
+            .iter()
+            .flat_map(|p| p.rules(direction).unwrap_or_default())
+            .filter_map(|r| match &r.ports {
+                Ports::Listed(ports) => Some(ports),
+                Ports::Any => None,
+            })
+            .flatten()
+            .filter_map(|(_, m)| match m {
+                PortMatch::Named(proto, name) => Some((*proto, name.as_str())),
+                _ => None,
+            })
+            .collect();
+        for (proto, name) in named {
+            let resolved = pod.named_port(name, proto.k8s_name());
+            signature.push_str(&format!("{name}/{}={resolved:?}\n", proto.k8s_name()));
+        }
+    }
+    let prefix = match direction {
+        Direction::Ingress => "ing",
+        Direction::Egress => "egr",
+    };
+    format!("{prefix}_{}_{:016x}", pod.namespace, fnv(&signature))
+}
+
+/// The rules of one pod chain, with the sets they refer to.
+fn build_chain(
+    name: &str,
+    direction: Direction,
+    pod: &Pod,
+    selecting: &[&ResolvedPolicy],
+) -> (Chain, Vec<(String, SetDef)>) {
+    let (field, allow, peers_word) = match direction {
+        Direction::Ingress => (AddrField::Source, Verdict::Accept, "from"),
+        Direction::Egress => (AddrField::Destination, Verdict::Return, "to"),
+    };
+    let mut rules = Vec::new();
+    let mut defs: Vec<(String, SetDef)> = Vec::new();
+    let mut set_for = |def: SetDef| -> String {
+        let (prefix, canonical) = match &def {
+            SetDef::Pods { peer, .. } => ("pods", describe_peer(peer)),
+            SetDef::Block { nets, .. } => ("cidr", format!("{nets:?}")),
+            SetDef::NamedPort {
+                peer,
+                protocol,
+                name,
+                ..
+            } => ("nport", format!("{name}/{protocol:?} {:?}", peer)),
+        };
+        let name = format!("{prefix}{}_{:016x}", def.family().digit(), fnv(&canonical));
+        if !defs.iter().any(|(n, _)| *n == name) {
+            defs.push((name.clone(), def));
+        }
+        name
+    };
+
+    for policy in selecting {
+        let written_rules = policy.rules(direction).unwrap_or_default();
+        for rule in written_rules {
+            let peers: Vec<(Option<usize>, Option<&PeerMatch>)> = match &rule.peers {
+                Peers::Any => vec![(None, None)],
+                Peers::Listed(list) => list.iter().map(|(i, p)| (Some(*i), Some(p))).collect(),
+            };
+            let ports: Vec<(Option<usize>, Option<&PortMatch>)> = match &rule.ports {
+                Ports::Any => vec![(None, None)],
+                Ports::Listed(list) => list.iter().map(|(i, p)| (Some(*i), Some(p))).collect(),
+            };
+            for (peer_index, peer) in &peers {
+                for (port_index, port) in &ports {
+                    let mut origin =
+                        format!("{} {}[{}]", policy.key(), direction.as_str(), rule.index);
+                    if let Some(i) = peer_index {
+                        origin.push_str(&format!(" {peers_word}[{i}]"));
+                    }
+                    if let Some(i) = port_index {
+                        origin.push_str(&format!(" ports[{i}]"));
+                    }
+                    for matches in rule_matches(direction, field, pod, *peer, *port, &mut set_for) {
+                        rules.push(Rule {
+                            matches,
+                            verdict: allow.clone(),
+                            comment: Some(comment(origin.clone())),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let names: Vec<&str> = selecting.iter().map(|p| p.name.as_str()).collect();
+    let isolation = format!(
+        "{} {} isolated by {}",
+        pod.namespace,
+        direction.as_str(),
+        names.join(", ")
+    );
+    rules.push(Rule {
+        matches: Vec::new(),
+        verdict: Verdict::Drop,
+        comment: Some(comment(format!("{isolation}: nothing allowed it"))),
+    });
+    let chain = Chain {
+        name: name.to_string(),
+        base: None,
+        comment: comment(isolation),
+        rules,
+    };
+    (chain, defs)
+}
+
+/// The match lists (one rule each) for one peer and one port of a rule; none when the pair can
+/// match nothing (an ingress named port the pod does not have).
+fn rule_matches(
+    direction: Direction,
+    field: AddrField,
+    pod: &Pod,
+    peer: Option<&PeerMatch>,
+    port: Option<&PortMatch>,
+    set_for: &mut impl FnMut(SetDef) -> String,
+) -> Vec<Vec<Match>> {
+    let peer_families: Vec<Family> = match peer {
+        Some(PeerMatch::Block { cidr, .. }) => vec![Family::of_net(cidr)],
+        _ => Family::BOTH.to_vec(),
+    };
+    let port_matches = match port {
+        None => Vec::new(),
+        Some(PortMatch::Protocol(p)) => vec![Match::Protocol(*p)],
+        Some(PortMatch::Range(p, lo, hi)) => {
+            vec![Match::Protocol(*p), Match::DestinationPort(*lo, *hi)]
+        }
+        Some(PortMatch::Named(p, name)) if direction == Direction::Egress => {
+            // The destination decides the number: one concatenated set holds the peer's
+            // addresses with their numbers, and stands for the peer match too.
+            return peer_families
+                .into_iter()
+                .map(|family| {
+                    let set = set_for(SetDef::NamedPort {
+                        family,
+                        peer: peer.cloned(),
+                        protocol: *p,
+                        name: name.clone(),
+                    });
+                    vec![Match::DestinationPortInSet { family, set }]
+                })
+                .collect();
+        }
+        Some(PortMatch::Named(p, name)) => match pod.named_port(name, p.k8s_name()) {
+            Some(n) => vec![Match::Protocol(*p), Match::DestinationPort(n, n)],
+            None => return Vec::new(),
+        },
+    };
+    let Some(peer) = peer else {
+        return vec![port_matches];
+    };
+    peer_families
+        .into_iter()
+        .map(|family| {
+            let def = match peer {
+                PeerMatch::Block { nets, .. } => SetDef::Block {
+                    family,
+                    nets: nets.clone(),
+                },
+                PeerMatch::Pods { .. } => SetDef::Pods {
+                    family,
+                    peer: peer.clone(),
+                },
+            };
+            let mut matches = vec![Match::AddrInSet {
+                family,
+                field,
+                set: set_for(def),
+            }];
+            matches.extend(port_matches.iter().cloned());
+            matches
+        })
+        .collect()
+}
+
+/// The fixed part: base chains, dispatch maps and self sets.
+fn base_table(node: &str) -> Table {
+    let mut table = Table {
+        name: TABLE_NAME.to_string(),
+        comment: comment(format!("NetworkPolicy for node {node}, managed by nftpol")),
+        ..Table::default()
+    };
+    for family in Family::BOTH {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let name = dispatch_map(direction, family);
+            table.maps.insert(
+                name.clone(),
+                Map {
+                    name,
+                    family,
+                    comment: format!("local pod address to its {} chain", direction.as_str()),
+                    elements: BTreeMap::new(),
+                },
+            );
+        }
+        let name = format!("self{}", family.digit());
+        table.sets.insert(
+            name.clone(),
+            Set {
+                name,
+                key: SetKey::AddrPair(family),
+                interval: false,
+                comment: "local pod to itself".into(),
+                elements: BTreeSet::new(),
+            },
+        );
+    }
+    let rule = |matches: Vec<Match>, verdict: Verdict, text: &str| Rule {
+        matches,
+        verdict,
+        comment: Some(text.to_string()),
+    };
+    let vmap = |family, field, direction| Verdict::Vmap {
+        family,
+        field,
+        map: dispatch_map(direction, family),
+    };
+    let common = || {
+        vec![
+            rule(
+                vec![Match::CtRelated],
+                Verdict::Accept,
+                "related to an allowed connection",
+            ),
+            rule(
+                vec![Match::CtEstablishedReply],
+                Verdict::Accept,
+                "reply in an allowed connection",
+            ),
+            rule(
+                vec![Match::Icmpv6Type(ND_TYPES.to_vec())],
+                Verdict::Accept,
+                "IPv6 neighbour discovery",
+            ),
+        ]
+    };
+    let mut forward = common();
+    for family in Family::BOTH {
+        forward.push(rule(
+            vec![Match::AddrPairInSet {
+                family,
+                set: format!("self{}", family.digit()),
+            }],
+            Verdict::Accept,
+            "a pod reaching itself",
+        ));
+    }
+    for family in Family::BOTH {
+        forward.push(rule(
+            Vec::new(),
+            vmap(family, AddrField::Source, Direction::Egress),
+            "egress of local pods",
+        ));
+    }
+    for family in Family::BOTH {
+        forward.push(rule(
+            Vec::new(),
+            vmap(family, AddrField::Destination, Direction::Ingress),
+            "ingress of local pods",
+        ));
+    }
+    let mut input = common();
+    for family in Family::BOTH {
+        input.push(rule(
+            Vec::new(),
+            vmap(family, AddrField::Source, Direction::Egress),
+            "egress of local pods to this node",
+        ));
+    }
+    for (name, hook, rules, text) in [
+        (
+            "forward",
+            Hook::Forward,
+            forward,
+            "pod traffic routed or bridged through this node",
+        ),
+        ("input", Hook::Input, input, "pod traffic to this node"),
+    ] {
+        table.chains.insert(
+            name.to_string(),
+            Chain {
+                name: name.to_string(),
+                base: Some(BaseChain { hook, priority: 0 }),
+                comment: text.to_string(),
+                rules,
+            },
+        );
+    }
+    table
+}
+
+/// Cuts a comment to what `nft` accepts, on a character boundary.
+fn comment(mut text: String) -> String {
+    if text.len() > COMMENT_MAX {
+        let mut end = COMMENT_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}

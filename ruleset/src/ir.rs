@@ -1,0 +1,238 @@
+//! The desired ruleset as owned data: one table of sets, verdict maps and chains.
+//! [`crate::render`] prints it as `nft -f` text; the agent turns it into a netlink batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// Name of the one table the agent owns. Nothing outside it is ever touched.
+pub const TABLE_NAME: &str = "nftpol";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    pub name: String,
+    pub comment: String,
+    pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<String, Map>,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn of_net(net: &IpNet) -> Self {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    /// Suffix used in set and map names (`4` or `6`).
+    pub fn digit(self) -> char {
+        match self {
+            Family::V4 => '4',
+            Family::V6 => '6',
+        }
+    }
+
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// IANA protocol number, as the kernel compares it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The Kubernetes spelling.
+    pub fn k8s_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+/// The type of a set's or map's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKey {
+    /// An address (`ipv4_addr` / `ipv6_addr`).
+    Addr(Family),
+    /// Source and destination address, concatenated.
+    AddrPair(Family),
+    /// Destination address, layer-4 protocol and destination port, concatenated.
+    AddrProtoPort(Family),
+}
+
+impl SetKey {
+    pub fn family(self) -> Family {
+        match self {
+            SetKey::Addr(f) | SetKey::AddrPair(f) | SetKey::AddrProtoPort(f) => f,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub key: SetKey,
+    /// Interval set: elements are prefixes.
+    pub interval: bool,
+    pub comment: String,
+    pub elements: BTreeSet<Element>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Element {
+    Addr(IpAddr),
+    Net(IpNet),
+    AddrPair(IpAddr, IpAddr),
+    AddrProtoPort(IpAddr, Protocol, u16),
+}
+
+/// A verdict map from an address to the chain holding that pod's rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Map {
+    pub name: String,
+    pub family: Family,
+    pub comment: String,
+    pub elements: BTreeMap<IpAddr, MapEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Chain jumped to.
+    pub chain: String,
+    /// `namespace/name` of the pod owning the address.
+    pub comment: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub base: Option<BaseChain>,
+    pub comment: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseChain {
+    pub hook: Hook,
+    /// Relative to the `filter` priority (0).
+    pub priority: i32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    Forward,
+    Input,
+}
+
+impl Hook {
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Hook::Forward => "forward",
+            Hook::Input => "input",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// All must match (AND).
+    pub matches: Vec<Match>,
+    pub verdict: Verdict,
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddrField {
+    Source,
+    Destination,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// `ct state related`
+    CtRelated,
+    /// `ct state established ct direction reply`: a reply in a tracked connection.
+    CtEstablishedReply,
+    /// `icmpv6 type { ... }`, by type number.
+    Icmpv6Type(Vec<u8>),
+    /// `ip saddr @set` and friends; the family is the set's.
+    AddrInSet {
+        family: Family,
+        field: AddrField,
+        set: String,
+    },
+    /// `ip saddr . ip daddr @set`
+    AddrPairInSet { family: Family, set: String },
+    /// `ip daddr . meta l4proto . th dport @set`
+    DestinationPortInSet { family: Family, set: String },
+    /// `meta l4proto tcp`
+    Protocol(Protocol),
+    /// `th dport 80` or `th dport 80-90`; always after a [`Match::Protocol`].
+    DestinationPort(u16, u16),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    /// Back to the calling chain: this direction allows the packet.
+    Return,
+    /// `ip saddr vmap @map` / `ip daddr vmap @map`.
+    Vmap {
+        family: Family,
+        field: AddrField,
+        map: String,
+    },
+}
+
+/// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.
+pub const ND_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
+
+impl Table {
+    /// Number of rules in all chains.
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(|c| c.rules.len()).sum()
+    }
+
+    /// Number of set and map elements.
+    pub fn element_count(&self) -> usize {
+        self.sets.values().map(|s| s.elements.len()).sum::<usize>()
+            + self.maps.values().map(|m| m.elements.len()).sum::<usize>()
+    }
+}

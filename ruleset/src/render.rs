@@ -1,0 +1,190 @@
+//! `nft -f` text for a table: deterministic, and in an order `nft` can load in one pass (sets,
+//! then the pod chains that use them, then the maps that jump to those, then the base chains).
+
+use std::fmt::{self, Write};
+
+use crate::ir::{AddrField, Chain, Element, Family, Map, Match, Rule, Set, SetKey, Table, Verdict};
+
+/// The whole table as `nft -f` input. Loading it needs the table to be absent or empty.
+pub fn render(table: &Table) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_table(&mut out, table);
+    out
+}
+
+fn write_table(out: &mut String, table: &Table) -> fmt::Result {
+    writeln!(out, "table inet {} {{", table.name)?;
+    if !table.comment.is_empty() {
+        writeln!(out, "\tcomment {}", quote(&table.comment))?;
+    }
+    for set in table.sets.values() {
+        write_set(out, set)?;
+    }
+    for chain in table.chains.values().filter(|c| c.base.is_none()) {
+        write_chain(out, chain)?;
+    }
+    for map in table.maps.values() {
+        write_map(out, map)?;
+    }
+    for chain in table.chains.values().filter(|c| c.base.is_some()) {
+        write_chain(out, chain)?;
+    }
+    writeln!(out, "}}")
+}
+
+fn write_set(out: &mut String, set: &Set) -> fmt::Result {
+    writeln!(out, "\tset {} {{", set.name)?;
+    writeln!(out, "\t\ttype {}", key_type(set.key))?;
+    if set.interval {
+        writeln!(out, "\t\tflags interval")?;
+    }
+    if !set.comment.is_empty() {
+        writeln!(out, "\t\tcomment {}", quote(&set.comment))?;
+    }
+    if !set.elements.is_empty() {
+        let elements: Vec<String> = set.elements.iter().map(element).collect();
+        writeln!(out, "\t\telements = {{ {} }}", elements.join(", "))?;
+    }
+    writeln!(out, "\t}}")
+}
+
+fn write_map(out: &mut String, map: &Map) -> fmt::Result {
+    writeln!(out, "\tmap {} {{", map.name)?;
+    writeln!(
+        out,
+        "\t\ttype {} : verdict",
+        key_type(SetKey::Addr(map.family))
+    )?;
+    if !map.comment.is_empty() {
+        writeln!(out, "\t\tcomment {}", quote(&map.comment))?;
+    }
+    if !map.elements.is_empty() {
+        let elements: Vec<String> = map
+            .elements
+            .iter()
+            .map(|(ip, e)| format!("{ip} comment {} : jump {}", quote(&e.comment), e.chain))
+            .collect();
+        writeln!(
+            out,
+            "\t\telements = {{ {} }}",
+            elements.join(",\n\t\t\t     ")
+        )?;
+    }
+    writeln!(out, "\t}}")
+}
+
+fn write_chain(out: &mut String, chain: &Chain) -> fmt::Result {
+    writeln!(out, "\tchain {} {{", chain.name)?;
+    if let Some(base) = chain.base {
+        writeln!(
+            out,
+            "\t\ttype filter hook {} priority {}; policy accept;",
+            base.hook.nft_name(),
+            priority(base.priority)
+        )?;
+    }
+    if !chain.comment.is_empty() {
+        writeln!(out, "\t\tcomment {}", quote(&chain.comment))?;
+    }
+    for rule in &chain.rules {
+        writeln!(out, "\t\t{}", rule_text(rule))?;
+    }
+    writeln!(out, "\t}}")
+}
+
+/// One rule as `nft` prints it, comment included.
+pub fn rule_text(rule: &Rule) -> String {
+    let mut parts: Vec<String> = rule.matches.iter().map(match_text).collect();
+    parts.push(verdict_text(&rule.verdict));
+    if let Some(c) = &rule.comment {
+        parts.push(format!("comment {}", quote(c)));
+    }
+    parts.join(" ")
+}
+
+fn match_text(m: &Match) -> String {
+    match m {
+        Match::CtRelated => "ct state related".into(),
+        Match::CtEstablishedReply => "ct state established ct direction reply".into(),
+        Match::Icmpv6Type(types) => {
+            let names: Vec<String> = types.iter().map(|t| icmpv6_name(*t)).collect();
+            format!("icmpv6 type {{ {} }}", names.join(", "))
+        }
+        Match::AddrInSet { family, field, set } => format!("{} @{set}", addr(*family, *field)),
+        Match::AddrPairInSet { family, set } => format!(
+            "{} . {} @{set}",
+            addr(*family, AddrField::Source),
+            addr(*family, AddrField::Destination)
+        ),
+        Match::DestinationPortInSet { family, set } => format!(
+            "{} . meta l4proto . th dport @{set}",
+            addr(*family, AddrField::Destination)
+        ),
+        Match::Protocol(p) => format!("meta l4proto {}", p.nft_name()),
+        Match::DestinationPort(lo, hi) if lo == hi => format!("th dport {lo}"),
+        Match::DestinationPort(lo, hi) => format!("th dport {lo}-{hi}"),
+    }
+}
+
+fn verdict_text(v: &Verdict) -> String {
+    match v {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Return => "return".into(),
+        Verdict::Vmap { family, field, map } => format!("{} vmap @{map}", addr(*family, *field)),
+    }
+}
+
+fn addr(family: Family, field: AddrField) -> &'static str {
+    match (family, field) {
+        (Family::V4, AddrField::Source) => "ip saddr",
+        (Family::V4, AddrField::Destination) => "ip daddr",
+        (Family::V6, AddrField::Source) => "ip6 saddr",
+        (Family::V6, AddrField::Destination) => "ip6 daddr",
+    }
+}
+
+fn key_type(key: SetKey) -> &'static str {
+    match key {
+        SetKey::Addr(Family::V4) => "ipv4_addr",
+        SetKey::Addr(Family::V6) => "ipv6_addr",
+        SetKey::AddrPair(Family::V4) => "ipv4_addr . ipv4_addr",
+        SetKey::AddrPair(Family::V6) => "ipv6_addr . ipv6_addr",
+        SetKey::AddrProtoPort(Family::V4) => "ipv4_addr . inet_proto . inet_service",
+        SetKey::AddrProtoPort(Family::V6) => "ipv6_addr . inet_proto . inet_service",
+    }
+}
+
+fn element(e: &Element) -> String {
+    match e {
+        Element::Addr(ip) => ip.to_string(),
+        Element::Net(net) => net.to_string(),
+        Element::AddrPair(a, b) => format!("{a} . {b}"),
+        Element::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto.nft_name()),
+    }
+}
+
+fn icmpv6_name(t: u8) -> String {
+    match t {
+        133 => "nd-router-solicit".into(),
+        134 => "nd-router-advert".into(),
+        135 => "nd-neighbor-solicit".into(),
+        136 => "nd-neighbor-advert".into(),
+        137 => "nd-redirect".into(),
+        other => other.to_string(),
+    }
+}
+
+fn priority(p: i32) -> String {
+    match p {
+        0 => "filter".into(),
+        p if p > 0 => format!("filter + {p}"),
+        p => format!("filter - {}", -p),
+    }
+}
+
+/// A quoted nft string. nft strings cannot escape quotes, so they become apostrophes.
+fn quote(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "'"))
+}
