@@ -1,1 +1,30 @@
-fn main() {}
+//! `agent`: see the library crate for the data flow.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use agent::{cli, dump, trace};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level)),
+        )
+        .init();
+    let result = match cli.command {
+        cli::Command::DumpRuleset(args) => dump::run(&args),
+        cli::Command::Trace(args) => trace::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,12 +6,24 @@ use std::net::IpAddr;
 
 use crate::ir::{AddrField, Chain, Element, Family, Hook, Match, Protocol, Rule, Table, Verdict};
 
-/// The first packet of a connection, as it reaches a hook.
+/// A packet as it reaches a hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub l4: L4,
+    pub ct: CtState,
+}
+
+/// What connection tracking knows of the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// First packet of a connection, or a later one in the original direction.
+    New,
+    /// A reply in an established connection.
+    Reply,
+    /// Related to a tracked connection (an ICMP error about it).
+    Related,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,8 +162,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
             .is_some_and(|s| s.elements.contains(&element))
     };
     match m {
-        // A connection's first packet is neither related nor a reply.
-        Match::CtRelated | Match::CtEstablishedReply => false,
+        Match::CtRelated => packet.ct == CtState::Related,
+        Match::CtEstablishedReply => packet.ct == CtState::Reply,
         Match::Icmpv6Type(types) => {
             matches!(packet.l4, L4::Icmpv6 { kind } if types.contains(&kind))
                 && Family::of(&packet.src) == Family::V6

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use crate::cluster::Cluster;
 use crate::compile::Compiler;
-use crate::eval::{evaluate, Decision, Evaluation, Packet, L4};
+use crate::eval::{evaluate, CtState, Decision, Evaluation, Packet, L4};
 use crate::ir::{Family, Hook, Protocol, Rule, Table, Verdict};
 use crate::model::Pod;
 use crate::render::rule_text;
@@ -147,6 +147,7 @@ impl Tracer {
                 protocol,
                 dport: port,
             },
+            ct: CtState::New,
         };
 
         let src_node = match &from_party {
@@ -219,10 +220,17 @@ impl Tracer {
                 .cluster
                 .pod(namespace, name)
                 .ok_or_else(|| TraceError::UnknownPod(describe(endpoint)))?,
-            Endpoint::Address(ip) => match self.cluster.pods_with_ip(*ip).next() {
-                Some(pod) => pod,
-                None => return Ok((Party::Outside, vec![*ip])),
-            },
+            Endpoint::Address(ip) => {
+                let host_network = || {
+                    self.cluster
+                        .pods()
+                        .find(|p| p.host_network && p.ips.contains(ip))
+                };
+                match self.cluster.pods_with_ip(*ip).next().or_else(host_network) {
+                    Some(pod) => pod,
+                    None => return Ok((Party::Outside, vec![*ip])),
+                }
+            }
         };
         let key = format!("{}/{}", pod.namespace, pod.name);
         let ips = match endpoint {

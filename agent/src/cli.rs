@@ -1,0 +1,94 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "nftpol: enforces Kubernetes NetworkPolicy on Flannel and kubenet nodes with nftables",
+    after_help = "Examples:\n  \
+        agent dump-ruleset --manifests integration/examples/three-tier.yaml --node node-a\n  \
+        agent trace --manifests integration/examples/three-tier.yaml --from shop/frontend-1 --to shop/database-0 --port 5432"
+)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace or a tracing directive); RUST_LOG wins.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    DumpRuleset(DumpArgs),
+    Trace(TraceArgs),
+}
+
+/// Print the nftables ruleset one node enforces, as `nft -f` text.
+///
+/// Every rule is commented with the policy (namespace/name) and rule it comes from. Policies
+/// that cannot be enforced as written are reported on stderr with the field and the reason;
+/// the pods they select stay isolated.
+#[derive(Args)]
+#[command(after_help = "Example:\n  \
+    agent dump-ruleset --manifests integration/examples/three-tier.yaml --node node-a\n  \
+    kubectl get pods,namespaces,networkpolicies -A -o yaml > snap.yaml && \\\n    \
+    agent dump-ruleset --manifests snap.yaml --node \"$(hostname)\" | nft -c -f -")]
+pub struct DumpArgs {
+    /// A cluster snapshot: a YAML or JSON file, or a directory of them (multi-document YAML
+    /// and `kind: List` both work).
+    #[arg(long, value_name = "PATH")]
+    pub manifests: PathBuf,
+    /// The node whose pods the ruleset protects (`spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+}
+
+/// Say whether a connection is allowed, and which policy rule decided each direction.
+///
+/// The first line is ALLOWED or DENIED. Then, for the egress of the source and the ingress of
+/// the destination: whether that pod is isolated, and the rule that allowed the connection or
+/// the drop that ended it. The answer is computed by running the packet through the same
+/// compiled rulesets `dump-ruleset` prints, for the nodes of both ends.
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    agent trace --manifests integration/examples/three-tier.yaml --from shop/backend-1 --to shop/database-0 --port 5432\n  \
+    agent trace --manifests snap.yaml --from 203.0.113.9 --to edge/api --port 443\n  \
+    agent trace --manifests snap.yaml --from shop/frontend-1 --to kube-system/coredns-0 --port 53 --protocol UDP")]
+pub struct TraceArgs {
+    /// A cluster snapshot, as for dump-ruleset.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: PathBuf,
+    /// Source: NAMESPACE/POD, or an IP address (an address that is no pod is outside the cluster).
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub from: ruleset::Endpoint,
+    /// Destination: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub to: ruleset::Endpoint,
+    /// Destination port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    #[arg(long, value_enum, default_value = "TCP", ignore_case = true)]
+    pub protocol: ProtocolArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum ProtocolArg {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl From<ProtocolArg> for ruleset::ir::Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Tcp => Self::Tcp,
+            ProtocolArg::Udp => Self::Udp,
+            ProtocolArg::Sctp => Self::Sctp,
+        }
+    }
+}

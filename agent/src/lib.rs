@@ -1,0 +1,12 @@
+//! The nftpol node agent: cluster sources and subcommands.
+//!
+//! ```text
+//! manifests (file or directory) -> Cluster -> ruleset::Compiler -> nft text (dump-ruleset)
+//!                                          -> ruleset::Tracer   -> verdict and why (trace)
+//! ```
+
+pub mod cli;
+pub mod convert;
+pub mod dump;
+pub mod manifests;
+pub mod trace;
