@@ -1,1 +1,5 @@
+//! nftpol's test bench: synthetic clusters for benchmarks, and the tests under `tests/` that
+//! load real rulesets into throwaway network namespaces.
 
+pub mod netns;
+pub mod synthetic;

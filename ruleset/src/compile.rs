@@ -10,7 +10,6 @@ use std::hash::Hasher;
 use std::net::IpAddr;
 
 use fnv::FnvHasher;
-use ipnet::IpNet;
 
 use crate::cluster::Cluster;
 use crate::diff::{diff, Delta};
@@ -47,8 +46,8 @@ pub struct Compiler {
 enum SetDef {
     /// Addresses of the pods a pod peer selects.
     Pods { family: Family, peer: PeerMatch },
-    /// The prefixes of an ipBlock (fixed).
-    Block { family: Family, nets: Vec<IpNet> },
+    /// The ranges of an ipBlock peer (fixed).
+    Block { family: Family, peer: PeerMatch },
     /// `address . protocol . port` of every pod the peer (or, with `None`, any peer) covers
     /// whose containers name the port: egress named ports resolve per destination pod.
     NamedPort {
@@ -377,7 +376,7 @@ impl Compiler {
         let family = def.family();
         let (key, interval, comment_text) = match def {
             SetDef::Pods { peer, .. } => (SetKey::Addr(family), false, describe_peer(peer)),
-            SetDef::Block { .. } => (SetKey::Addr(family), true, String::new()),
+            SetDef::Block { peer, .. } => (SetKey::Addr(family), true, describe_peer(peer)),
             SetDef::NamedPort {
                 peer,
                 protocol,
@@ -389,12 +388,24 @@ impl Compiler {
                 format!(
                     "port {name}/{} of {}",
                     protocol.k8s_name(),
-                    peer.as_ref().map_or("any pod".to_string(), describe_peer)
+                    match peer {
+                        None => "any pod".to_string(),
+                        Some(p @ PeerMatch::Block { .. }) =>
+                            format!("pods in {}", describe_peer(p)),
+                        Some(p) => describe_peer(p),
+                    }
                 ),
             ),
         };
         let elements = match def {
-            SetDef::Block { nets, .. } => nets.iter().map(|n| Element::Net(*n)).collect(),
+            SetDef::Block {
+                peer: PeerMatch::Block { ranges, .. },
+                ..
+            } => ranges
+                .iter()
+                .map(|(lo, hi)| Element::Range(*lo, *hi))
+                .collect(),
+            SetDef::Block { .. } => BTreeSet::new(),
             SetDef::Pods { peer, .. }
             | SetDef::NamedPort {
                 peer: Some(peer), ..
@@ -415,16 +426,6 @@ impl Compiler {
                         .flat_map(|ip| elements_for(&self.cluster, def, pod, *ip))
                 })
                 .collect(),
-        };
-        let comment_text = match def {
-            SetDef::Block { nets, .. } => format!(
-                "ipBlock {}",
-                nets.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-            _ => comment_text,
         };
         Set {
             name: name.to_string(),
@@ -499,7 +500,7 @@ fn peer_covers(cluster: &Cluster, peer: &PeerMatch, pod: &Pod, ip: IpAddr) -> bo
             };
             ns_ok && pods.matches(&pod.labels)
         }
-        PeerMatch::Block { nets, .. } => nets.iter().any(|n| n.contains(&ip)),
+        PeerMatch::Block { ranges, .. } => ranges.iter().any(|(lo, hi)| (lo..=hi).contains(&&ip)),
     }
 }
 
@@ -513,7 +514,11 @@ fn describe_peer(peer: &PeerMatch) -> String {
             namespaces: NamespaceScope::Matching(sel),
             pods,
         } => format!("pods {pods} in namespaces {sel}"),
-        PeerMatch::Block { cidr, .. } => format!("pods in ipBlock {cidr}"),
+        PeerMatch::Block { cidr, except, .. } if except.is_empty() => format!("ipBlock {cidr}"),
+        PeerMatch::Block { cidr, except, .. } => {
+            let except: Vec<String> = except.iter().map(ToString::to_string).collect();
+            format!("ipBlock {cidr} except {}", except.join(", "))
+        }
     }
 }
 
@@ -578,7 +583,7 @@ fn build_chain(
     let mut set_for = |def: SetDef| -> String {
         let (prefix, canonical) = match &def {
             SetDef::Pods { peer, .. } => ("pods", describe_peer(peer)),
-            SetDef::Block { nets, .. } => ("cidr", format!("{nets:?}")),
+            SetDef::Block { peer, .. } => ("cidr", describe_peer(peer)),
             SetDef::NamedPort {
                 peer,
                 protocol,
@@ -694,9 +699,9 @@ fn rule_matches(
         .into_iter()
         .map(|family| {
             let def = match peer {
-                PeerMatch::Block { nets, .. } => SetDef::Block {
+                PeerMatch::Block { .. } => SetDef::Block {
                     family,
-                    nets: nets.clone(),
+                    peer: peer.clone(),
                 },
                 PeerMatch::Pods { .. } => SetDef::Pods {
                     family,

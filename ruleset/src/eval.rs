@@ -176,7 +176,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
                 if s.interval {
                     s.elements
                         .iter()
-                        .any(|e| matches!(e, Element::Net(n) if n.contains(&ip)))
+                        .any(|e| matches!(e, Element::Range(lo, hi) if (lo..=hi).contains(&&ip)))
                 } else {
                     s.elements.contains(&Element::Addr(ip))
                 }

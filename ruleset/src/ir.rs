@@ -117,7 +117,8 @@ pub struct Set {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
     Addr(IpAddr),
-    Net(IpNet),
+    /// An inclusive address range, in interval sets.
+    Range(IpAddr, IpAddr),
     AddrPair(IpAddr, IpAddr),
     AddrProtoPort(IpAddr, Protocol, u16),
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
+use ipnet::IpNet;
 
 use crate::ir::Protocol;
 use crate::model::{IpBlock, NetworkPolicy, Peer, PolicyPort, PolicyRule, PortRef};
@@ -107,8 +107,13 @@ pub enum PeerMatch {
         namespaces: NamespaceScope,
         pods: Selector,
     },
-    /// Addresses of one family: the CIDR with its exceptions already removed.
-    Block { cidr: IpNet, nets: Vec<IpNet> },
+    /// Addresses of one family: the CIDR with its exceptions already removed, as inclusive
+    /// address ranges.
+    Block {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+        ranges: Vec<(IpAddr, IpAddr)>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -303,6 +308,7 @@ fn resolve_ip_block(block: &IpBlock) -> Result<PeerMatch, (String, String)> {
     })?;
     let cidr = cidr.trunc();
     let mut ranges = vec![net_range(&cidr)];
+    let mut excepts = Vec::new();
     for (i, text) in block.except.iter().enumerate() {
         let field = format!(".ipBlock.except[{i}]");
         let except: IpNet = text
@@ -316,6 +322,7 @@ fn resolve_ip_block(block: &IpBlock) -> Result<PeerMatch, (String, String)> {
                 format!("{except} is not a strict subset of cidr {cidr}"),
             ));
         }
+        excepts.push(except);
         let (lo, hi) = net_range(&except);
         ranges = ranges
             .into_iter()
@@ -330,11 +337,16 @@ fn resolve_ip_block(block: &IpBlock) -> Result<PeerMatch, (String, String)> {
             })
             .collect();
     }
-    let nets = ranges
+    let v4 = matches!(cidr, IpNet::V4(_));
+    let ranges = ranges
         .into_iter()
-        .flat_map(|(a, b)| range_nets(&cidr, a, b))
+        .map(|(a, b)| (int_addr(a, v4), int_addr(b, v4)))
         .collect();
-    Ok(PeerMatch::Block { cidr, nets })
+    Ok(PeerMatch::Block {
+        cidr,
+        except: excepts,
+        ranges,
+    })
 }
 
 /// First and last address of a network as integers.
@@ -349,20 +361,10 @@ fn addr_int(ip: IpAddr) -> u128 {
     }
 }
 
-/// The fewest prefixes covering `[lo, hi]`, in the family of `like`.
-fn range_nets(like: &IpNet, lo: u128, hi: u128) -> Vec<IpNet> {
-    match like {
-        IpNet::V4(_) => {
-            let (Ok(lo), Ok(hi)) = (u32::try_from(lo), u32::try_from(hi)) else {
-                return Vec::new();
-            };
-            Ipv4Subnets::new(lo.into(), hi.into(), 0)
-                .map(IpNet::V4)
-                .collect()
-        }
-        IpNet::V6(_) => Ipv6Subnets::new(lo.into(), hi.into(), 0)
-            .map(IpNet::V6)
-            .collect(),
+fn int_addr(n: u128, v4: bool) -> IpAddr {
+    match u32::try_from(n) {
+        Ok(n) if v4 => IpAddr::V4(n.into()),
+        _ => IpAddr::V6(n.into()),
     }
 }
 
@@ -457,7 +459,9 @@ mod tests {
 
     fn nets(m: PeerMatch) -> Vec<String> {
         match m {
-            PeerMatch::Block { nets, .. } => nets.iter().map(|n| n.to_string()).collect(),
+            PeerMatch::Block { ranges, .. } => {
+                ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect()
+            }
             other => panic!("not a block: {other:?}"),
         }
     }
@@ -466,17 +470,20 @@ mod tests {
     fn except_is_subtracted() {
         assert_eq!(
             nets(block("10.0.0.0/24", &["10.0.0.128/25"]).unwrap()),
-            ["10.0.0.0/25"]
+            ["10.0.0.0-10.0.0.127"]
         );
         assert_eq!(
             nets(block("10.0.0.0/24", &["10.0.0.64/26", "10.0.0.0/28"]).unwrap()),
-            ["10.0.0.16/28", "10.0.0.32/27", "10.0.0.128/25"]
+            ["10.0.0.16-10.0.0.63", "10.0.0.128-10.0.0.255"]
         );
         assert_eq!(
             nets(block("fd00::/64", &["fd00::/65"]).unwrap()),
-            ["fd00::8000:0:0:0/65"]
+            ["fd00::8000:0:0:0-fd00::ffff:ffff:ffff:ffff"]
         );
-        assert_eq!(nets(block("0.0.0.0/0", &[]).unwrap()), ["0.0.0.0/0"]);
+        assert_eq!(
+            nets(block("0.0.0.0/0", &[]).unwrap()),
+            ["0.0.0.0-255.255.255.255"]
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! then the pod chains that use them, then the maps that jump to those, then the base chains).
 
 use std::fmt::{self, Write};
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 
 use crate::ir::{AddrField, Chain, Element, Family, Map, Match, Rule, Set, SetKey, Table, Verdict};
 
@@ -159,9 +162,26 @@ fn key_type(key: SetKey) -> &'static str {
 fn element(e: &Element) -> String {
     match e {
         Element::Addr(ip) => ip.to_string(),
-        Element::Net(net) => net.to_string(),
+        Element::Range(lo, hi) => range(*lo, *hi),
         Element::AddrPair(a, b) => format!("{a} . {b}"),
         Element::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto.nft_name()),
+    }
+}
+
+/// A range as a prefix when it is exactly one, as `nft` prints it back.
+fn range(lo: IpAddr, hi: IpAddr) -> String {
+    let nets: Vec<IpNet> = match (lo, hi) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            Ipv4Subnets::new(a, b, 0).map(IpNet::V4).take(2).collect()
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            Ipv6Subnets::new(a, b, 0).map(IpNet::V6).take(2).collect()
+        }
+        _ => Vec::new(),
+    };
+    match nets.as_slice() {
+        [net] => net.to_string(),
+        _ => format!("{lo}-{hi}"),
     }
 }
 

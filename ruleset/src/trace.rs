@@ -283,8 +283,9 @@ fn side(ev: &Evaluation, table: &Table, direction: &str, allow: Verdict) -> Outc
         };
     }
     match ev.steps.last() {
-        Some(crate::eval::Step::Rule { rule, .. })
-            if ev.decision == Decision::Accept && rule.verdict == Verdict::Accept =>
+        Some(crate::eval::Step::Rule { chain, rule })
+            if rule.verdict == Verdict::Accept
+                && table.chains.get(chain).is_some_and(|c| c.base.is_some()) =>
         {
             Outcome::AllowedByBase { rule: rule.clone() }
         }
