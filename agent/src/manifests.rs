@@ -15,27 +15,32 @@ use crate::convert;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: malformed YAML: {message}")]
+    #[error("{}:{line}:{column}: malformed YAML: {message}", path.display())]
     Syntax {
         path: PathBuf,
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("{path}: document {document}: {kind} {name}: field {field}: {message}")]
-    Object {
-        path: PathBuf,
-        document: usize,
-        kind: String,
-        name: String,
-        field: String,
-        message: String,
-    },
+    #[error(transparent)]
+    Object(Box<ObjectError>),
+}
+
+/// An object that is valid YAML but not a valid instance of its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: document {document}: {kind} {name}: field {field}: {message}", path.display())]
+pub struct ObjectError {
+    pub path: PathBuf,
+    pub document: usize,
+    pub kind: String,
+    pub name: String,
+    pub field: String,
+    pub message: String,
 }
 
 /// Every Namespace, Pod and NetworkPolicy under `path`, as one cluster index.
@@ -177,13 +182,15 @@ struct ObjectContext<'a> {
 impl ObjectContext<'_> {
     /// Deserializes into the API type, naming the offending field on failure.
     fn decode<T: DeserializeOwned>(self, value: Value) -> Result<T, ManifestError> {
-        serde_path_to_error::deserialize(value).map_err(|e| ManifestError::Object {
-            path: self.path.to_path_buf(),
-            document: self.document,
-            kind: self.kind,
-            name: self.name,
-            field: e.path().to_string(),
-            message: e.into_inner().to_string(),
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            ManifestError::Object(Box::new(ObjectError {
+                path: self.path.to_path_buf(),
+                document: self.document,
+                kind: self.kind,
+                name: self.name,
+                field: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            }))
         })
     }
 }

@@ -4,6 +4,12 @@
 //! After an intended change to the output: `UPDATE_GOLDEN=1 cargo test -p integration --test
 //! examples`, then review the diff of `integration/tests/golden/`.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

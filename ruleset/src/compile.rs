@@ -458,19 +458,15 @@ impl Compiler {
     }
 }
 
-/// Elements `pod`, holding `ip`, contributes to a set.
-fn elements_for(cluster: &Cluster, def: &SetDef, pod: &Pod, ip: IpAddr) -> Vec<Element> {
+/// The element `pod`, holding `ip`, contributes to a set, if any.
+fn elements_for(cluster: &Cluster, def: &SetDef, pod: &Pod, ip: IpAddr) -> Option<Element> {
     if !pod.is_enforceable() || Family::of(&ip) != def.family() {
-        return Vec::new();
+        return None;
     }
     match def {
-        SetDef::Block { .. } => Vec::new(),
+        SetDef::Block { .. } => None,
         SetDef::Pods { peer, .. } => {
-            if peer_covers(cluster, peer, pod, ip) {
-                vec![Element::Addr(ip)]
-            } else {
-                Vec::new()
-            }
+            peer_covers(cluster, peer, pod, ip).then_some(Element::Addr(ip))
         }
         SetDef::NamedPort {
             peer,
@@ -478,13 +474,14 @@ fn elements_for(cluster: &Cluster, def: &SetDef, pod: &Pod, ip: IpAddr) -> Vec<E
             name,
             ..
         } => {
-            let covered = peer
+            if !peer
                 .as_ref()
-                .is_none_or(|p| peer_covers(cluster, p, pod, ip));
-            match pod.named_port(name, protocol.k8s_name()) {
-                Some(port) if covered => vec![Element::AddrProtoPort(ip, *protocol, port)],
-                _ => Vec::new(),
+                .is_none_or(|p| peer_covers(cluster, p, pod, ip))
+            {
+                return None;
             }
+            let port = pod.named_port(name, protocol.k8s_name())?;
+            Some(Element::AddrProtoPort(ip, *protocol, port))
         }
     }
 }

@@ -160,7 +160,8 @@ mod tests {
 
     #[test]
     fn operators() {
-        let cases: &[(LabelSelector, &[(&str, &str)], bool)] = &[
+        type Case<'a> = (LabelSelector, &'a [(&'a str, &'a str)], bool);
+        let cases: &[Case] = &[
             (LabelSelector::default(), &[], true),
             (expr("app", "In", &["a", "b"]), &[("app", "b")], true),
             (expr("app", "In", &["a", "b"]), &[("app", "c")], false),

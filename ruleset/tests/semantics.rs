@@ -1,6 +1,12 @@
 //! One test per NetworkPolicy semantic point, each a small cluster and the connections whose
 //! verdict the point decides. Verdicts come from evaluating the compiled IR.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
+
 use std::net::IpAddr;
 
 use ruleset::eval::{evaluate, CtState, Decision, Packet, L4};
