@@ -1,0 +1,131 @@
+//! The `agent` binary as an operator runs it: exit codes, first lines, messages.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, reason = "a test fails by panicking")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../integration/examples")
+        .join(name)
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NODE_NAME")
+        .output()
+        .expect("run agent")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_and_help_with_examples() {
+    let out = agent(&["--version"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).starts_with("agent "));
+    for sub in ["dump-ruleset", "trace"] {
+        let out = agent(&[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help");
+        let help = text(&out.stdout);
+        assert!(help.contains("Example"), "{sub} --help shows no example:\n{help}");
+        assert!(help.contains(&format!("agent {sub} --manifests")), "{help}");
+    }
+}
+
+#[test]
+fn dump_ruleset_prints_the_table() {
+    let path = example("three-tier.yaml");
+    let out = agent(&["dump-ruleset", "--manifests", path.to_str().unwrap(), "--node", "node-a"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("table inet nftpol {"), "{stdout}");
+    assert!(stdout.contains("comment \"shop/"), "rules name their policy");
+}
+
+#[test]
+fn trace_first_line_is_the_verdict() {
+    let path = example("three-tier.yaml");
+    let path = path.to_str().unwrap();
+    for (from, to, port, verdict) in [
+        ("ingress-nginx/ingress-nginx-controller", "shop/frontend-2", "8080", "ALLOWED"),
+        ("shop/frontend-1", "shop/database-0", "5432", "DENIED"),
+        ("shop/backend-2", "shop/database-0", "5432", "ALLOWED"),
+    ] {
+        let out = agent(&["trace", "--manifests", path, "--from", from, "--to", to, "--port", port]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert_eq!(stdout.lines().next(), Some(verdict), "{from} -> {to}:{port}\n{stdout}");
+        assert!(stdout.contains("egress  of") && stdout.contains("ingress of"), "{stdout}");
+    }
+}
+
+#[test]
+fn trace_rejects_unknown_pods_and_bad_endpoints() {
+    let path = example("three-tier.yaml");
+    let path = path.to_str().unwrap();
+    let out = agent(&["trace", "--manifests", path, "--from", "shop/nope", "--to", "shop/database-0", "--port", "1"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("shop/nope"), "{}", text(&out.stderr));
+    let out = agent(&["trace", "--manifests", path, "--from", "nonsense", "--to", "shop/database-0", "--port", "1"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [x\n").unwrap();
+    let out = agent(&["dump-ruleset", "--manifests", file.to_str().unwrap(), "--node", "n"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("broken.yaml:"), "{stderr}");
+    assert!(stderr.contains("malformed YAML"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no ruleset from a broken snapshot");
+}
+
+#[test]
+fn unenforceable_policy_warns_with_field_and_stays_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("snap.yaml");
+    std::fs::write(
+        &file,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {namespace: edge, name: api}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {phase: Running, podIP: 10.244.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: edge, name: client}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {phase: Running, podIP: 10.244.1.6}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: edge, name: api-https}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.1.0.0/16]}}]
+"#,
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = agent(&["dump-ruleset", "--manifests", path, "--node", "n1"]);
+    assert!(out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("networkpolicy edge/api-https: spec.ingress[0].from[0].ipBlock.except[0]"),
+        "{stderr}"
+    );
+    let out = agent(&["trace", "--manifests", path, "--from", "edge/client", "--to", "edge/api", "--port", "443"]);
+    assert_eq!(text(&out.stdout).lines().next(), Some("DENIED"));
+}
