@@ -161,7 +161,10 @@ fn entries<T: Clone + std::fmt::Debug + 'static>(
     )
 }
 
-fn rules() -> impl Strategy<Value = Vec<(Vec<Entry<Peer>>, Vec<Entry<PolicyPort>>)>> {
+/// One ingress rule as generated: peers and ports, each entry good or bad.
+type WrittenRule = (Vec<Entry<Peer>>, Vec<Entry<PolicyPort>>);
+
+fn rules() -> impl Strategy<Value = Vec<WrittenRule>> {
     prop::collection::vec(
         (
             entries(good_peer(), bad_peer()),
@@ -173,7 +176,7 @@ fn rules() -> impl Strategy<Value = Vec<(Vec<Entry<Peer>>, Vec<Entry<PolicyPort>
 
 /// The policy as written (`with_bad`) or with the bad entries taken out; a rule whose list
 /// empties that way is dropped, since it allows nothing.
-fn policy(rules: &[(Vec<Entry<Peer>>, Vec<Entry<PolicyPort>>)], with_bad: bool) -> NetworkPolicy {
+fn policy(rules: &[WrittenRule], with_bad: bool) -> NetworkPolicy {
     fn keep<T: Clone>(list: &[Entry<T>], with_bad: bool) -> Option<Vec<T>> {
         let kept: Vec<T> = list
             .iter()
