@@ -21,11 +21,7 @@ pub fn report(compiler: &Compiler) {
         tracing::warn!("{d}");
     }
     let node = compiler.node();
-    let local = compiler
-        .cluster()
-        .pods()
-        .filter(|p| p.node.as_deref() == Some(node) && p.is_enforceable())
-        .count();
+    let local = compiler.local_pods().count();
     if local == 0 {
         tracing::warn!(
             node,

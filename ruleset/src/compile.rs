@@ -89,9 +89,7 @@ impl Compiler {
             chain_sets: BTreeMap::new(),
         };
         let local_ips: BTreeSet<IpAddr> = compiler
-            .cluster
-            .pods()
-            .filter(|p| compiler.is_local(p))
+            .local_pods()
             .flat_map(|p| p.ips.iter().copied())
             .collect();
         let mut ignored = Delta::default();
@@ -115,6 +113,11 @@ impl Compiler {
 
     pub fn into_cluster(self) -> Cluster {
         self.cluster
+    }
+
+    /// The pods this node enforces policy for.
+    pub fn local_pods(&self) -> impl Iterator<Item = &Pod> {
+        self.cluster.pods().filter(|p| self.is_local(p))
     }
 
     /// What could not be enforced as written, for every policy in the cluster.
