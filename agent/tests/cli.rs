@@ -1,6 +1,10 @@
 //! The `agent` binary as an operator runs it: exit codes, first lines, messages.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "a test fails by panicking")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,7 +37,10 @@ fn version_and_help_with_examples() {
         let out = agent(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
         let help = text(&out.stdout);
-        assert!(help.contains("Example"), "{sub} --help shows no example:\n{help}");
+        assert!(
+            help.contains("Example"),
+            "{sub} --help shows no example:\n{help}"
+        );
         assert!(help.contains(&format!("agent {sub} --manifests")), "{help}");
     }
 }
@@ -41,11 +48,20 @@ fn version_and_help_with_examples() {
 #[test]
 fn dump_ruleset_prints_the_table() {
     let path = example("three-tier.yaml");
-    let out = agent(&["dump-ruleset", "--manifests", path.to_str().unwrap(), "--node", "node-a"]);
+    let out = agent(&[
+        "dump-ruleset",
+        "--manifests",
+        path.to_str().unwrap(),
+        "--node",
+        "node-a",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("table inet nftpol {"), "{stdout}");
-    assert!(stdout.contains("comment \"shop/"), "rules name their policy");
+    assert!(
+        stdout.contains("comment \"shop/"),
+        "rules name their policy"
+    );
 }
 
 #[test]
@@ -53,15 +69,37 @@ fn trace_first_line_is_the_verdict() {
     let path = example("three-tier.yaml");
     let path = path.to_str().unwrap();
     for (from, to, port, verdict) in [
-        ("ingress-nginx/ingress-nginx-controller", "shop/frontend-2", "8080", "ALLOWED"),
+        (
+            "ingress-nginx/ingress-nginx-controller",
+            "shop/frontend-2",
+            "8080",
+            "ALLOWED",
+        ),
         ("shop/frontend-1", "shop/database-0", "5432", "DENIED"),
         ("shop/backend-2", "shop/database-0", "5432", "ALLOWED"),
     ] {
-        let out = agent(&["trace", "--manifests", path, "--from", from, "--to", to, "--port", port]);
+        let out = agent(&[
+            "trace",
+            "--manifests",
+            path,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            port,
+        ]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let stdout = text(&out.stdout);
-        assert_eq!(stdout.lines().next(), Some(verdict), "{from} -> {to}:{port}\n{stdout}");
-        assert!(stdout.contains("egress  of") && stdout.contains("ingress of"), "{stdout}");
+        assert_eq!(
+            stdout.lines().next(),
+            Some(verdict),
+            "{from} -> {to}:{port}\n{stdout}"
+        );
+        assert!(
+            stdout.contains("egress  of") && stdout.contains("ingress of"),
+            "{stdout}"
+        );
     }
 }
 
@@ -69,10 +107,34 @@ fn trace_first_line_is_the_verdict() {
 fn trace_rejects_unknown_pods_and_bad_endpoints() {
     let path = example("three-tier.yaml");
     let path = path.to_str().unwrap();
-    let out = agent(&["trace", "--manifests", path, "--from", "shop/nope", "--to", "shop/database-0", "--port", "1"]);
+    let out = agent(&[
+        "trace",
+        "--manifests",
+        path,
+        "--from",
+        "shop/nope",
+        "--to",
+        "shop/database-0",
+        "--port",
+        "1",
+    ]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("shop/nope"), "{}", text(&out.stderr));
-    let out = agent(&["trace", "--manifests", path, "--from", "nonsense", "--to", "shop/database-0", "--port", "1"]);
+    assert!(
+        text(&out.stderr).contains("shop/nope"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = agent(&[
+        "trace",
+        "--manifests",
+        path,
+        "--from",
+        "nonsense",
+        "--to",
+        "shop/database-0",
+        "--port",
+        "1",
+    ]);
     assert!(!out.status.success());
 }
 
@@ -80,8 +142,18 @@ fn trace_rejects_unknown_pods_and_bad_endpoints() {
 fn malformed_yaml_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.yaml");
-    std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [x\n").unwrap();
-    let out = agent(&["dump-ruleset", "--manifests", file.to_str().unwrap(), "--node", "n"]);
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: [x\n",
+    )
+    .unwrap();
+    let out = agent(&[
+        "dump-ruleset",
+        "--manifests",
+        file.to_str().unwrap(),
+        "--node",
+        "n",
+    ]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(stderr.contains("broken.yaml:"), "{stderr}");
@@ -126,6 +198,16 @@ spec:
         stderr.contains("networkpolicy edge/api-https: spec.ingress[0].from[0].ipBlock.except[0]"),
         "{stderr}"
     );
-    let out = agent(&["trace", "--manifests", path, "--from", "edge/client", "--to", "edge/api", "--port", "443"]);
+    let out = agent(&[
+        "trace",
+        "--manifests",
+        path,
+        "--from",
+        "edge/client",
+        "--to",
+        "edge/api",
+        "--port",
+        "443",
+    ]);
     assert_eq!(text(&out.stdout).lines().next(), Some("DENIED"));
 }
