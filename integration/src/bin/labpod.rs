@@ -1,0 +1,259 @@
+//! The one program of every lab pod (see `integration::lab`).
+//!
+//! `labpod serve [PORT...]` answers on TCP and UDP at `[::]:PORT` (both families; default 80
+//! and 81), prints `ready` once every socket is bound, and exits when its stdin closes, so a
+//! lab that dies without cleaning up leaves no server behind.
+//!
+//! `labpod probe [--timeout-ms N] [ADDR PROTO PORT]...` tries every target at once, one thread
+//! each, and prints `ADDR PROTO PORT ok` or `ADDR PROTO PORT fail REASON` per target, in the
+//! order given. Without targets on the command line it reads one per line from stdin, where a
+//! fourth field may name the UDP source port to use (`0` or absent: any).
+
+#![forbid(unsafe_code)]
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: labpod serve [PORT...]
+       labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])";
+
+/// A lost UDP datagram is sent again this often until the timeout.
+const UDP_RESEND: Duration = Duration::from_millis(250);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.split_first() {
+        Some((mode, rest)) if mode == "serve" => serve(rest),
+        Some((mode, rest)) if mode == "probe" => probe(rest),
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("labpod: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let mut ports = args
+        .iter()
+        .map(|a| parse_port(a))
+        .collect::<Result<Vec<u16>, String>>()?;
+    if ports.is_empty() {
+        ports = vec![80, 81];
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        // [::] with the default bindv6only=0 takes IPv4 too, as v4-mapped addresses.
+        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let tcp = TcpListener::bind(any).map_err(|e| format!("tcp port {port}: {e}"))?;
+        let udp = UdpSocket::bind(any).map_err(|e| format!("udp port {port}: {e}"))?;
+        thread::spawn(move || answer_tcp(&tcp, port));
+        thread::spawn(move || answer_udp(&udp, port));
+    }
+    let mut stdout = io::stdout();
+    writeln!(stdout, "ready")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    let mut stdin = io::stdin();
+    let mut buf = [0u8; 256];
+    while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+    Ok(())
+}
+
+fn answer_tcp(listener: &TcpListener, port: u16) {
+    let reply = format!("labpod tcp {port}\n");
+    for mut stream in listener.incoming().flatten() {
+        // A client that went away is its own problem; keep serving the others.
+        let _ = stream.write_all(reply.as_bytes());
+    }
+}
+
+fn answer_udp(socket: &UdpSocket, port: u16) {
+    let reply = format!("labpod udp {port}\n");
+    let mut buf = [0u8; 1500];
+    loop {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+struct Target {
+    text: String,
+    addr: IpAddr,
+    proto: Proto,
+    port: u16,
+    udp_sport: u16,
+}
+
+fn probe(args: &[String]) -> Result<(), String> {
+    let mut timeout = Duration::from_millis(1000);
+    let mut rest = args;
+    if let Some((flag, after)) = rest.split_first() {
+        if flag == "--timeout-ms" {
+            let (value, after) = after.split_first().ok_or("--timeout-ms needs a value")?;
+            let ms = value
+                .parse()
+                .map_err(|_| format!("bad --timeout-ms {value:?}"))?;
+            timeout = Duration::from_millis(ms);
+            rest = after;
+        }
+    }
+    let targets = if rest.is_empty() {
+        let mut targets = Vec::new();
+        for line in io::stdin().lock().lines() {
+            let line = line.map_err(|e| format!("stdin: {e}"))?;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields.is_empty() {
+                targets.push(parse_target(&fields)?);
+            }
+        }
+        targets
+    } else {
+        if rest.len() % 3 != 0 {
+            return Err(format!("targets come as ADDR PROTO PORT triples\n{USAGE}"));
+        }
+        rest.chunks(3)
+            .map(|t| parse_target(&t.iter().map(String::as_str).collect::<Vec<_>>()))
+            .collect::<Result<_, _>>()?
+    };
+
+    let results: Vec<Result<(), String>> = thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|t| s.spawn(move || probe_one(t, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("prober thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut out = io::stdout().lock();
+    for (target, result) in targets.iter().zip(results) {
+        let line = match result {
+            Ok(()) => format!("{} ok", target.text),
+            Err(reason) => format!("{} fail {reason}", target.text),
+        };
+        writeln!(out, "{line}").map_err(|e| format!("stdout: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("stdout: {e}"))
+}
+
+fn parse_target(fields: &[&str]) -> Result<Target, String> {
+    let (addr, proto, port, sport) = match fields {
+        [a, p, n] => (a, p, n, "0"),
+        [a, p, n, s] => (a, p, n, *s),
+        _ => {
+            return Err(format!(
+                "bad target {fields:?}: want ADDR PROTO PORT [SPORT]"
+            ))
+        }
+    };
+    let text = format!("{addr} {proto} {port}");
+    let proto = match *proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => return Err(format!("bad protocol {other:?}: tcp or udp")),
+    };
+    Ok(Target {
+        text,
+        addr: addr.parse().map_err(|_| format!("bad address {addr:?}"))?,
+        proto,
+        port: parse_port(port)?,
+        udp_sport: sport
+            .parse()
+            .map_err(|_| format!("bad source port {sport:?}"))?,
+    })
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    text.parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("bad port {text:?}"))
+}
+
+fn probe_one(target: &Target, timeout: Duration) -> Result<(), String> {
+    let dst = SocketAddr::new(target.addr, target.port);
+    let deadline = Instant::now() + timeout;
+    match target.proto {
+        Proto::Tcp => {
+            // The kernel picks a fresh ephemeral port for every connect.
+            let mut stream = TcpStream::connect_timeout(&dst, timeout).map_err(reason)?;
+            stream
+                .set_read_timeout(Some(remaining(deadline)))
+                .map_err(reason)?;
+            let mut buf = [0u8; 64];
+            match stream.read(&mut buf) {
+                Ok(0) => Err("closed without a reply".into()),
+                Ok(_) => Ok(()),
+                Err(e) => Err(reason(e)),
+            }
+        }
+        Proto::Udp => {
+            let local = match target.addr {
+                IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, target.udp_sport)),
+                IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, target.udp_sport)),
+            };
+            let socket = UdpSocket::bind(local).map_err(|e| format!("bind {local}: {e}"))?;
+            // Connected: only the target's reply is read, and ICMP errors surface as errors.
+            socket.connect(dst).map_err(reason)?;
+            let mut buf = [0u8; 64];
+            loop {
+                if Instant::now() >= deadline {
+                    return Err("timeout".into());
+                }
+                socket.send(b"probe\n").map_err(reason)?;
+                socket
+                    .set_read_timeout(Some(remaining(deadline).min(UDP_RESEND)))
+                    .map_err(reason)?;
+                match socket.recv(&mut buf) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_timeout(&e) => {}
+                    Err(e) => return Err(reason(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Time left until `deadline`, never zero (a zero read timeout is an error).
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+fn reason(e: io::Error) -> String {
+    match e.kind() {
+        _ if is_timeout(&e) => "timeout".into(),
+        io::ErrorKind::ConnectionRefused => "refused".into(),
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            format!("unreachable ({e})")
+        }
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,789 @@
+//! A Flannel-style cluster in network namespaces, so that real packets cross real rulesets.
+//!
+//! ```text
+//! wire    br0 ── n<i> ┄┄ eth0 of node i: 192.168.100.<i+1>/24, fd00:100::<i+1>/64
+//! node i  flannel.1 (VXLAN 1 over IPv4) and flannel-v6.1 (VXLAN 1 over IPv6), port 8472,
+//!         static routes, neighbours and fdb entries for every other node, as flanneld writes;
+//!         cni0 bridge 10.244.<i+1>.1/24, fd00:10:244:<i+1>::1/64 ── veth<8 hex> ┄┄ eth0 of a pod
+//! pod     eth0 10.244.<i+1>.<k>/24, fd00:10:244:<i+1>::<k in hex>/64, default routes via cni0;
+//!         runs `labpod serve` (TCP and UDP, both families)
+//! ```
+//!
+//! Namespaces are named `np<pid hex>x<counter>-<role>`: unique per lab, and naming the process
+//! that made them, so a new lab removes what a killed run left behind and nothing else.
+//! Dropping a [`Lab`] kills its servers and deletes its namespaces, whether the test passed,
+//! failed or panicked; a lab that fails half-built is dropped the same way.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::thread;
+
+pub use ruleset::ir::{Family, Protocol};
+
+/// Pods and node bridges use this MTU, as Flannel's VXLAN backend does.
+const POD_MTU: u32 = 1450;
+/// UDP probes take their source ports from here on, one fresh port per probe, so that no
+/// probe rides on a conntrack entry an earlier probe left (UDP entries live up to 120 s).
+/// The range stays clear of every port a lab pod serves.
+const SPORT_FIRST: u32 = 33_000;
+const SPORT_SPAN: u32 = 27_000;
+/// Ports every lab pod serves.
+const DEFAULT_PORTS: [u16; 2] = [80, 81];
+const PROBE_TIMEOUT_MS: u32 = 1000;
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Debug)]
+pub enum LabError {
+    /// A program could not be started.
+    Spawn { command: String, source: io::Error },
+    /// A command ran and failed.
+    Command {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// The kernel is not set up as the lab needs.
+    Kernel(String),
+    /// The lab was asked for something it cannot build or probe.
+    Invalid(String),
+    /// A lab pod's program misbehaved.
+    Labpod { netns: String, detail: String },
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabError::Spawn { command, source } => write!(f, "cannot run `{command}`: {source}"),
+            LabError::Command {
+                command,
+                status,
+                stderr,
+            } => write!(f, "`{command}` failed ({status}): {}", stderr.trim_end()),
+            LabError::Kernel(detail) => write!(f, "kernel: {detail}"),
+            LabError::Invalid(detail) => write!(f, "{detail}"),
+            LabError::Labpod { netns, detail } => write!(f, "labpod in {netns}: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for LabError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LabError::Spawn { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A pod of the lab: its namespace and addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub name: String,
+    /// Index of its node.
+    pub node: usize,
+    pub netns: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Pod {
+    pub fn addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.ipv4),
+            Family::V6 => IpAddr::V6(self.ipv6),
+        }
+    }
+}
+
+/// Where a probe goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub addr: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// What one probe found: `ok` when the server's reply came back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    pub ok: bool,
+    /// `ok`, or why not: `timeout` (dropped somewhere), `refused`, ...
+    pub detail: String,
+}
+
+/// One cell of [`Lab::matrix`]: pod `from` probed `target`, an address of pod `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    pub from: usize,
+    pub to: usize,
+    pub target: Target,
+    pub outcome: ProbeOutcome,
+}
+
+pub struct Lab {
+    prefix: String,
+    labpod: PathBuf,
+    wire: String,
+    nodes: Vec<String>,
+    pods: Vec<Pod>,
+    /// Every namespace made so far, in order of creation, for Drop.
+    namespaces: Vec<String>,
+    servers: Vec<Child>,
+    next_sport: AtomicU32,
+}
+
+impl Lab {
+    /// Builds the wire and `nodes` nodes, with no pods yet. `labpod` is the path of the
+    /// `labpod` binary (in tests: `env!("CARGO_BIN_EXE_labpod")`).
+    pub fn new(labpod: impl Into<PathBuf>, nodes: usize) -> Result<Lab, LabError> {
+        if !(1..=200).contains(&nodes) {
+            return Err(LabError::Invalid(format!(
+                "a lab has 1 to 200 nodes, not {nodes}"
+            )));
+        }
+        sweep_stale();
+        let prefix = format!(
+            "np{:x}x{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            wire: format!("{prefix}-wire"),
+            prefix,
+            labpod: labpod.into(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+            next_sport: AtomicU32::new(0),
+        };
+        // On error `lab` drops here and removes whatever was made.
+        lab.build(nodes)?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, nodes: usize) -> Result<(), LabError> {
+        let wire = self.wire.clone();
+        self.add_netns(&wire)?;
+        for i in 0..nodes {
+            let ns = format!("{}-n{i}", self.prefix);
+            self.add_netns(&ns)?;
+            self.nodes.push(ns);
+        }
+
+        let mut links = vec![
+            "link add br0 type bridge mcast_snooping 0".to_string(),
+            "link set br0 up".to_string(),
+        ];
+        for (i, ns) in self.nodes.iter().enumerate() {
+            links.push(format!("link add n{i} type veth peer name eth0 netns {ns}"));
+            links.push(format!("link set n{i} master br0 up"));
+        }
+        ip_batch(&wire, &links)?;
+
+        for (i, ns) in self.nodes.iter().enumerate() {
+            ip_batch(ns, &node_links(i))?;
+        }
+        for (i, ns) in self.nodes.iter().enumerate() {
+            let others = || (0..nodes).filter(move |&j| j != i);
+            let routes: Vec<String> = others().flat_map(flannel_routes).collect();
+            let fdb: Vec<String> = others().flat_map(flannel_fdb).collect();
+            if !routes.is_empty() {
+                ip_batch(ns, &routes)?;
+                run("bridge", &["-n", ns, "-batch", "-"], Some(&fdb.join("\n")))?;
+            }
+            // Forwarding last: it also applies to every interface that exists by now.
+            exec(
+                ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            )?;
+            check_bridge_netfilter(ns)?;
+        }
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<(), LabError> {
+        run("ip", &["netns", "add", name], None)?;
+        self.namespaces.push(name.to_string());
+        Ok(())
+    }
+
+    /// The prefix every namespace of this lab starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The namespace of node `index`.
+    pub fn node_netns(&self, index: usize) -> Option<&str> {
+        self.nodes.get(index).map(String::as_str)
+    }
+
+    /// The namespace joining the nodes' `eth0`.
+    pub fn wire_netns(&self) -> &str {
+        &self.wire
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Adds a pod on node `node` with addresses 10.244.<node+1>.<host> and
+    /// fd00:10:244:<node+1>::<host in hex> (10.244.1.10 goes with fd00:10:244:1::a, as in
+    /// the dual-stack example), serving TCP and UDP 80 and 81.
+    pub fn add_pod(&mut self, node: usize, name: &str, host: u8) -> Result<Pod, LabError> {
+        self.add_pod_serving(node, name, host, &[])
+    }
+
+    /// Like [`Lab::add_pod`], and the pod also serves TCP and UDP on each of `ports`.
+    pub fn add_pod_serving(
+        &mut self,
+        node: usize,
+        name: &str,
+        host: u8,
+        ports: &[u16],
+    ) -> Result<Pod, LabError> {
+        let node_ns = self
+            .nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| LabError::Invalid(format!("pod {name}: no node {node}")))?;
+        if !(2..=254).contains(&host) {
+            return Err(LabError::Invalid(format!(
+                "pod {name}: host part {host} is not in 2..=254 (1 is cni0)"
+            )));
+        }
+        if let Some(other) = self
+            .pods
+            .iter()
+            .find(|p| p.name == name || (p.node == node && p.ipv4.octets()[3] == host))
+        {
+            return Err(LabError::Invalid(format!(
+                "pod {name} (node {node}, host {host}) clashes with pod {} ({})",
+                other.name, other.ipv4
+            )));
+        }
+        let subnet = node + 1;
+        let pod = Pod {
+            name: name.to_string(),
+            node,
+            netns: format!("{}-p{}-{}", self.prefix, self.pods.len(), sanitize(name)),
+            ipv4: Ipv4Addr::new(10, 244, octet(subnet)?, host),
+            ipv6: v6(&format!("fd00:10:244:{subnet}::{host:x}"))?,
+        };
+        self.add_netns(&pod.netns)?;
+        let veth = format!("veth{:08x}", fnv1a(pod.netns.as_bytes()));
+        ip_batch(
+            &node_ns,
+            &[
+                format!(
+                    "link add {veth} mtu {POD_MTU} type veth peer name eth0 mtu {POD_MTU} netns {}",
+                    pod.netns
+                ),
+                format!("link set {veth} master cni0 up"),
+            ],
+        )?;
+        ip_batch(
+            &pod.netns,
+            &[
+                "link set lo up".to_string(),
+                format!("addr add {}/24 dev eth0", pod.ipv4),
+                format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
+                "link set eth0 up".to_string(),
+                format!("route add default via 10.244.{subnet}.1 dev eth0"),
+                format!("route add ::/0 via fd00:10:244:{subnet}::1 dev eth0"),
+            ],
+        )?;
+        self.start_server(&pod.netns, ports)?;
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    fn start_server(&mut self, netns: &str, ports: &[u16]) -> Result<(), LabError> {
+        let mut all: Vec<u16> = DEFAULT_PORTS.iter().chain(ports).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        let ports: Vec<String> = all.iter().map(u16::to_string).collect();
+        let mut args = vec!["netns", "exec", netns, self.labpod_path()?, "serve"];
+        args.extend(ports.iter().map(String::as_str));
+        let command = format!("ip {}", args.join(" "));
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        // Kept before waiting, so that Drop kills it whatever happens next; its stdin stays
+        // open as long as the Child is kept.
+        self.servers.push(child);
+        let stdout = self
+            .servers
+            .last_mut()
+            .and_then(|c| c.stdout.take())
+            .ok_or_else(|| LabError::Labpod {
+                netns: netns.to_string(),
+                detail: "no stdout".into(),
+            })?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| LabError::Labpod {
+                netns: netns.to_string(),
+                detail: format!("reading its ready line: {e}"),
+            })?;
+        if line.trim() != "ready" {
+            return Err(LabError::Labpod {
+                netns: netns.to_string(),
+                detail: format!("`{command}` did not start (said {line:?})"),
+            });
+        }
+        Ok(())
+    }
+
+    fn labpod_path(&self) -> Result<&str, LabError> {
+        self.labpod
+            .to_str()
+            .ok_or_else(|| LabError::Invalid(format!("labpod path {:?} is not UTF-8", self.labpod)))
+    }
+
+    /// Loads `text` with `nft -f -` into node `node`.
+    pub fn nft(&self, node: usize, text: &str) -> Result<(), LabError> {
+        let ns = self
+            .node_netns(node)
+            .ok_or_else(|| LabError::Invalid(format!("no node {node}")))?;
+        exec_with_input(ns, &["nft", "-f", "-"], text).map(drop)
+    }
+
+    /// Probes every target from `from`, all at once; true where the server answered.
+    pub fn probe(&self, from: &Pod, targets: &[Target]) -> Result<Vec<bool>, LabError> {
+        Ok(self
+            .probe_outcomes(from, targets)?
+            .into_iter()
+            .map(|o| o.ok)
+            .collect())
+    }
+
+    /// Like [`Lab::probe`], with the reason of each failure.
+    pub fn probe_outcomes(
+        &self,
+        from: &Pod,
+        targets: &[Target],
+    ) -> Result<Vec<ProbeOutcome>, LabError> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = u32::try_from(targets.len())
+            .ok()
+            .filter(|&n| n < SPORT_SPAN)
+            .ok_or_else(|| LabError::Invalid(format!("{} targets at once", targets.len())))?;
+        let base = self.next_sport.fetch_add(count, Ordering::Relaxed);
+        let mut input = String::new();
+        for (i, t) in (0u32..).zip(targets) {
+            let proto = match t.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+                Protocol::Sctp => {
+                    return Err(LabError::Invalid(
+                        "SCTP cannot be probed: this kernel has no SCTP".into(),
+                    ))
+                }
+            };
+            let sport = SPORT_FIRST + base.wrapping_add(i) % SPORT_SPAN;
+            input.push_str(&format!("{} {proto} {} {sport}\n", t.addr, t.port));
+        }
+        let timeout = PROBE_TIMEOUT_MS.to_string();
+        let out = exec_with_input(
+            &from.netns,
+            &[self.labpod_path()?, "probe", "--timeout-ms", &timeout],
+            &input,
+        )?;
+        let lines: Vec<&str> = out.lines().collect();
+        if lines.len() != targets.len() {
+            return Err(LabError::Labpod {
+                netns: from.netns.clone(),
+                detail: format!(
+                    "{} targets, {} result lines:\n{out}",
+                    targets.len(),
+                    lines.len()
+                ),
+            });
+        }
+        lines
+            .iter()
+            .zip(input.lines())
+            .map(|(line, asked)| {
+                let asked: Vec<&str> = asked.split_whitespace().take(3).collect();
+                let mut fields = line.splitn(5, ' ');
+                let echoed: Vec<&str> = fields.by_ref().take(3).collect();
+                let verdict = fields.next();
+                let reason = fields.next().unwrap_or("");
+                match verdict {
+                    Some("ok") if echoed == asked => Ok(ProbeOutcome {
+                        ok: true,
+                        detail: "ok".into(),
+                    }),
+                    Some("fail") if echoed == asked => Ok(ProbeOutcome {
+                        ok: false,
+                        detail: reason.to_string(),
+                    }),
+                    _ => Err(LabError::Labpod {
+                        netns: from.netns.clone(),
+                        detail: format!("result {line:?} does not answer {asked:?}"),
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Probes, for every ordered pair of distinct pods, each `(protocol, port)` at the
+    /// destination's address of each family. Sources probe concurrently.
+    pub fn matrix(
+        &self,
+        services: &[(Protocol, u16)],
+        families: &[Family],
+    ) -> Result<Vec<Cell>, LabError> {
+        let plans: Vec<Vec<(usize, Target)>> = (0..self.pods.len())
+            .map(|from| {
+                let mut plan = Vec::new();
+                for (to, dst) in self.pods.iter().enumerate().filter(|(to, _)| *to != from) {
+                    for &family in families {
+                        for &(protocol, port) in services {
+                            let addr = dst.addr(family);
+                            plan.push((
+                                to,
+                                Target {
+                                    addr,
+                                    protocol,
+                                    port,
+                                },
+                            ));
+                        }
+                    }
+                }
+                plan
+            })
+            .collect();
+        let results: Vec<Result<Vec<ProbeOutcome>, LabError>> = thread::scope(|s| {
+            let handles: Vec<_> = self
+                .pods
+                .iter()
+                .zip(&plans)
+                .map(|(pod, plan)| {
+                    s.spawn(move || {
+                        let targets: Vec<Target> = plan.iter().map(|(_, t)| *t).collect();
+                        self.probe_outcomes(pod, &targets)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(LabError::Invalid("a prober panicked".into())))
+                })
+                .collect()
+        });
+        let mut cells = Vec::new();
+        for (from, (plan, result)) in plans.into_iter().zip(results).enumerate() {
+            for ((to, target), outcome) in plan.into_iter().zip(result?) {
+                cells.push(Cell {
+                    from,
+                    to,
+                    target,
+                    outcome,
+                });
+            }
+        }
+        Ok(cells)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            // Already gone is fine; anything else is reported by `ip netns del` below.
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(err) = run("ip", &["netns", "del", ns], None) {
+                eprintln!("lab: cannot remove namespace {ns}: {err}");
+            }
+        }
+    }
+}
+
+/// Node `i`'s underlay, bridge and VXLAN devices, as Flannel's VXLAN backend makes them.
+fn node_links(i: usize) -> Vec<String> {
+    let n = i + 1;
+    vec![
+        "link set lo up".into(),
+        format!("addr add 192.168.100.{n}/24 dev eth0"),
+        format!("addr add fd00:100::{n}/64 dev eth0 nodad"),
+        "link set eth0 up".into(),
+        "link add cni0 type bridge mcast_snooping 0".into(),
+        format!("addr add 10.244.{n}.1/24 dev cni0"),
+        format!("addr add fd00:10:244:{n}::1/64 dev cni0 nodad"),
+        "link set cni0 up".into(),
+        format!(
+            "link add flannel.1 address {} type vxlan id 1 local 192.168.100.{n} dev eth0 dstport 8472 nolearning",
+            vtep_mac(i, Family::V4)
+        ),
+        format!("addr add 10.244.{n}.0/32 dev flannel.1"),
+        "link set flannel.1 up".into(),
+        format!(
+            "link add flannel-v6.1 address {} type vxlan id 1 local fd00:100::{n} dev eth0 dstport 8472 nolearning",
+            vtep_mac(i, Family::V6)
+        ),
+        format!("addr add fd00:10:244:{n}::/128 dev flannel-v6.1 nodad"),
+        "link set flannel-v6.1 up".into(),
+    ]
+}
+
+/// The route and permanent neighbour flanneld writes on every other node for node `j`.
+fn flannel_routes(j: usize) -> Vec<String> {
+    let n = j + 1;
+    vec![
+        format!("route add 10.244.{n}.0/24 via 10.244.{n}.0 dev flannel.1 onlink"),
+        format!(
+            "neigh add 10.244.{n}.0 lladdr {} dev flannel.1 nud permanent",
+            vtep_mac(j, Family::V4)
+        ),
+        format!("route add fd00:10:244:{n}::/64 via fd00:10:244:{n}:: dev flannel-v6.1 onlink"),
+        format!(
+            "neigh add fd00:10:244:{n}:: lladdr {} dev flannel-v6.1 nud permanent",
+            vtep_mac(j, Family::V6)
+        ),
+    ]
+}
+
+/// The fdb entries that send frames for node `j`'s VTEPs to its underlay addresses.
+fn flannel_fdb(j: usize) -> Vec<String> {
+    let n = j + 1;
+    vec![
+        format!(
+            "fdb add {} dev flannel.1 dst 192.168.100.{n}",
+            vtep_mac(j, Family::V4)
+        ),
+        format!(
+            "fdb add {} dev flannel-v6.1 dst fd00:100::{n}",
+            vtep_mac(j, Family::V6)
+        ),
+    ]
+}
+
+/// A fixed, locally administered MAC per node and family, so no node has to be asked.
+fn vtep_mac(node: usize, family: Family) -> String {
+    format!("0e:6e:66:6c:{:02x}:0{}", node % 256, family.digit())
+}
+
+fn check_bridge_netfilter(ns: &str) -> Result<(), LabError> {
+    let out = exec(
+        ns,
+        &[
+            "sysctl",
+            "-n",
+            "net.bridge.bridge-nf-call-iptables",
+            "net.bridge.bridge-nf-call-ip6tables",
+        ],
+    )?;
+    if out.split_whitespace().eq(["1", "1"]) {
+        Ok(())
+    } else {
+        Err(LabError::Kernel(format!(
+            "bridge-nf-call-iptables/ip6tables in {ns} are {:?}, not 1 1: bridged pod traffic would bypass the inet hooks",
+            out.trim()
+        )))
+    }
+}
+
+fn octet(n: usize) -> Result<u8, LabError> {
+    u8::try_from(n).map_err(|_| LabError::Invalid(format!("{n} does not fit an address octet")))
+}
+
+fn v6(text: &str) -> Result<Ipv6Addr, LabError> {
+    text.parse()
+        .map_err(|_| LabError::Invalid(format!("{text} is no IPv6 address")))
+}
+
+/// A pod name as part of a namespace name.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+/// The host end of a pod's veth is `veth` + 8 hex digits of this, like CNI plugins do.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// The pid encoded in a lab namespace name (`np<pid hex>x<counter>-...`), if it is one.
+fn lab_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("np")?;
+    let (pid, rest) = rest.split_once('x')?;
+    let (counter, _) = rest.split_once('-')?;
+    let lower_hex = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !lower_hex(pid) || counter.is_empty() || !counter.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    u32::from_str_radix(pid, 16).ok()
+}
+
+/// Removes lab namespaces whose creating process no longer exists: what a killed run left.
+/// Namespaces of live processes, this one included, and every other name are left alone.
+/// Once per process is enough: nothing this process made can be stale.
+fn sweep_stale() {
+    static SWEPT: Once = Once::new();
+    SWEPT.call_once(|| {
+        let own = std::process::id();
+        for name in netns_names() {
+            let Some(pid) = lab_owner(&name) else {
+                continue;
+            };
+            if pid == own || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            match run("ip", &["netns", "del", &name], None) {
+                Ok(_) => eprintln!("lab: removed {name}, left by exited process {pid}"),
+                // Another run sweeping at the same moment may have been first.
+                Err(_) if !netns_names().contains(&name) => {}
+                Err(err) => eprintln!("lab: cannot remove stale {name}: {err}"),
+            }
+        }
+    });
+}
+
+fn netns_names() -> Vec<String> {
+    run("ip", &["netns", "list"], None)
+        .map(|list| {
+            list.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ip_batch(ns: &str, commands: &[String]) -> Result<(), LabError> {
+    run("ip", &["-n", ns, "-batch", "-"], Some(&commands.join("\n"))).map(drop)
+}
+
+fn exec(ns: &str, command: &[&str]) -> Result<String, LabError> {
+    let mut args = vec!["netns", "exec", ns];
+    args.extend_from_slice(command);
+    run("ip", &args, None)
+}
+
+fn exec_with_input(ns: &str, command: &[&str], input: &str) -> Result<String, LabError> {
+    let mut args = vec!["netns", "exec", ns];
+    args.extend_from_slice(command);
+    run("ip", &args, Some(input))
+}
+
+/// Runs `program` to completion, feeding it `input`, and returns its stdout.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, LabError> {
+    let mut command = format!("{program} {}", args.join(" "));
+    if let Some(text) = input {
+        let shown: String = text.chars().take(600).collect();
+        command.push_str(&format!(" <<<\n{shown}"));
+    }
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    // Written from a thread so that a child answering before it has read everything cannot
+    // deadlock against us.
+    let writer = match (input, child.stdin.take()) {
+        (Some(text), Some(mut stdin)) => {
+            let text = text.to_string();
+            Some(thread::spawn(move || stdin.write_all(text.as_bytes())))
+        }
+        _ => None,
+    };
+    let out = child.wait_with_output().map_err(|source| LabError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    let written = writer.map(|w| w.join());
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    match written {
+        Some(Ok(Err(source))) => return Err(LabError::Spawn { command, source }),
+        Some(Err(_)) => {
+            return Err(LabError::Invalid(format!(
+                "`{command}`: the stdin writer panicked"
+            )))
+        }
+        _ => {}
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_owner_reads_only_the_lab_scheme() {
+        assert_eq!(lab_owner("np1a2bx0-wire"), Some(0x1a2b));
+        assert_eq!(lab_owner("np1a2bx12-p3-frontend-1"), Some(0x1a2b));
+        assert_eq!(lab_owner("np1A2Bx0-wire"), None);
+        assert_eq!(lab_owner("npx0-wire"), None);
+        assert_eq!(lab_owner("np1a2bx-wire"), None);
+        assert_eq!(lab_owner("np1a2bx0"), None);
+        assert_eq!(lab_owner("npod-x1-a"), None);
+        assert_eq!(lab_owner("cni-1234"), None);
+    }
+
+    #[test]
+    fn vtep_macs_are_local_unicast_and_distinct() {
+        let a = vtep_mac(0, Family::V4);
+        assert_eq!(a, "0e:6e:66:6c:00:04");
+        assert_ne!(a, vtep_mac(1, Family::V4));
+        assert_ne!(a, vtep_mac(0, Family::V6));
+    }
+}

@@ -1,0 +1,243 @@
+//! Real packets in a two-node Flannel-style lab (`integration::lab`): with no rules every pod
+//! reaches every other, and with the compiled example rulesets loaded the kernel allows
+//! exactly the connections `Tracer` says it allows.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use integration::lab::{Cell, Family, Lab, Protocol, Target};
+use integration::netns;
+use ruleset::trace::Party;
+use ruleset::{Compiler, Endpoint, Tracer};
+
+const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
+
+fn cell_text(lab: &Lab, cell: &Cell) -> String {
+    let pods = lab.pods();
+    format!(
+        "{} -> {} {} {} {}: {}",
+        pods[cell.from].name,
+        pods[cell.to].name,
+        cell.target.addr,
+        cell.target.protocol.k8s_name(),
+        cell.target.port,
+        cell.outcome.detail
+    )
+}
+
+#[test]
+fn open_lab_connects_everything() {
+    if netns::skip_unless_root("open_lab_connects_everything") {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = Lab::new(LABPOD, 2).expect("lab");
+    for (node, name, host) in [(0, "a1", 11), (0, "a2", 12), (1, "b1", 11), (1, "b2", 12)] {
+        lab.add_pod(node, name, host).expect("pod");
+    }
+    let built = started.elapsed();
+
+    let cells = lab
+        .matrix(&[(Protocol::Tcp, 80), (Protocol::Udp, 80)], &Family::BOTH)
+        .expect("matrix");
+    assert_eq!(cells.len(), 4 * 3 * 2 * 2);
+    let failed: Vec<String> = cells
+        .iter()
+        .filter(|c| !c.outcome.ok)
+        .map(|c| cell_text(&lab, c))
+        .collect();
+
+    // The prober can fail too: nobody serves port 82.
+    let a1 = &lab.pods()[0];
+    let b1 = &lab.pods()[2];
+    let closed = [Protocol::Tcp, Protocol::Udp].map(|protocol| Target {
+        addr: IpAddr::V4(b1.ipv4),
+        protocol,
+        port: 82,
+    });
+    let closed = lab.probe(a1, &closed).expect("probe");
+
+    println!(
+        "open_lab_connects_everything: {} cells, {} ok; lab built in {built:?}, all done in {:?}",
+        cells.len(),
+        cells.len() - failed.len(),
+        started.elapsed()
+    );
+    assert!(
+        failed.is_empty(),
+        "unreachable with no rules:\n{}",
+        failed.join("\n")
+    );
+    assert_eq!(closed, [false, false], "a closed port answered");
+}
+
+#[test]
+fn compiled_example_rulesets_match_trace() {
+    if netns::skip_unless_root("compiled_example_rulesets_match_trace") {
+        return;
+    }
+    // CoreDNS listens on UDP and TCP 53; the other ports are the example's policies'.
+    check_example(
+        "three-tier",
+        &[
+            (Protocol::Tcp, 8080),
+            (Protocol::Tcp, 9090),
+            (Protocol::Tcp, 5432),
+            (Protocol::Tcp, 53),
+            (Protocol::Udp, 53),
+        ],
+        &[Family::V4],
+    );
+}
+
+#[test]
+fn compiled_dual_stack_rulesets_match_trace() {
+    if netns::skip_unless_root("compiled_dual_stack_rulesets_match_trace") {
+        return;
+    }
+    // The same policies over both families, and an IPv6-only ipBlock on TCP 81.
+    check_example(
+        "dual-stack",
+        &[
+            (Protocol::Tcp, 80),
+            (Protocol::Tcp, 81),
+            (Protocol::Tcp, 9000),
+            (Protocol::Udp, 80),
+        ],
+        &Family::BOTH,
+    );
+}
+
+/// Plays `integration/examples/<name>.yaml` in a two-node lab (node-a is node 0, node-b node
+/// 1; hostNetwork pods are their nodes and are left out) with each node's compiled ruleset
+/// loaded, probes `services` between every ordered pair of pods over `families`, and asserts
+/// that every probe reached exactly where `Tracer` says the connection is allowed.
+fn check_example(name: &str, services: &[(Protocol, u16)], families: &[Family]) {
+    const NODES: [&str; 2] = ["node-a", "node-b"];
+    let started = Instant::now();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.yaml"));
+    let cluster = agent::manifests::load(&example).expect("example loads");
+
+    let mut lab = Lab::new(LABPOD, 2).expect("lab");
+    for pod in cluster.pods().filter(|p| !p.host_network) {
+        let who = format!("{}/{}", pod.namespace, pod.name);
+        let node = NODES
+            .iter()
+            .position(|n| pod.node.as_deref() == Some(*n))
+            .expect("example pods run on node-a or node-b");
+        let ipv4 = pod
+            .ips
+            .iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .expect("example pods have an IPv4 address");
+        let [a, b, subnet, host] = ipv4.octets();
+        assert_eq!(
+            (a, b, usize::from(subnet)),
+            (10, 244, node + 1),
+            "{who} {ipv4} is outside its node's pod CIDR"
+        );
+        // Every pod serves every probed port, besides its own containerPorts: a port nobody
+        // listens on would read as "fail" where the policies allow it.
+        let ports: BTreeSet<u16> = pod
+            .ports
+            .iter()
+            .filter_map(|p| u16::try_from(p.port).ok())
+            .chain(services.iter().map(|(_, port)| *port))
+            .collect();
+        let ports: Vec<u16> = ports.into_iter().collect();
+        let made = lab.add_pod_serving(node, &who, host, &ports).expect("pod");
+        for family in families {
+            let addr = made.addr(*family);
+            assert!(
+                pod.ips.contains(&addr) || *family == Family::V4,
+                "{who}: the lab gave it {addr}, the example {:?}",
+                pod.ips
+            );
+        }
+    }
+    for (index, node) in NODES.iter().enumerate() {
+        let compiler = Compiler::new(cluster.clone(), node);
+        assert!(
+            compiler.diagnostics().is_empty(),
+            "{node}: {:?}",
+            compiler.diagnostics()
+        );
+        lab.nft(index, &ruleset::render(compiler.table()))
+            .expect("ruleset loads");
+    }
+    let built = started.elapsed();
+
+    let cells = lab.matrix(services, families).expect("matrix");
+    let mut tracer = Tracer::new(cluster.clone());
+    let mut allowed = 0;
+    let mut failures: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut disagreements = Vec::new();
+    for cell in &cells {
+        let pods = lab.pods();
+        let trace = tracer
+            .trace(
+                &Endpoint::Address(pods[cell.from].addr(Family::of(&cell.target.addr))),
+                &Endpoint::Address(cell.target.addr),
+                cell.target.protocol,
+                cell.target.port,
+            )
+            .expect("trace");
+        assert!(
+            matches!(trace.from, Party::Pod { .. }) && matches!(trace.to, Party::Pod { .. }),
+            "the example does not know lab address {} or {}",
+            trace.src,
+            trace.dst
+        );
+        allowed += usize::from(trace.allowed);
+        if !cell.outcome.ok {
+            *failures.entry(cell.outcome.detail.as_str()).or_default() += 1;
+        }
+        if trace.allowed != cell.outcome.ok {
+            disagreements.push(format!(
+                "{}\n  kernel: {}\n  trace: {trace}",
+                cell_text(&lab, cell),
+                if cell.outcome.ok {
+                    "reached"
+                } else {
+                    "did not reach"
+                }
+            ));
+        }
+    }
+    let pods = lab.pods().len();
+    println!(
+        "{name}: {} cells checked ({pods} pods, {} ordered pairs x {} families x {} services; {allowed} allowed, {} denied; probes failing by {failures:?}), {} disagreements; lab built in {built:?}, all done in {:?}",
+        cells.len(),
+        pods * (pods - 1),
+        families.len(),
+        services.len(),
+        cells.len() - allowed,
+        disagreements.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        cells.len(),
+        pods * (pods - 1) * families.len() * services.len()
+    );
+    assert!(
+        allowed > 0 && allowed < cells.len(),
+        "{name} should both allow and deny"
+    );
+    assert!(
+        disagreements.is_empty(),
+        "the kernel and Tracer disagree on {} cells:\n{}",
+        disagreements.len(),
+        disagreements.join("\n\n")
+    );
+}
