@@ -9,4 +9,5 @@ pub mod cli;
 pub mod convert;
 pub mod dump;
 pub mod manifests;
+pub mod netlink;
 pub mod trace;

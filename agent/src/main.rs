@@ -1,5 +1,7 @@
 //! `agent`: see the library crate for the data flow.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

@@ -46,6 +46,8 @@
 //! policies or pods in the cluster. Pod churn changes map and set elements only: a pod joins
 //! the chain its siblings already use.
 
+#![forbid(unsafe_code)]
+
 pub mod cluster;
 pub mod compile;
 pub mod diff;

@@ -1,0 +1,165 @@
+//! nf_tables expressions as nft generates them for the matches and verdicts of the IR: which
+//! header bytes go into which register, and what they are compared with or looked up in.
+
+use std::ffi::CString;
+
+use nftnl_sys::libc;
+use ruleset::ir::{AddrField, Family};
+
+pub(super) const IPPROTO_ICMPV6: u8 = 58;
+/// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
+pub(super) const CT_STATE_ESTABLISHED: u32 = 1 << 1;
+pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
+pub(super) const CT_DIRECTION_REPLY: u8 = 1;
+
+/// One nf_tables expression, as nft would generate it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Expr {
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    Ct {
+        key: u32,
+        dreg: u32,
+    },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `reg = (reg & mask) ^ xor`.
+    Bitwise {
+        reg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Cmp {
+        op: u32,
+        reg: u32,
+        data: Vec<u8>,
+    },
+    Lookup {
+        sreg: u32,
+        /// The verdict register, for a verdict map.
+        dreg: Option<u32>,
+        set: CString,
+        set_id: Option<u32>,
+    },
+    /// `immediate` into the verdict register.
+    Verdict(i32),
+}
+
+/// A rule's expressions, with the protocol family already checked by an earlier match.
+#[derive(Default)]
+pub(super) struct Exprs {
+    pub list: Vec<Expr>,
+    family: Option<Family>,
+}
+
+impl Exprs {
+    pub(super) fn push(&mut self, expr: Expr) {
+        self.list.push(expr);
+    }
+
+    /// `meta nfproto ipv4|ipv6`, which nft puts before any address match in an `inet` table.
+    pub(super) fn family(&mut self, family: Family) {
+        if self.family == Some(family) {
+            return;
+        }
+        self.family = Some(family);
+        self.meta(libc::NFT_META_NFPROTO, reg(0));
+        let proto = match family {
+            Family::V4 => libc::NFPROTO_IPV4,
+            Family::V6 => libc::NFPROTO_IPV6,
+        };
+        self.cmp(libc::NFT_CMP_EQ, vec![proto as u8]);
+    }
+
+    pub(super) fn meta(&mut self, key: libc::c_int, dreg: u32) {
+        self.push(Expr::Meta {
+            key: key as u32,
+            dreg,
+        });
+    }
+
+    pub(super) fn cmp(&mut self, op: libc::c_int, data: Vec<u8>) {
+        self.push(Expr::Cmp {
+            op: op as u32,
+            reg: reg(0),
+            data,
+        });
+    }
+
+    /// `ct state <bit>`: the state word masked to the bit, compared with zero.
+    pub(super) fn ct_state(&mut self, bit: u32) {
+        self.push(Expr::Ct {
+            key: libc::NFT_CT_STATE as u32,
+            dreg: reg(0),
+        });
+        self.push(Expr::Bitwise {
+            reg: reg(0),
+            mask: bit.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        });
+        self.push(Expr::Cmp {
+            op: libc::NFT_CMP_NEQ as u32,
+            reg: reg(0),
+            data: vec![0; 4],
+        });
+    }
+}
+
+/// The register `words` 32-bit words after the start of register 1, named as nft names it: a
+/// 128-bit register when aligned to one, else a 32-bit register.
+pub(super) fn reg(words: u32) -> u32 {
+    if words % 4 == 0 {
+        libc::NFT_REG_1 as u32 + words / 4
+    } else {
+        libc::NFT_REG32_00 as u32 + words
+    }
+}
+
+pub(super) fn addr_len(family: Family) -> u32 {
+    match family {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+/// Loads a source or destination address into the register `words` after register 1.
+pub(super) fn addr_payload(family: Family, field: AddrField, words: u32) -> Expr {
+    let offset = match (family, field) {
+        (Family::V4, AddrField::Source) => 12,
+        (Family::V4, AddrField::Destination) => 16,
+        (Family::V6, AddrField::Source) => 8,
+        (Family::V6, AddrField::Destination) => 24,
+    };
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+        offset,
+        len: addr_len(family),
+        dreg: reg(words),
+    }
+}
+
+/// `th dport`: the two bytes after the source port of any transport header.
+pub(super) fn dport(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+        offset: 2,
+        len: 2,
+        dreg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_are_named_as_nft_names_them() {
+        assert_eq!([reg(0), reg(1), reg(2), reg(4), reg(5)], [1, 9, 10, 2, 13]);
+    }
+}

@@ -1,0 +1,263 @@
+//! Writes the compiled table into the kernel over nf_tables netlink, one transaction per call.
+//!
+//! ```text
+//! ir::Table --plan::replace--> messages (delete the old table, create the new one whole)
+//! diff::Delta --plan::apply--> messages (new objects, flushed chains, elements, deletions)
+//!     messages --sys::encode--> one nf_tables batch --send--> kernel
+//!     kernel --one acknowledgement per message--> Ok(Sent) or the refused object
+//! ```
+//!
+//! A batch lands whole or not at all: the kernel checks every message before it commits, and
+//! on any error it rolls the batch back. Every message asks for an acknowledgement, and an
+//! error names the object whose message was refused. What the kernel holds afterwards is what
+//! `nft -f` makes of [`ruleset::render()`]'s text for the same table, down to the user data that
+//! `nft list` prints comments and set types from.
+
+mod element;
+mod expr;
+#[cfg(test)]
+mod parity;
+mod plan;
+mod sys;
+mod udata;
+
+use std::collections::BTreeMap;
+use std::io;
+
+use ruleset::diff::Delta;
+use ruleset::ir::Table;
+
+/// Why a table or delta did not reach the kernel. Except after `Receive` and `Unanswered`,
+/// the kernel's ruleset is as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The IR holds something no message can carry (a NUL byte, an overlong comment, an
+    /// element of the wrong shape for its set).
+    #[error("{object}: {reason}")]
+    Invalid { object: String, reason: String },
+    #[error("cannot build the netlink message for {object}: too large, or out of memory")]
+    Unencodable { object: String },
+    #[error("nf_tables netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("sending a batch of {messages} messages ({bytes} bytes): {source}")]
+    Send {
+        messages: usize,
+        bytes: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the kernel's replies: {0}; the batch may or may not have been applied")]
+    Receive(#[source] io::Error),
+    /// The kernel rejected the batch and rolled it back.
+    #[error("the kernel refused {object}: {error}{}", more_refused(*.others))]
+    Refused {
+        object: String,
+        error: io::Error,
+        /// Further messages of the same batch that were refused too.
+        others: usize,
+    },
+    #[error("no reply to {missing} of {expected} messages (the first: {first}); the batch may or may not have been applied")]
+    Unanswered {
+        missing: usize,
+        expected: usize,
+        first: String,
+    },
+}
+
+fn more_refused(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        n => format!(" (and {n} later messages of the batch)"),
+    }
+}
+
+/// Size of a batch the kernel accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Object messages, not counting the batch start and end.
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// A netlink socket to nf_tables in the network namespace of the thread that opened it.
+pub struct Writer {
+    socket: sys::Socket,
+}
+
+impl Writer {
+    pub fn new() -> Result<Writer, WriteError> {
+        let socket = sys::Socket::open().map_err(WriteError::Socket)?;
+        Ok(Writer { socket })
+    }
+
+    /// Replaces `table inet <table.name>`, or creates it, in one transaction: no packet ever
+    /// sees the table missing or half built. Other tables are not touched.
+    pub fn replace_table(&mut self, table: &Table) -> Result<Sent, WriteError> {
+        let messages = plan::replace(table)?;
+        self.send(&messages)
+    }
+
+    /// Applies `delta` to the existing `table inet <table>` in one transaction. A replaced
+    /// chain gets its rules replaced; its comment and hook stay as they were (chain names
+    /// already change with what shapes a chain).
+    pub fn apply_delta(&mut self, table: &str, delta: &Delta) -> Result<Sent, WriteError> {
+        let messages = plan::apply(table, delta)?;
+        self.send(&messages)
+    }
+
+    fn send(&mut self, messages: &[plan::Message]) -> Result<Sent, WriteError> {
+        if messages.is_empty() {
+            return Ok(Sent::default());
+        }
+        let encoded =
+            sys::encode(messages.iter().map(|m| &m.op)).map_err(|sys::Unencodable(i)| {
+                WriteError::Unencodable {
+                    object: messages
+                        .get(i)
+                        .map_or_else(String::new, |m| m.object.clone()),
+                }
+            })?;
+        let batch = Sequence::new(encoded.seqs.clone(), messages.len());
+        let sent = Sent {
+            messages: messages.len(),
+            bytes: encoded.bytes.len(),
+        };
+        // Replies left over from an earlier batch that failed half way would be misread.
+        while self.socket.recv().map_err(WriteError::Socket)?.is_some() {}
+        self.socket
+            .reserve(encoded.bytes.len(), encoded.seqs.len())
+            .map_err(WriteError::Socket)?;
+        self.socket
+            .send(&encoded.bytes)
+            .map_err(|source| WriteError::Send {
+                messages: sent.messages,
+                bytes: sent.bytes,
+                source,
+            })?;
+        let mut answers: BTreeMap<u32, i32> = BTreeMap::new();
+        while let Some(datagram) = self.socket.recv().map_err(WriteError::Receive)? {
+            for (seq, errno) in acknowledgements(datagram) {
+                if encoded.seqs.contains(&seq) {
+                    answers.insert(seq, errno);
+                }
+            }
+        }
+        let describe = |seq: u32| batch.describe(seq, messages);
+        let mut refused = answers.iter().filter(|(_, errno)| **errno != 0);
+        if let Some((seq, errno)) = refused.next() {
+            return Err(WriteError::Refused {
+                object: describe(*seq),
+                error: io::Error::from_raw_os_error(*errno),
+                others: refused.count(),
+            });
+        }
+        let missing: Vec<u32> = batch
+            .messages
+            .clone()
+            .filter(|s| !answers.contains_key(s))
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(WriteError::Unanswered {
+                missing: missing.len(),
+                expected: messages.len(),
+                first: describe(*first),
+            });
+        }
+        Ok(sent)
+    }
+}
+
+/// Which sequence number went to which message of a batch.
+struct Sequence {
+    /// The object messages.
+    messages: std::ops::Range<u32>,
+}
+
+impl Sequence {
+    /// `acked` holds the object messages, and the batch start and end when the kernel
+    /// acknowledges those too.
+    fn new(acked: std::ops::Range<u32>, count: usize) -> Sequence {
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        let framed = acked.len() > count as usize;
+        let first = if framed { acked.start + 1 } else { acked.start };
+        Sequence {
+            messages: first..first.saturating_add(count),
+        }
+    }
+
+    fn describe(&self, seq: u32, messages: &[plan::Message]) -> String {
+        if seq < self.messages.start {
+            return "the batch start".into();
+        }
+        if seq >= self.messages.end {
+            return "the batch end".into();
+        }
+        let index = (seq - self.messages.start) as usize;
+        messages
+            .get(index)
+            .map_or_else(|| format!("message {seq}"), |m| m.object.clone())
+    }
+}
+
+/// `(sequence number, errno)` of each acknowledgement (`NLMSG_ERROR`) in a datagram; errno 0
+/// means accepted.
+fn acknowledgements(datagram: &[u8]) -> Vec<(u32, i32)> {
+    const NLMSG_ERROR: u16 = 2;
+    const HEADER: usize = 16;
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while let Some(len) = u32_at(rest, 0) {
+        let len = len as usize;
+        if len < HEADER || len > rest.len() {
+            break;
+        }
+        let (message, tail) = rest.split_at(len);
+        let kind = u16::from_ne_bytes([message[4], message[5]]);
+        if kind == NLMSG_ERROR {
+            if let (Some(seq), Some(error)) = (u32_at(message, 8), u32_at(message, HEADER)) {
+                out.push((seq, (error as i32).saturating_neg()));
+            }
+        }
+        rest = tail
+            .get(len.next_multiple_of(4) - len..)
+            .unwrap_or_default();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(seq: u32, error: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(36u32.to_ne_bytes());
+        m.extend(2u16.to_ne_bytes());
+        m.extend(0u16.to_ne_bytes());
+        m.extend(seq.to_ne_bytes());
+        m.extend(7u32.to_ne_bytes());
+        m.extend(error.to_ne_bytes());
+        m.extend([0; 16]);
+        m
+    }
+
+    #[test]
+    fn acknowledgements_are_read_by_sequence_number() {
+        let datagram = [ack(3, 0), ack(4, -2)].concat();
+        assert_eq!(acknowledgements(&datagram), [(3, 0), (4, 2)]);
+        assert_eq!(acknowledgements(&datagram[..40]), [(3, 0)]);
+    }
+
+    #[test]
+    fn sequence_numbers_map_back_to_messages() {
+        let framed = Sequence::new(1..6, 3);
+        assert_eq!(framed.messages, 2..5);
+        let bare = Sequence::new(1..4, 3);
+        assert_eq!(bare.messages, 1..4);
+        assert_eq!(framed.describe(1, &[]), "the batch start");
+        assert_eq!(framed.describe(5, &[]), "the batch end");
+    }
+}

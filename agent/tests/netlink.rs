@@ -1,0 +1,780 @@
+//! The netlink writer against the real kernel, each test in throwaway network namespaces.
+//!
+//! The reference is `nft` itself: the same table, rendered as text and loaded with `nft -f` into
+//! another fresh namespace, must list exactly like what the writer built: the text listing, the
+//! JSON listing without handles, and the bytecode (`nft --debug=netlink list`: expressions,
+//! registers, element keys, flags and user data) without handles. After a delta, sets and
+//! chains it created list after the older ones, so those comparisons sort them by name first.
+//! (`src/netlink/parity.rs` compares the messages themselves with the ones `nft` sends.)
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use agent::netlink::{Sent, WriteError, Writer};
+use ruleset::ir::{
+    AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
+    SetKey, Table, Verdict,
+};
+use ruleset::{Compiler, Delta};
+
+const TABLE: &str = "nftpol";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Says loudly that a kernel test is skipped, and returns true, when not root.
+fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("\n!!!!! SKIPPED {test}: needs root for network namespaces and nf_tables !!!!!\n");
+    true
+}
+
+/// Runs `f` on a new thread inside a new, empty network namespace. The namespace belongs to
+/// that thread alone (and to the `nft` processes it starts) and vanishes when it ends, panic
+/// or not.
+fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            f()
+        });
+        match thread.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Runs `nft` in the calling thread's network namespace; its stdout, or a panic with stderr.
+fn nft(args: &[&str], input: Option<&str>) -> String {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.unwrap_or_default().as_bytes())
+        .expect("write to nft");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("nft prints UTF-8")
+}
+
+/// Everything `nft` can say about one table, with kernel-assigned handles taken out.
+#[derive(Debug, PartialEq, Eq)]
+struct Listing {
+    text: String,
+    json: String,
+    bytecode: String,
+}
+
+fn listing(table: &str) -> Listing {
+    let text = nft(&["list", "table", "inet", table], None);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&nft(&["-j", "list", "table", "inet", table], None)).expect("JSON");
+    strip_handles(&mut json);
+    let bytecode = normalise_bytecode(
+        &nft(&["--debug=netlink", "list", "table", "inet", table], None),
+        table,
+    );
+    Listing {
+        text,
+        json: serde_json::to_string_pretty(&json).expect("JSON prints"),
+        bytecode,
+    }
+}
+
+fn strip_handles(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove("handle");
+            map.remove("metainfo");
+            map.values_mut().for_each(strip_handles);
+        }
+        serde_json::Value::Array(items) => {
+            items.retain(|i| i.get("metainfo").is_none());
+            items.iter_mut().for_each(strip_handles);
+        }
+        _ => {}
+    }
+}
+
+/// Drops handle and position from each rule header (`inet nftpol forward 12 11`), and sorts the element
+/// lines of each set, which a hash set lists in an order of its own.
+fn normalise_bytecode(raw: &str, table: &str) -> String {
+    let header = format!("inet {table} ");
+    let mut out: Vec<String> = Vec::new();
+    let mut elements: Vec<String> = Vec::new();
+    for line in raw.lines() {
+        if line.starts_with("\telement ") {
+            elements.push(line.to_string());
+            continue;
+        }
+        elements.sort();
+        out.append(&mut elements);
+        match line.strip_prefix(&header) {
+            Some(rest) if !rest.starts_with('@') => {
+                let chain = rest.split(' ').next().unwrap_or_default();
+                out.push(format!("{header}{chain}"));
+            }
+            _ => out.push(line.to_string()),
+        }
+    }
+    elements.sort();
+    out.append(&mut elements);
+    out.join("\n")
+}
+
+/// A listing with its sets, maps and chains in name order instead of creation order (the
+/// rules of each chain keep theirs).
+fn canonical(listing: &Listing) -> Listing {
+    let mut json: serde_json::Value = serde_json::from_str(&listing.json).expect("JSON");
+    if let Some(items) = json.get_mut("nftables").and_then(|v| v.as_array_mut()) {
+        items.sort_by_key(|item| {
+            let (kind, body) = item
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .unwrap_or_default();
+            let name = body.get(if kind == "rule" { "chain" } else { "name" });
+            (kind, name.map(ToString::to_string))
+        });
+    }
+    let (bytecode, text) = listing
+        .bytecode
+        .split_once("\ntable ")
+        .unwrap_or((&listing.bytecode, ""));
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    for line in bytecode.lines() {
+        match blocks.last_mut() {
+            Some(block) if !line.starts_with("inet ") => block.push(line),
+            _ => blocks.push(vec![line]),
+        }
+    }
+    blocks.sort_by_key(|b| b.first().copied());
+    Listing {
+        text: sorted_blocks(&listing.text),
+        json: serde_json::to_string_pretty(&json).expect("JSON prints"),
+        bytecode: format!(
+            "{}\n{}",
+            blocks.concat().join("\n"),
+            sorted_blocks(&format!("table {text}"))
+        ),
+    }
+}
+
+/// `nft list` text with the table's sets, maps and chains sorted.
+fn sorted_blocks(text: &str) -> String {
+    let mut head = Vec::new();
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    let mut open = false;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if ["\tset ", "\tmap ", "\tchain "]
+            .iter()
+            .any(|p| line.starts_with(p))
+        {
+            blocks.push(vec![line]);
+            open = true;
+        } else if open {
+            if let Some(block) = blocks.last_mut() {
+                block.push(line);
+            }
+            open = line != "\t}";
+        } else {
+            head.push(line);
+        }
+    }
+    blocks.sort();
+    let tail = head.split_off(
+        head.len()
+            .min(head.iter().position(|l| *l == "}").unwrap_or(head.len())),
+    );
+    [head, blocks.concat(), tail].concat().join("\n")
+}
+
+/// The first lines where two listings part, with a little context.
+fn difference(what: &str, writer: &str, reference: &str) -> Option<String> {
+    if writer == reference {
+        return None;
+    }
+    let (a, b): (Vec<&str>, Vec<&str>) = (writer.lines().collect(), reference.lines().collect());
+    let at = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let from = at.saturating_sub(3);
+    Some(format!(
+        "{what} differs at line {}:\n--- writer\n{}\n--- nft -f\n{}\n",
+        at + 1,
+        a.get(from..(at + 4).min(a.len()))
+            .unwrap_or_default()
+            .join("\n"),
+        b.get(from..(at + 4).min(b.len()))
+            .unwrap_or_default()
+            .join("\n"),
+    ))
+}
+
+fn differences(writer: &Listing, reference: &Listing) -> Vec<String> {
+    [
+        difference("text listing", &writer.text, &reference.text),
+        difference("JSON listing", &writer.json, &reference.json),
+        difference("bytecode", &writer.bytecode, &reference.bytecode),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// What `nft -f` builds from the rendered text of `table`, in a namespace of its own.
+fn reference(table: &Table) -> Listing {
+    let text = ruleset::render(table);
+    in_netns(|| {
+        nft(&["-f", "-"], Some(&text));
+        listing(&table.name)
+    })
+}
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples directory")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected the five examples, found {files:?}"
+    );
+    files
+}
+
+fn compile(example: &str, node: &str) -> Compiler {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../integration/examples")
+        .join(example);
+    let cluster = agent::manifests::load(&path).expect("example loads");
+    Compiler::new(cluster, node)
+}
+
+#[test]
+fn the_writer_builds_what_nft_builds_for_every_example() {
+    if skip_unless_root("the_writer_builds_what_nft_builds_for_every_example") {
+        return;
+    }
+    let mut failures = Vec::new();
+    for file in examples() {
+        let cluster = agent::manifests::load(&file).expect("example loads");
+        let stem = file.file_stem().and_then(|s| s.to_str()).expect("name");
+        for node in ["node-a", "node-b"] {
+            let compiler = Compiler::new(cluster.clone(), node);
+            let table = compiler.table();
+            let (sent, written) = in_netns(|| {
+                let sent = Writer::new()
+                    .and_then(|mut w| w.replace_table(table))
+                    .unwrap_or_else(|e| panic!("{stem} {node}: {e}"));
+                (sent, listing(TABLE))
+            });
+            eprintln!(
+                "{stem} {node}: {} messages, {} bytes for {} rules and {} elements",
+                sent.messages,
+                sent.bytes,
+                table.rule_count(),
+                table.element_count()
+            );
+            for d in differences(&written, &reference(table)) {
+                failures.push(format!("{stem} {node}: {d}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn ip(text: &str) -> std::net::IpAddr {
+    text.parse().expect("address")
+}
+
+fn set(name: &str, key: SetKey, interval: bool, elements: &[Element]) -> (String, Set) {
+    let set = Set {
+        name: name.into(),
+        key,
+        interval,
+        comment: format!("{name} of \"the\" edge cases"),
+        elements: elements.iter().copied().collect(),
+    };
+    (name.into(), set)
+}
+
+fn rule(matches: Vec<Match>, verdict: Verdict, comment: Option<&str>) -> Rule {
+    Rule {
+        matches,
+        verdict,
+        comment: comment.map(String::from),
+    }
+}
+
+/// What the examples do not show: IPv6 ranges up to the last address, single addresses and a
+/// zero start in interval sets, IPv6 concatenations, port ranges, one ICMPv6 type, quotes and
+/// empty comments, negative and positive priorities.
+fn edge_cases() -> Table {
+    let last6 = ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
+    let sets = [
+        set(
+            "cidr6",
+            SetKey::Addr(Family::V6),
+            true,
+            &[
+                Element::Addr(ip("2001:db8::1")),
+                Element::Range(ip("fd00::"), ip("fd00::ffff")),
+                Element::Range(ip("fe80::"), last6),
+            ],
+        ),
+        set(
+            "cidr4",
+            SetKey::Addr(Family::V4),
+            true,
+            &[
+                Element::Range(ip("0.0.0.0"), ip("9.255.255.255")),
+                Element::Addr(ip("10.1.1.1")),
+                Element::Range(ip("10.1.1.2"), ip("10.1.1.200")),
+            ],
+        ),
+        set(
+            "nport6",
+            SetKey::AddrProtoPort(Family::V6),
+            false,
+            &[
+                Element::AddrProtoPort(ip("fd00::1"), Protocol::Udp, 53),
+                Element::AddrProtoPort(ip("fd00::2"), Protocol::Sctp, 5000),
+                Element::AddrProtoPort(ip("fd00::2"), Protocol::Tcp, 65535),
+            ],
+        ),
+        set(
+            "pair6",
+            SetKey::AddrPair(Family::V6),
+            false,
+            &[Element::AddrPair(ip("fd00::1"), ip("fd00::1"))],
+        ),
+    ];
+    let pod_rules = vec![
+        rule(vec![Match::Icmpv6Type(vec![135])], Verdict::Accept, None),
+        rule(
+            vec![Match::DestinationPortInSet {
+                family: Family::V6,
+                set: "nport6".into(),
+            }],
+            Verdict::Return,
+            Some("named \"port\""),
+        ),
+        rule(
+            vec![
+                Match::Protocol(Protocol::Udp),
+                Match::DestinationPort(1000, 2000),
+            ],
+            Verdict::Accept,
+            Some(""),
+        ),
+        rule(vec![Match::Protocol(Protocol::Sctp)], Verdict::Accept, None),
+        rule(
+            vec![Match::AddrPairInSet {
+                family: Family::V6,
+                set: "pair6".into(),
+            }],
+            Verdict::Drop,
+            None,
+        ),
+        rule(
+            vec![
+                Match::AddrInSet {
+                    family: Family::V4,
+                    field: AddrField::Destination,
+                    set: "cidr4".into(),
+                },
+                Match::Protocol(Protocol::Tcp),
+                Match::DestinationPort(0, 65535),
+            ],
+            Verdict::Accept,
+            None,
+        ),
+        rule(
+            vec![Match::AddrInSet {
+                family: Family::V6,
+                field: AddrField::Source,
+                set: "cidr6".into(),
+            }],
+            Verdict::Drop,
+            Some(&"x".repeat(128)),
+        ),
+    ];
+    let chain = |name: &str, base: Option<BaseChain>, rules: Vec<Rule>| {
+        (
+            name.to_string(),
+            Chain {
+                name: name.into(),
+                base,
+                comment: String::new(),
+                rules,
+            },
+        )
+    };
+    let dispatch = rule(
+        vec![Match::CtEstablishedReply, Match::CtRelated],
+        Verdict::Vmap {
+            family: Family::V6,
+            field: AddrField::Destination,
+            map: "ingress6".into(),
+        },
+        None,
+    );
+    Table {
+        name: TABLE.into(),
+        comment: "edge \"cases\"".into(),
+        sets: sets.into_iter().collect(),
+        maps: [(
+            "ingress6".to_string(),
+            Map {
+                name: "ingress6".into(),
+                family: Family::V6,
+                comment: String::new(),
+                elements: [(
+                    ip("fd00::1"),
+                    MapEntry {
+                        chain: "pod".into(),
+                        comment: String::new(),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        chains: [
+            chain("pod", None, pod_rules),
+            chain(
+                "input",
+                Some(BaseChain {
+                    hook: Hook::Input,
+                    priority: -5,
+                }),
+                vec![dispatch.clone()],
+            ),
+            chain(
+                "forward",
+                Some(BaseChain {
+                    hook: Hook::Forward,
+                    priority: 10,
+                }),
+                vec![dispatch],
+            ),
+        ]
+        .into(),
+    }
+}
+
+#[test]
+fn the_writer_builds_what_nft_builds_for_edge_cases() {
+    if skip_unless_root("the_writer_builds_what_nft_builds_for_edge_cases") {
+        return;
+    }
+    let table = edge_cases();
+    let written = in_netns(|| {
+        Writer::new().unwrap().replace_table(&table).unwrap();
+        listing(TABLE)
+    });
+    let diffs = differences(&written, &reference(&table));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
+fn deltas_to_intervals_concatenations_maps_and_rules_match_a_full_replace() {
+    if skip_unless_root("deltas_to_intervals_concatenations_maps_and_rules_match_a_full_replace") {
+        return;
+    }
+    let old = edge_cases();
+    let mut new = old.clone();
+    let cidr6 = new.sets.get_mut("cidr6").expect("cidr6");
+    cidr6
+        .elements
+        .remove(&Element::Range(ip("fd00::"), ip("fd00::ffff")));
+    cidr6.elements.remove(&Element::Range(
+        ip("fe80::"),
+        ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+    ));
+    cidr6
+        .elements
+        .insert(Element::Range(ip("fd01::"), ip("fd01::ff")));
+    cidr6.elements.insert(Element::Range(
+        ip("ff00::"),
+        ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+    ));
+    let nport6 = new.sets.get_mut("nport6").expect("nport6");
+    nport6
+        .elements
+        .remove(&Element::AddrProtoPort(ip("fd00::1"), Protocol::Udp, 53));
+    nport6
+        .elements
+        .insert(Element::AddrProtoPort(ip("fd00::3"), Protocol::Tcp, 8080));
+    let map = new.maps.get_mut("ingress6").expect("ingress6");
+    map.elements.clear();
+    map.elements.insert(
+        ip("fd00::2"),
+        MapEntry {
+            chain: "pod".into(),
+            comment: "other/pod".into(),
+        },
+    );
+    new.chains.get_mut("pod").expect("pod").rules.remove(0);
+    let delta = ruleset::diff(&old, &new);
+
+    let written = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(&old).unwrap();
+        let sent = writer.apply_delta(TABLE, &delta).unwrap();
+        eprintln!(
+            "delta of {} changes: {} messages",
+            delta.size(),
+            sent.messages
+        );
+        listing(TABLE)
+    });
+    let diffs = differences(&canonical(&written), &canonical(&reference(&new)));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
+fn a_large_table_goes_in_one_batch_with_every_reply_read() {
+    if skip_unless_root("a_large_table_goes_in_one_batch_with_every_reply_read") {
+        return;
+    }
+    let mut table = edge_cases();
+    let many: Vec<Element> = (0..50_000u32)
+        .map(|n| Element::Addr(std::net::Ipv4Addr::from(0x0a00_0000 + n).into()))
+        .collect();
+    table
+        .sets
+        .extend([set("many", SetKey::Addr(Family::V4), false, &many)]);
+    let pod = table.chains.get_mut("pod").expect("pod");
+    let template = pod.rules.clone();
+    for _ in 0..500 {
+        pod.rules.extend(template.iter().cloned());
+    }
+    let rules = table.rule_count();
+    let (sent, listed_rules, listed_elements) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(&table).unwrap();
+        let sent = writer.replace_table(&table).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&nft(&["-j", "list", "table", "inet", TABLE], None)).unwrap();
+        let items = json["nftables"].as_array().unwrap().clone();
+        let rules = items.iter().filter(|i| i.get("rule").is_some()).count();
+        let elements = items
+            .iter()
+            .filter_map(|i| i.get("set"))
+            .find(|s| s["name"] == "many")
+            .and_then(|s| s["elem"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        (sent, rules, elements)
+    });
+    eprintln!(
+        "large table: {} messages, {} bytes",
+        sent.messages, sent.bytes
+    );
+    assert_eq!((listed_rules, listed_elements), (rules, 50_000));
+}
+
+#[test]
+fn replacing_twice_leaves_one_table_holding_the_second() {
+    if skip_unless_root("replacing_twice_leaves_one_table_holding_the_second") {
+        return;
+    }
+    let first = compile("three-tier.yaml", "node-a");
+    let second = compile("three-tier.yaml", "node-b");
+    let (tables, written) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(first.table()).unwrap();
+        writer.replace_table(first.table()).unwrap();
+        writer.replace_table(second.table()).unwrap();
+        (nft(&["list", "tables"], None), listing(TABLE))
+    });
+    assert_eq!(tables, "table inet nftpol\n");
+    let diffs = differences(&written, &reference(second.table()));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
+fn replacing_leaves_other_tables_alone() {
+    if skip_unless_root("replacing_leaves_other_tables_alone") {
+        return;
+    }
+    let others = "table inet other {\n\tchain c {\n\t\ttype filter hook input priority 10; policy accept;\n\t\ttcp dport 22 accept\n\t}\n}\n\
+                  table ip nftpol {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.1 }\n\t}\n\tchain c {\n\t\tip saddr @s drop\n\t}\n}\n";
+    let table = compile("ipblock-except.yaml", "node-a");
+    let (before, after, ours) = in_netns(|| {
+        nft(&["-f", "-"], Some(others));
+        let before = nft(&["list", "ruleset"], None);
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(table.table()).unwrap();
+        writer.replace_table(table.table()).unwrap();
+        let after = [
+            nft(&["list", "table", "inet", "other"], None),
+            nft(&["list", "table", "ip", "nftpol"], None),
+        ]
+        .concat();
+        (before, after, listing(TABLE))
+    });
+    assert_eq!(before, after, "the other tables changed");
+    let diffs = differences(&ours, &reference(table.table()));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// A pod's labels changed to `app=<app>`; the delta the compiler reports.
+fn relabel(compiler: &mut Compiler, name: &str, app: &str) -> Delta {
+    let mut pod = compiler
+        .cluster()
+        .pod("shop", name)
+        .cloned()
+        .expect("pod exists");
+    pod.labels.insert("app".into(), app.into());
+    let delta = compiler.apply_pod(pod);
+    assert!(!delta.is_empty());
+    delta
+}
+
+#[test]
+fn pod_deltas_give_the_same_table_as_a_full_replace_in_far_fewer_messages() {
+    if skip_unless_root("pod_deltas_give_the_same_table_as_a_full_replace_in_far_fewer_messages") {
+        return;
+    }
+    let mut compiler = compile("three-tier.yaml", "node-a");
+    let initial = compiler.table().clone();
+    // The only frontend of node-a turned backend joins the backend chains and leaves the
+    // frontend chains and their sets unused; turned database, it needs new chains and sets.
+    let to_backend = relabel(&mut compiler, "frontend-1", "backend");
+    let after_first = compiler.table().clone();
+    let to_database = relabel(&mut compiler, "frontend-1", "database");
+    let after_second = compiler.table().clone();
+    for (delta, what) in [
+        (to_backend.delete_chains.len(), "delete chains"),
+        (to_backend.delete_sets.len(), "delete sets"),
+        (to_database.add_chains.len(), "add chains"),
+        (to_database.add_sets.len(), "add sets"),
+    ] {
+        assert!(
+            delta > 0,
+            "the changes should {what}: {to_backend:?} {to_database:?}"
+        );
+    }
+
+    let (full, deltas, listings) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        let full = writer.replace_table(&initial).unwrap();
+        let first = writer.apply_delta(TABLE, &to_backend).unwrap();
+        let after_first = listing(TABLE);
+        let second = writer.apply_delta(TABLE, &to_database).unwrap();
+        (full, [first, second], [after_first, listing(TABLE)])
+    });
+    let full_after: Vec<Sent> = [&after_first, &after_second]
+        .iter()
+        .map(|t| in_netns(|| Writer::new().unwrap().replace_table(t).unwrap()))
+        .collect();
+    for (i, (delta_sent, full_sent)) in deltas.iter().zip(&full_after).enumerate() {
+        eprintln!(
+            "change {}: delta batch {} messages ({} bytes), full replace {} messages ({} bytes); first full load {} messages",
+            i + 1,
+            delta_sent.messages,
+            delta_sent.bytes,
+            full_sent.messages,
+            full_sent.bytes,
+            full.messages
+        );
+        assert!(
+            delta_sent.messages * 3 < full_sent.messages,
+            "a pod change should be a small batch"
+        );
+    }
+    // Objects a delta creates list after the older ones: compare in a fixed order.
+    for (listing, table) in listings.iter().zip([&after_first, &after_second]) {
+        let diffs = differences(&canonical(listing), &canonical(&reference(table)));
+        assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    }
+}
+
+#[test]
+fn a_refused_object_fails_the_whole_batch_and_is_named() {
+    if skip_unless_root("a_refused_object_fails_the_whole_batch_and_is_named") {
+        return;
+    }
+    let good = compile("three-tier.yaml", "node-a").table().clone();
+    let mut bad = good.clone();
+    let chain = bad
+        .chains
+        .values_mut()
+        .find(|c| c.name.starts_with("ing_"))
+        .expect("an ingress chain");
+    chain.rules.insert(
+        0,
+        Rule {
+            matches: vec![Match::AddrInSet {
+                family: Family::V4,
+                field: AddrField::Source,
+                set: "no_such_set".into(),
+            }],
+            verdict: Verdict::Accept,
+            comment: None,
+        },
+    );
+    let chain_name = chain.name.clone();
+    // Removing pods from a set that exists next to adding to one that does not.
+    let mut bad_delta = Delta::default();
+    bad_delta.remove_element(
+        "self4",
+        Element::AddrPair(
+            "10.244.1.20".parse().unwrap(),
+            "10.244.1.20".parse().unwrap(),
+        ),
+    );
+    bad_delta.add_element("no_such_set", Element::Addr("10.9.9.9".parse().unwrap()));
+
+    let (before, replace_error, delta_error, after) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(&good).unwrap();
+        let before = listing(TABLE);
+        let replace_error = writer.replace_table(&bad).unwrap_err();
+        let delta_error = writer.apply_delta(TABLE, &bad_delta).unwrap_err();
+        (before, replace_error, delta_error, listing(TABLE))
+    });
+    eprintln!("replace_table: {replace_error}\napply_delta: {delta_error}");
+    assert!(
+        matches!(&replace_error, WriteError::Refused { object, .. } if *object == format!("rule 1 of chain {chain_name}")),
+        "{replace_error:?}"
+    );
+    assert!(
+        matches!(&delta_error, WriteError::Refused { object, .. } if object == "elements of set no_such_set"),
+        "{delta_error:?}"
+    );
+    assert_eq!(before, after, "a refused batch must change nothing");
+}
