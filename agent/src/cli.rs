@@ -23,8 +23,32 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    Run(RunArgs),
     DumpRuleset(DumpArgs),
     Trace(TraceArgs),
+}
+
+/// Enforce NetworkPolicy on this node: install the ruleset and keep it in step with the
+/// snapshot.
+///
+/// Installs table `inet nftpol` in one transaction (replacing a table left by an earlier run in
+/// the same transaction), then polls the snapshot and applies only what changed. A snapshot that
+/// does not load leaves the last good rules in force. On SIGTERM or SIGINT the agent exits and
+/// the rules stay. Needs CAP_NET_ADMIN.
+#[derive(Args)]
+#[command(after_help = "Example:\n  \
+    agent run --manifests /etc/nftpol/snapshot.yaml --node \"$(hostname)\"")]
+pub struct RunArgs {
+    /// A cluster snapshot: a YAML or JSON file, or a directory of them. Edits, replacement by
+    /// rename and symlink swaps (ConfigMap volumes) are all picked up.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: PathBuf,
+    /// This node's name, as pods' `spec.nodeName` gives it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// How often to look at the snapshot for changes.
+    #[arg(long, value_name = "MILLISECONDS", default_value = "200")]
+    pub poll_ms: u64,
 }
 
 /// Print the nftables ruleset one node enforces, as `nft -f` text.

@@ -3,6 +3,7 @@
 //! ```text
 //! manifests (file or directory) -> Cluster -> ruleset::Compiler -> nft text (dump-ruleset)
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
+//!                                          -> diff -> netlink::Writer -> kernel (run)
 //! ```
 
 pub mod cli;
@@ -10,4 +11,6 @@ pub mod convert;
 pub mod dump;
 pub mod manifests;
 pub mod netlink;
+pub mod node;
+pub mod run;
 pub mod trace;

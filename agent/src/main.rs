@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use agent::{cli, dump, trace};
+use agent::{cli, dump, run, trace};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -19,6 +19,11 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
+        cli::Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run::run(&args))),
         cli::Command::DumpRuleset(args) => dump::run(&args),
         cli::Command::Trace(args) => trace::run(&args),
     };

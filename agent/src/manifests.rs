@@ -2,6 +2,7 @@
 //! objects, several `---` documents, or `kind: List` (what `kubectl get -o yaml` prints).
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as core;
@@ -60,6 +61,28 @@ pub fn load(path: &Path) -> Result<Cluster, ManifestError> {
         objects.pods,
         objects.policies,
     ))
+}
+
+/// What a snapshot's files look like to the file system: each file's resolved path, inode,
+/// size and modification time. It changes when a file is written in place, replaced by a
+/// rename, or swapped through a symlink (the `..data` link of a ConfigMap volume).
+pub type Fingerprint = Vec<(PathBuf, u64, u64, Option<std::time::SystemTime>)>;
+
+pub fn fingerprint(path: &Path) -> Result<Fingerprint, ManifestError> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files)?;
+    files
+        .into_iter()
+        .map(|file| {
+            let read_err = |source| ManifestError::Read {
+                path: file.clone(),
+                source,
+            };
+            let meta = fs::metadata(&file).map_err(read_err)?;
+            let resolved = fs::canonicalize(&file).map_err(read_err)?;
+            Ok((resolved, meta.ino(), meta.len(), meta.modified().ok()))
+        })
+        .collect()
 }
 
 #[derive(Default)]

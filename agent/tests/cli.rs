@@ -33,7 +33,7 @@ fn version_and_help_with_examples() {
     let out = agent(&["--version"]);
     assert!(out.status.success());
     assert!(text(&out.stdout).starts_with("agent "));
-    for sub in ["dump-ruleset", "trace"] {
+    for sub in ["run", "dump-ruleset", "trace"] {
         let out = agent(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
         let help = text(&out.stdout);
@@ -210,4 +210,30 @@ spec:
         "443",
     ]);
     assert_eq!(text(&out.stdout).lines().next(), Some("DENIED"));
+}
+
+#[test]
+fn run_refuses_to_start_without_cap_net_admin() {
+    if !Path::new("/proc/self/status").exists()
+        || !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t")
+    {
+        eprintln!("\n!!!!! SKIPPED run_refuses_to_start_without_cap_net_admin: needs root to drop a capability !!!!!\n");
+        return;
+    }
+    let path = example("three-tier.yaml");
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+        .arg(env!("CARGO_BIN_EXE_agent"))
+        .args([
+            "run",
+            "--manifests",
+            path.to_str().unwrap(),
+            "--node",
+            "node-a",
+        ])
+        .output()
+        .expect("run setpriv");
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("missing CAP_NET_ADMIN"), "{stderr}");
 }
