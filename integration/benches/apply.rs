@@ -1,0 +1,97 @@
+//! Writing the 150,000-pod synthetic cluster's node ruleset into the kernel, and single-pod
+//! deltas after it, in a network namespace of the benchmark's own (needs root).
+//!
+//! `cargo bench -p integration --bench apply` prints the initial transaction's time and size,
+//! then the median and p99 of 1,000 individually timed pod-change transactions (remote relabel,
+//! each with its compile), and criterion's statistics.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark whose fixture is wrong should stop loudly"
+)]
+
+use std::time::Instant;
+
+use agent::netlink::Writer;
+use criterion::{criterion_group, criterion_main, Criterion};
+use integration::netns;
+use integration::synthetic::{self, LARGE, LOCAL_NODE};
+use ruleset::ir::TABLE_NAME;
+use ruleset::model::Pod;
+use ruleset::Compiler;
+
+fn relabel(pod: &Pod, flip: bool) -> Pod {
+    let mut p = pod.clone();
+    p.labels.insert(
+        "app".into(),
+        if flip { "worker" } else { "frontend" }.into(),
+    );
+    p
+}
+
+fn benches(c: &mut Criterion) {
+    if netns::skip_unless_root("bench apply") {
+        return;
+    }
+    // Only this process's network namespace sees the tables written here.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare the network namespace");
+    let mut compiler = Compiler::new(synthetic::cluster(&LARGE), LOCAL_NODE);
+    let mut writer = Writer::new().expect("netlink socket");
+    let started = Instant::now();
+    let sent = writer
+        .replace_table(compiler.table())
+        .expect("initial apply");
+    println!(
+        "initial apply: {:.0} ms, {} messages, {} KiB ({} elements, {} rules)",
+        started.elapsed().as_secs_f64() * 1e3,
+        sent.messages,
+        sent.bytes / 1024,
+        compiler.table().element_count(),
+        compiler.table().rule_count()
+    );
+
+    // A remote frontend whose relabel changes peer sets.
+    let pod = (0..LARGE.pods)
+        .map(|i| synthetic::pod(&LARGE, i, synthetic::app_of(i)))
+        .filter(|p| p.node.as_deref() != Some(LOCAL_NODE) && p.labels["app"] == "frontend")
+        .find(|p| {
+            let changed = !compiler.apply_pod(relabel(p, true)).is_empty();
+            compiler.apply_pod(p.clone());
+            changed
+        })
+        .expect("a frontend whose relabel matters");
+    writer.replace_table(compiler.table()).expect("resync");
+
+    let mut micros: Vec<f64> = (0..1_000)
+        .map(|i| {
+            let started = Instant::now();
+            let delta = compiler.apply_pod(relabel(&pod, i % 2 == 0));
+            writer.apply_delta(TABLE_NAME, &delta).expect("delta");
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    micros.sort_by(f64::total_cmp);
+    println!(
+        "pod change compiled and applied, 1,000 changes: median {:.0} us, p99 {:.0} us",
+        micros[500], micros[990]
+    );
+
+    let mut group = c.benchmark_group("apply");
+    group.sample_size(10);
+    group.bench_function("initial_150k_pods_node_110_pods", |b| {
+        b.iter(|| writer.replace_table(compiler.table()).expect("replace"))
+    });
+    let mut flip = false;
+    group.bench_function("remote_pod_change", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let delta = compiler.apply_pod(relabel(&pod, flip));
+            writer.apply_delta(TABLE_NAME, &delta).expect("delta")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(apply, benches);
+criterion_main!(apply);
