@@ -28,11 +28,16 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     let mut seen: Option<manifests::Fingerprint> = None;
     let mut installed: Option<Compiler> = None;
+    let mut last_check = Instant::now();
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = ticker.tick() => {}
+        }
+        if last_check.elapsed() >= TABLE_CHECK {
+            last_check = Instant::now();
+            restore_if_removed(&mut writer, installed.as_ref());
         }
         let stamp = match manifests::fingerprint(&args.manifests) {
             Ok(stamp) => Some(stamp),
@@ -66,6 +71,26 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; the rules stay in the kernel");
     Ok(())
+}
+
+/// How often the agent checks that its table is still in the kernel.
+const TABLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Puts the installed table back when someone removed it (`nft flush ruleset`).
+fn restore_if_removed(writer: &mut Writer, installed: Option<&Compiler>) {
+    let Some(installed) = installed else {
+        return;
+    };
+    match writer.table_exists(TABLE_NAME) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                "table inet {TABLE_NAME} was removed behind the agent's back; restoring it"
+            );
+            sync(writer, None, installed);
+        }
+        Err(err) => tracing::error!(%err, "cannot check that table inet {TABLE_NAME} is in place"),
+    }
 }
 
 /// Writes `next` over what `installed` put in the kernel; whether the kernel now holds `next`.

@@ -237,3 +237,52 @@ fn run_refuses_to_start_without_cap_net_admin() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("missing CAP_NET_ADMIN"), "{stderr}");
 }
+
+/// Polls `cond` (a shell test) every 100 ms for up to 10 s.
+const WAIT_FOR: &str = "wait_for() { i=0; until eval \"$1\"; do i=$((i+1)); [ $i -ge 100 ] && return 1; sleep 0.1; done; }";
+
+#[test]
+fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
+    if !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t") {
+        eprintln!("\n!!!!! SKIPPED run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm: needs root !!!!!\n");
+        return;
+    }
+    let path = example("three-tier.yaml");
+    let script = format!(
+        r#"{WAIT_FOR}
+        "$AGENT" run --manifests "{manifests}" --node node-a 2>"$LOG" &
+        pid=$!
+        wait_for 'nft list table inet nftpol >/dev/null 2>&1' || {{ echo never-installed; exit 1; }}
+        nft flush ruleset
+        nft list tables | grep -q nftpol && {{ echo flush-failed; exit 1; }}
+        wait_for 'nft list table inet nftpol >/dev/null 2>&1' || {{ echo never-restored; exit 1; }}
+        kill -TERM $pid
+        wait $pid; echo "exit=$?"
+        nft list table inet nftpol | grep -c 'comment "shop/'"#,
+        manifests = path.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let out = Command::new("unshare")
+        .args(["--net", "bash", "-c", &script])
+        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("LOG", &log)
+        .output()
+        .expect("run unshare");
+    let stdout = text(&out.stdout);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{log}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("exit=0"), "{stdout}\n{log}");
+    let rules: usize = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(rules > 0, "the rules stay after SIGTERM:\n{stdout}");
+    assert!(log.contains("removed behind the agent's back"), "{log}");
+    assert_eq!(log.matches("synced").count(), 2, "{log}");
+}

@@ -105,6 +105,52 @@ impl Writer {
         self.send(&messages)
     }
 
+    /// Whether `table inet <name>` is in the kernel: how the agent notices that its table was
+    /// removed behind its back (`nft flush ruleset`, `nft delete table`).
+    pub fn table_exists(&mut self, name: &str) -> Result<bool, WriteError> {
+        const NEWTABLE: u16 = 10 << 8;
+        const SEQ: u32 = u32::MAX;
+        if name.contains('\0') {
+            return Ok(false);
+        }
+        while self.socket.recv().map_err(WriteError::Socket)?.is_some() {}
+        self.socket
+            .send(&get_table_request(name, SEQ))
+            .map_err(|source| WriteError::Send {
+                messages: 1,
+                bytes: 0,
+                source,
+            })?;
+        let (mut found, mut answered) = (false, false);
+        while let Some(datagram) = self.socket.recv().map_err(WriteError::Receive)? {
+            for message in netlink_messages(datagram).filter(|m| m.seq == SEQ) {
+                if message.kind == NEWTABLE {
+                    found = true;
+                } else if message.kind == NLMSG_ERROR {
+                    answered = true;
+                    let errno =
+                        u32_at(message.bytes, HEADER).map_or(0, |e| (e as i32).saturating_neg());
+                    let error = io::Error::from_raw_os_error(errno);
+                    if errno != 0 && error.kind() != io::ErrorKind::NotFound {
+                        return Err(WriteError::Refused {
+                            object: format!("query for table inet {name}"),
+                            error,
+                            others: 0,
+                        });
+                    }
+                }
+            }
+        }
+        if !answered {
+            return Err(WriteError::Unanswered {
+                missing: 1,
+                expected: 1,
+                first: format!("query for table inet {name}"),
+            });
+        }
+        Ok(found)
+    }
+
     fn send(&mut self, messages: &[plan::Message]) -> Result<Sent, WriteError> {
         if messages.is_empty() {
             return Ok(Sent::default());
@@ -202,30 +248,70 @@ impl Sequence {
 /// `(sequence number, errno)` of each acknowledgement (`NLMSG_ERROR`) in a datagram; errno 0
 /// means accepted.
 fn acknowledgements(datagram: &[u8]) -> Vec<(u32, i32)> {
-    const NLMSG_ERROR: u16 = 2;
-    const HEADER: usize = 16;
-    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-    };
-    let mut out = Vec::new();
+    netlink_messages(datagram)
+        .filter(|m| m.kind == NLMSG_ERROR)
+        .filter_map(|m| Some((m.seq, (u32_at(m.bytes, HEADER)? as i32).saturating_neg())))
+        .collect()
+}
+
+const NLMSG_ERROR: u16 = 2;
+const HEADER: usize = 16;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// One netlink message of a datagram: its type, sequence number and bytes (header included).
+struct NetlinkMessage<'a> {
+    kind: u16,
+    seq: u32,
+    bytes: &'a [u8],
+}
+
+/// The messages of a datagram, stopping at the first malformed length.
+fn netlink_messages(datagram: &[u8]) -> impl Iterator<Item = NetlinkMessage<'_>> {
     let mut rest = datagram;
-    while let Some(len) = u32_at(rest, 0) {
-        let len = len as usize;
+    std::iter::from_fn(move || {
+        let len = u32_at(rest, 0)? as usize;
         if len < HEADER || len > rest.len() {
-            break;
+            return None;
         }
         let (message, tail) = rest.split_at(len);
-        let kind = u16::from_ne_bytes([message[4], message[5]]);
-        if kind == NLMSG_ERROR {
-            if let (Some(seq), Some(error)) = (u32_at(message, 8), u32_at(message, HEADER)) {
-                out.push((seq, (error as i32).saturating_neg()));
-            }
-        }
         rest = tail
             .get(len.next_multiple_of(4) - len..)
             .unwrap_or_default();
-    }
-    out
+        Some(NetlinkMessage {
+            kind: u16::from_ne_bytes([message[4], message[5]]),
+            seq: u32_at(message, 8)?,
+            bytes: message,
+        })
+    })
+}
+
+/// A `NFT_MSG_GETTABLE` request for `table inet <name>`, asking for an acknowledgement.
+fn get_table_request(name: &str, seq: u32) -> Vec<u8> {
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NFPROTO_INET: u8 = 1;
+    const NFTA_TABLE_NAME: u16 = 1;
+    let attr_len = 4 + name.len() + 1;
+    let total = HEADER + 4 + attr_len.next_multiple_of(4);
+    let mut msg = Vec::with_capacity(total);
+    msg.extend((total as u32).to_ne_bytes());
+    msg.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    msg.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend(seq.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    // nfgenmsg: family, version, resource id (big endian).
+    msg.extend([NFPROTO_INET, 0, 0, 0]);
+    msg.extend((attr_len as u16).to_ne_bytes());
+    msg.extend(NFTA_TABLE_NAME.to_ne_bytes());
+    msg.extend(name.as_bytes());
+    msg.push(0);
+    msg.resize(total, 0);
+    msg
 }
 
 #[cfg(test)]
