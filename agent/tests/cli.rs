@@ -252,6 +252,7 @@ fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
         r#"{WAIT_FOR}
         "$AGENT" run --manifests "{manifests}" --node node-a 2>"$LOG" &
         pid=$!
+        trap 'kill -KILL $pid 2>/dev/null' EXIT
         wait_for 'nft list table inet nftpol >/dev/null 2>&1' || {{ echo never-installed; exit 1; }}
         nft flush ruleset
         nft list tables | grep -q nftpol && {{ echo flush-failed; exit 1; }}
