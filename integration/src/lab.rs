@@ -139,6 +139,63 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// A lab holding a snapshot's pods: the node named `nodes[i]` is lab node `i` (its pod CIDR
+    /// 10.244.<i+1>.0/24) and each pod keeps the host part of its IPv4 address. Every pod serves
+    /// its containerPorts and `ports`. hostNetwork pods are left out: they are their nodes.
+    pub fn for_cluster(
+        labpod: impl Into<PathBuf>,
+        cluster: &ruleset::Cluster,
+        nodes: &[&str],
+        ports: &[u16],
+    ) -> Result<Lab, LabError> {
+        let mut lab = Lab::new(labpod, nodes.len())?;
+        for pod in cluster.pods().filter(|p| !p.host_network) {
+            let who = format!("{}/{}", pod.namespace, pod.name);
+            let node = nodes
+                .iter()
+                .position(|n| pod.node.as_deref() == Some(*n))
+                .ok_or_else(|| LabError::Invalid(format!("{who} runs on no lab node")))?;
+            let ipv4 = pod
+                .ips
+                .iter()
+                .find_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .ok_or_else(|| LabError::Invalid(format!("{who} has no IPv4 address")))?;
+            let [a, b, subnet, host] = ipv4.octets();
+            if (a, b, usize::from(subnet)) != (10, 244, node + 1) {
+                return Err(LabError::Invalid(format!(
+                    "{who} {ipv4} is outside its node's pod CIDR"
+                )));
+            }
+            // A port nobody listens on would read as "fail" where the policies allow it.
+            let mut serving: Vec<u16> = pod
+                .ports
+                .iter()
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .chain(ports.iter().copied())
+                .collect();
+            serving.sort_unstable();
+            serving.dedup();
+            lab.add_pod_serving(node, &who, host, &serving)?;
+        }
+        Ok(lab)
+    }
+
+    /// One line for a probed cell: pods, address, service and what the probe saw.
+    pub fn describe(&self, cell: &Cell) -> String {
+        let name = |i: usize| self.pods.get(i).map_or("?", |p| p.name.as_str());
+        format!(
+            "{} -> {} {} {} {}: {}",
+            name(cell.from),
+            name(cell.to),
+            cell.target.addr,
+            cell.target.protocol.k8s_name(),
+            cell.target.port,
+            cell.outcome.detail
+        )
+    }
     /// Builds the wire and `nodes` nodes, with no pods yet. `labpod` is the path of the
     /// `labpod` binary (in tests: `env!("CARGO_BIN_EXE_labpod")`).
     pub fn new(labpod: impl Into<PathBuf>, nodes: usize) -> Result<Lab, LabError> {

@@ -11,7 +11,7 @@
     reason = "a test fails by panicking"
 )]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -389,39 +389,10 @@ fn swap_symlink(path: &Path, target: &Path) {
 
 // -------------------------------------------------------------------------------------- lab
 
-/// A two-node lab with the snapshot's pods (node-a is node 0, node-b node 1; hostNetwork pods
-/// are their nodes and are left out), each serving its containerPorts and every probed port.
+/// A two-node lab with the snapshot's pods, whose rulesets compile without complaint.
 fn lab_for(cluster: &Cluster) -> Lab {
-    let mut lab = Lab::new(LABPOD, NODES.len()).expect("lab");
-    for pod in cluster.pods().filter(|p| !p.host_network) {
-        let who = format!("{}/{}", pod.namespace, pod.name);
-        let node = NODES
-            .iter()
-            .position(|n| pod.node.as_deref() == Some(*n))
-            .expect("example pods run on node-a or node-b");
-        let ipv4 = pod
-            .ips
-            .iter()
-            .find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .expect("example pods have an IPv4 address");
-        let [a, b, subnet, host] = ipv4.octets();
-        assert_eq!(
-            (a, b, usize::from(subnet)),
-            (10, 244, node + 1),
-            "{who} {ipv4} is outside its node's pod CIDR"
-        );
-        let ports: BTreeSet<u16> = pod
-            .ports
-            .iter()
-            .filter_map(|p| u16::try_from(p.port).ok())
-            .chain(SERVICES.iter().map(|(_, port)| *port))
-            .collect();
-        let ports: Vec<u16> = ports.into_iter().collect();
-        lab.add_pod_serving(node, &who, host, &ports).expect("pod");
-    }
+    let ports: Vec<u16> = SERVICES.iter().map(|(_, port)| *port).collect();
+    let lab = Lab::for_cluster(LABPOD, cluster, &NODES, &ports).expect("lab");
     for node in NODES {
         let compiler = Compiler::new(cluster.clone(), node);
         assert!(
@@ -464,19 +435,6 @@ fn bridge_nf(lab: &Lab, index: usize) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn cell_text(lab: &Lab, cell: &Cell) -> String {
-    let pods = lab.pods();
-    format!(
-        "{} -> {} {} {} {}: {}",
-        pods[cell.from].name,
-        pods[cell.to].name,
-        cell.target.addr,
-        cell.target.protocol.k8s_name(),
-        cell.target.port,
-        cell.outcome.detail
-    )
 }
 
 /// What `Tracer` says of every cell, for `cluster`.
@@ -527,7 +485,7 @@ fn check_matrix(
         if trace.allowed != cell.outcome.ok {
             disagreements.push(format!(
                 "{}\n  kernel: {}\n  trace: {trace}",
-                cell_text(lab, cell),
+                lab.describe(cell),
                 if cell.outcome.ok {
                     "reached"
                 } else {

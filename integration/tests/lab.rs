@@ -8,30 +8,17 @@
     reason = "a test fails by panicking"
 )]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use integration::lab::{Cell, Family, Lab, Protocol, Target};
+use integration::lab::{Family, Lab, Protocol, Target};
 use integration::netns;
 use ruleset::trace::Party;
 use ruleset::{Compiler, Endpoint, Tracer};
 
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
-
-fn cell_text(lab: &Lab, cell: &Cell) -> String {
-    let pods = lab.pods();
-    format!(
-        "{} -> {} {} {} {}: {}",
-        pods[cell.from].name,
-        pods[cell.to].name,
-        cell.target.addr,
-        cell.target.protocol.k8s_name(),
-        cell.target.port,
-        cell.outcome.detail
-    )
-}
 
 #[test]
 fn open_lab_connects_everything() {
@@ -52,7 +39,7 @@ fn open_lab_connects_everything() {
     let failed: Vec<String> = cells
         .iter()
         .filter(|c| !c.outcome.ok)
-        .map(|c| cell_text(&lab, c))
+        .map(|c| lab.describe(c))
         .collect();
 
     // The prober can fail too: nobody serves port 82.
@@ -126,42 +113,17 @@ fn check_example(name: &str, services: &[(Protocol, u16)], families: &[Family]) 
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.yaml"));
     let cluster = agent::manifests::load(&example).expect("example loads");
 
-    let mut lab = Lab::new(LABPOD, 2).expect("lab");
-    for pod in cluster.pods().filter(|p| !p.host_network) {
-        let who = format!("{}/{}", pod.namespace, pod.name);
-        let node = NODES
-            .iter()
-            .position(|n| pod.node.as_deref() == Some(*n))
-            .expect("example pods run on node-a or node-b");
-        let ipv4 = pod
-            .ips
-            .iter()
-            .find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .expect("example pods have an IPv4 address");
-        let [a, b, subnet, host] = ipv4.octets();
-        assert_eq!(
-            (a, b, usize::from(subnet)),
-            (10, 244, node + 1),
-            "{who} {ipv4} is outside its node's pod CIDR"
-        );
-        // Every pod serves every probed port, besides its own containerPorts: a port nobody
-        // listens on would read as "fail" where the policies allow it.
-        let ports: BTreeSet<u16> = pod
-            .ports
-            .iter()
-            .filter_map(|p| u16::try_from(p.port).ok())
-            .chain(services.iter().map(|(_, port)| *port))
-            .collect();
-        let ports: Vec<u16> = ports.into_iter().collect();
-        let made = lab.add_pod_serving(node, &who, host, &ports).expect("pod");
+    let ports: Vec<u16> = services.iter().map(|(_, port)| *port).collect();
+    let lab = Lab::for_cluster(LABPOD, &cluster, &NODES, &ports).expect("lab");
+    for made in lab.pods() {
+        let (namespace, name) = made.name.split_once('/').expect("ns/name");
+        let pod = cluster.pod(namespace, name).expect("example pod");
         for family in families {
             let addr = made.addr(*family);
             assert!(
                 pod.ips.contains(&addr) || *family == Family::V4,
-                "{who}: the lab gave it {addr}, the example {:?}",
+                "{}: the lab gave it {addr}, the example {:?}",
+                made.name,
                 pod.ips
             );
         }
@@ -206,7 +168,7 @@ fn check_example(name: &str, services: &[(Protocol, u16)], families: &[Family]) 
         if trace.allowed != cell.outcome.ok {
             disagreements.push(format!(
                 "{}\n  kernel: {}\n  trace: {trace}",
-                cell_text(&lab, cell),
+                lab.describe(cell),
                 if cell.outcome.ok {
                     "reached"
                 } else {
