@@ -29,6 +29,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut seen: Option<manifests::Fingerprint> = None;
     let mut installed: Option<Compiler> = None;
     let mut last_check = Instant::now();
+    let mut unreadable_reported = false;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -42,13 +43,16 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         let stamp = match manifests::fingerprint(&args.manifests) {
             Ok(stamp) => Some(stamp),
             Err(err) => {
-                if seen.is_some() {
+                // Once per unreadable stretch, including a wrong path at start-up.
+                if seen.is_some() || !unreadable_reported {
                     tracing::error!(%err, "snapshot unreadable; the last good rules stay in force");
+                    unreadable_reported = true;
                 }
                 seen = None;
                 continue;
             }
         };
+        unreadable_reported = false;
         if stamp == seen {
             continue;
         }

@@ -287,3 +287,31 @@ fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
     assert!(log.contains("removed behind the agent's back"), "{log}");
     assert_eq!(log.matches("synced").count(), 2, "{log}");
 }
+
+#[test]
+fn run_says_so_when_the_snapshot_is_missing() {
+    if !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t") {
+        eprintln!("\n!!!!! SKIPPED run_says_so_when_the_snapshot_is_missing: needs root !!!!!\n");
+        return;
+    }
+    let out = Command::new("unshare")
+        .args([
+            "--net",
+            "timeout",
+            "--signal=TERM",
+            "1",
+            env!("CARGO_BIN_EXE_agent"),
+        ])
+        .args([
+            "run",
+            "--manifests",
+            "/nonexistent/snap.yaml",
+            "--node",
+            "n1",
+        ])
+        .output()
+        .expect("run unshare");
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("snapshot unreadable").count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/snap.yaml"), "{stderr}");
+}
