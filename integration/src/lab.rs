@@ -820,6 +820,72 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, LabE
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Probed cells held against what `Tracer` says of a snapshot.
+pub struct Comparison {
+    /// Tracer's verdict on each cell, in order.
+    pub traces: Vec<ruleset::Trace>,
+    /// One entry per cell where the kernel and Tracer disagree.
+    pub disagreements: Vec<String>,
+    /// How many probes failed, by reason.
+    pub failures: std::collections::BTreeMap<String, usize>,
+}
+
+/// Traces every cell's connection through `cluster`'s compiled rulesets and lists where real
+/// packets did otherwise. Every lab address must be a pod of `cluster`.
+pub fn compare_with_trace(
+    lab: &Lab,
+    cells: &[Cell],
+    cluster: &ruleset::Cluster,
+) -> Result<Comparison, LabError> {
+    use ruleset::trace::Party;
+    use ruleset::Endpoint;
+    let mut tracer = ruleset::Tracer::new(cluster.clone());
+    let mut comparison = Comparison {
+        traces: Vec::with_capacity(cells.len()),
+        disagreements: Vec::new(),
+        failures: Default::default(),
+    };
+    for cell in cells {
+        let from = lab
+            .pods
+            .get(cell.from)
+            .ok_or_else(|| LabError::Invalid(format!("no lab pod {}", cell.from)))?;
+        let trace = tracer
+            .trace(
+                &Endpoint::Address(from.addr(Family::of(&cell.target.addr))),
+                &Endpoint::Address(cell.target.addr),
+                cell.target.protocol,
+                cell.target.port,
+            )
+            .map_err(|e| LabError::Invalid(e.to_string()))?;
+        if !matches!(trace.from, Party::Pod { .. }) || !matches!(trace.to, Party::Pod { .. }) {
+            return Err(LabError::Invalid(format!(
+                "the snapshot does not know lab address {} or {}",
+                trace.src, trace.dst
+            )));
+        }
+        if !cell.outcome.ok {
+            *comparison
+                .failures
+                .entry(cell.outcome.detail.clone())
+                .or_default() += 1;
+        }
+        if trace.allowed != cell.outcome.ok {
+            let kernel = if cell.outcome.ok {
+                "reached"
+            } else {
+                "did not reach"
+            };
+            comparison.disagreements.push(format!(
+                "{}\n  kernel: {kernel}\n  trace: {trace}",
+                lab.describe(cell)
+            ));
+        }
+        comparison.traces.push(trace);
+    }
+    Ok(comparison)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

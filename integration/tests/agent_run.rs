@@ -11,7 +11,6 @@
     reason = "a test fails by panicking"
 )]
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -22,10 +21,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use integration::lab::{Cell, Family, Lab, Pod, Protocol};
+use integration::lab::{compare_with_trace, Cell, Family, Lab, Pod, Protocol};
 use integration::netns;
-use ruleset::trace::{Outcome, Party};
-use ruleset::{Cluster, Compiler, Endpoint, Trace, Tracer};
+use ruleset::trace::Outcome;
+use ruleset::{Cluster, Compiler, Endpoint, Tracer};
 
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
 /// Node `i` of the lab is `NODES[i]` to the snapshot.
@@ -437,31 +436,6 @@ fn bridge_nf(lab: &Lab, index: usize) -> String {
         .join(" ")
 }
 
-/// What `Tracer` says of every cell, for `cluster`.
-fn traces(lab: &Lab, cells: &[Cell], cluster: &Cluster) -> Vec<Trace> {
-    let mut tracer = Tracer::new(cluster.clone());
-    cells
-        .iter()
-        .map(|cell| {
-            let trace = tracer
-                .trace(
-                    &Endpoint::Address(lab.pods()[cell.from].addr(Family::of(&cell.target.addr))),
-                    &Endpoint::Address(cell.target.addr),
-                    cell.target.protocol,
-                    cell.target.port,
-                )
-                .expect("trace");
-            assert!(
-                matches!(trace.from, Party::Pod { .. }) && matches!(trace.to, Party::Pod { .. }),
-                "the snapshot does not know lab address {} or {}",
-                trace.src,
-                trace.dst
-            );
-            trace
-        })
-        .collect()
-}
-
 /// Probes the whole matrix and asserts that the kernel allows exactly what `Tracer` says of
 /// `cluster`; returns the cells and Tracer's verdicts on them.
 fn check_matrix(
@@ -473,27 +447,11 @@ fn check_matrix(
 ) -> (Vec<Cell>, Vec<bool>) {
     let started = Instant::now();
     let cells = lab.matrix(&SERVICES, &[Family::V4]).expect("matrix");
-    let traces = traces(lab, &cells, cluster);
+    let comparison = compare_with_trace(lab, &cells, cluster).expect("trace the cells");
+    let traces = comparison.traces;
     let pods = lab.pods().len();
     assert_eq!(cells.len(), pods * (pods - 1) * SERVICES.len());
-    let mut failures: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut disagreements = Vec::new();
-    for (cell, trace) in cells.iter().zip(&traces) {
-        if !cell.outcome.ok {
-            *failures.entry(cell.outcome.detail.as_str()).or_default() += 1;
-        }
-        if trace.allowed != cell.outcome.ok {
-            disagreements.push(format!(
-                "{}\n  kernel: {}\n  trace: {trace}",
-                lab.describe(cell),
-                if cell.outcome.ok {
-                    "reached"
-                } else {
-                    "did not reach"
-                }
-            ));
-        }
-    }
+    let (failures, disagreements) = (comparison.failures, comparison.disagreements);
     let allowed = traces.iter().filter(|t| t.allowed).count();
     println!(
         "  {step}: {} cells checked ({allowed} allowed, {} denied; probes failing by {failures:?}), {} disagreements; matrix in {:?}, at {:?}",
@@ -611,7 +569,11 @@ fn agent_run_enforces_and_follows_the_snapshot() {
     // The change must matter, or the following steps prove nothing.
     let flipped: Vec<String> = cells
         .iter()
-        .zip(traces(&lab, &cells, &modified))
+        .zip(
+            compare_with_trace(&lab, &cells, &modified)
+                .expect("trace the cells")
+                .traces,
+        )
         .zip(&before_change)
         .filter(|((_, t), was)| t.allowed != **was)
         .map(|((c, t), _)| {

@@ -8,15 +8,13 @@
     reason = "a test fails by panicking"
 )]
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use integration::lab::{Family, Lab, Protocol, Target};
+use integration::lab::{compare_with_trace, Family, Lab, Protocol, Target};
 use integration::netns;
-use ruleset::trace::Party;
-use ruleset::{Compiler, Endpoint, Tracer};
+use ruleset::Compiler;
 
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
 
@@ -141,42 +139,9 @@ fn check_example(name: &str, services: &[(Protocol, u16)], families: &[Family]) 
     let built = started.elapsed();
 
     let cells = lab.matrix(services, families).expect("matrix");
-    let mut tracer = Tracer::new(cluster.clone());
-    let mut allowed = 0;
-    let mut failures: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut disagreements = Vec::new();
-    for cell in &cells {
-        let pods = lab.pods();
-        let trace = tracer
-            .trace(
-                &Endpoint::Address(pods[cell.from].addr(Family::of(&cell.target.addr))),
-                &Endpoint::Address(cell.target.addr),
-                cell.target.protocol,
-                cell.target.port,
-            )
-            .expect("trace");
-        assert!(
-            matches!(trace.from, Party::Pod { .. }) && matches!(trace.to, Party::Pod { .. }),
-            "the example does not know lab address {} or {}",
-            trace.src,
-            trace.dst
-        );
-        allowed += usize::from(trace.allowed);
-        if !cell.outcome.ok {
-            *failures.entry(cell.outcome.detail.as_str()).or_default() += 1;
-        }
-        if trace.allowed != cell.outcome.ok {
-            disagreements.push(format!(
-                "{}\n  kernel: {}\n  trace: {trace}",
-                lab.describe(cell),
-                if cell.outcome.ok {
-                    "reached"
-                } else {
-                    "did not reach"
-                }
-            ));
-        }
-    }
+    let comparison = compare_with_trace(&lab, &cells, &cluster).expect("trace the cells");
+    let allowed = comparison.traces.iter().filter(|t| t.allowed).count();
+    let (failures, disagreements) = (comparison.failures, comparison.disagreements);
     let pods = lab.pods().len();
     println!(
         "{name}: {} cells checked ({pods} pods, {} ordered pairs x {} families x {} services; {allowed} allowed, {} denied; probes failing by {failures:?}), {} disagreements; lab built in {built:?}, all done in {:?}",
