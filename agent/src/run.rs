@@ -21,6 +21,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     node::check_privileges()?;
     node::enable_bridge_netfilter();
     let mut writer = Writer::new().context("opening the nf_tables netlink socket")?;
+    if node::check_nf_tables(&mut writer)? {
+        tracing::info!(
+            "table inet {TABLE_NAME} is in place from an earlier run; the first sync replaces it"
+        );
+    }
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut ticker = tokio::time::interval(Duration::from_millis(args.poll_ms.max(10)));
