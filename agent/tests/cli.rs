@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../integration/examples")
@@ -214,10 +216,7 @@ spec:
 
 #[test]
 fn run_refuses_to_start_without_cap_net_admin() {
-    if !Path::new("/proc/self/status").exists()
-        || !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t")
-    {
-        eprintln!("\n!!!!! SKIPPED run_refuses_to_start_without_cap_net_admin: needs root to drop a capability !!!!!\n");
+    if common::skip_unless_root("run_refuses_to_start_without_cap_net_admin") {
         return;
     }
     let path = example("three-tier.yaml");
@@ -243,8 +242,7 @@ const WAIT_FOR: &str = "wait_for() { i=0; until eval \"$1\"; do i=$((i+1)); [ $i
 
 #[test]
 fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
-    if !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t") {
-        eprintln!("\n!!!!! SKIPPED run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm: needs root !!!!!\n");
+    if common::skip_unless_root("run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm") {
         return;
     }
     let path = example("three-tier.yaml");
@@ -290,8 +288,7 @@ fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
 
 #[test]
 fn run_says_so_when_the_snapshot_is_missing() {
-    if !text(&std::fs::read("/proc/self/status").unwrap()).contains("\nUid:\t0\t") {
-        eprintln!("\n!!!!! SKIPPED run_says_so_when_the_snapshot_is_missing: needs root !!!!!\n");
+    if common::skip_unless_root("run_says_so_when_the_snapshot_is_missing") {
         return;
     }
     let out = Command::new("unshare")

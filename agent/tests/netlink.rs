@@ -24,28 +24,11 @@ use ruleset::ir::{
 };
 use ruleset::{Compiler, Delta};
 
+mod common;
+
+use common::skip_unless_root;
+
 const TABLE: &str = "nftpol";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Says loudly that a kernel test is skipped, and returns true, when not root.
-fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("\n!!!!! SKIPPED {test}: needs root for network namespaces and nf_tables !!!!!\n");
-    true
-}
 
 /// Runs `f` on a new thread inside a new, empty network namespace. The namespace belongs to
 /// that thread alone (and to the `nft` processes it starts) and vanishes when it ends, panic

@@ -277,19 +277,9 @@ impl Lab {
         Ok(())
     }
 
-    /// The prefix every namespace of this lab starts with.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// The namespace of node `index`.
     pub fn node_netns(&self, index: usize) -> Option<&str> {
         self.nodes.get(index).map(String::as_str)
-    }
-
-    /// The namespace joining the nodes' `eth0`.
-    pub fn wire_netns(&self) -> &str {
-        &self.wire
     }
 
     pub fn pods(&self) -> &[Pod] {

@@ -111,10 +111,6 @@ impl Compiler {
         &self.cluster
     }
 
-    pub fn into_cluster(self) -> Cluster {
-        self.cluster
-    }
-
     /// The pods this node enforces policy for.
     pub fn local_pods(&self) -> impl Iterator<Item = &Pod> {
         self.cluster.pods().filter(|p| self.is_local(p))
