@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod lab;
 pub mod netns;
 pub mod synthetic;

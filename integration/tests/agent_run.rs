@@ -12,15 +12,14 @@
 )]
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use integration::agents::{agent_binary, logs, wait_for, Agent};
 use integration::lab::{compare_with_trace, Cell, Family, Lab, Pod, Protocol};
 use integration::netns;
 use ruleset::trace::Outcome;
@@ -42,224 +41,6 @@ const DROPPED_POLICY: &str = "database-allow-backend";
 /// YAML that does not parse.
 const BROKEN: &str = "apiVersion: v1\nkind: Pod\nmetadata: [unclosed\n  name: x\n";
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-
-// ------------------------------------------------------------------------------------ agent
-
-/// The `agent` binary of this build: `<target>/<profile>/agent`, beside `labpod`. The
-/// integration crate only has the agent's library as a dev-dependency, so cargo need not have
-/// built the binary, and one left by an older build may lack `run`: `cargo build` it, once per
-/// process (a no-op when it is up to date).
-fn agent_binary() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let profile_dir = Path::new(LABPOD).parent().expect("labpod has a directory");
-            let target_dir = profile_dir.parent().expect("the profile has a target dir");
-            let bin = profile_dir.join("agent");
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("integration/ is in the workspace");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut build = Command::new(cargo);
-            build
-                .current_dir(workspace)
-                .env("CARGO_TARGET_DIR", target_dir)
-                .args(["build", "-q", "-p", "agent", "--bin", "agent"]);
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") => {}
-                Some("release") => {
-                    build.arg("--release");
-                }
-                Some(other) => {
-                    build.args(["--profile", other]);
-                }
-                None if cfg!(not(debug_assertions)) => {
-                    build.arg("--release");
-                }
-                None => {}
-            }
-            let started = Instant::now();
-            let status = build.status().expect("cargo runs");
-            assert!(
-                status.success(),
-                "`cargo build -p agent --bin agent` failed"
-            );
-            assert!(bin.is_file(), "cargo built no {}", bin.display());
-            println!(
-                "agent binary {} ready in {:?}",
-                bin.display(),
-                started.elapsed()
-            );
-            bin
-        })
-        .clone()
-}
-
-/// One `agent run` in a node namespace, its stderr collected line by line. Dropping it kills
-/// the agent if it still runs, so a failing test leaves no agent behind: keep agents in a
-/// variable declared after the lab, so that they drop before the lab removes the namespaces.
-struct Agent {
-    node: &'static str,
-    netns: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Agent {
-    fn start(lab: &Lab, index: usize, snapshot: &Path) -> Agent {
-        let node = NODES[index];
-        let netns = lab.node_netns(index).expect("node").to_string();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &netns])
-            .arg(agent_binary())
-            .args(["--log-level", "info", "run", "--manifests"])
-            .arg(snapshot)
-            .args(["--node", node])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ip netns exec agent run starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Agent {
-            node,
-            netns,
-            child,
-            log,
-            exited: None,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Lines that say the agent synced (an error line naming the word does not count).
-    fn synced(&self) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| l.contains("synced") && !l.contains("ERROR"))
-            .count()
-    }
-
-    /// Lines that say the agent read a changed snapshot: `synced`, or, when the node's ruleset
-    /// came out the same, the agent's `snapshot changed; the ruleset did not`.
-    fn seen(&self) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| {
-                (l.contains("synced") || l.contains("snapshot changed")) && !l.contains("ERROR")
-            })
-            .count()
-    }
-
-    fn errors(&self) -> usize {
-        self.lines().iter().filter(|l| l.contains("ERROR")).count()
-    }
-
-    /// None while it runs.
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
-    }
-
-    fn describe(&mut self) -> String {
-        let state = match self.exit_status() {
-            None => "running".to_string(),
-            Some(status) => format!("exited: {status}"),
-        };
-        let lines = self.lines();
-        let tail = lines.len().saturating_sub(40);
-        format!(
-            "agent {} (pid {}, {state}), stderr{}:\n    {}",
-            self.node,
-            self.child.id(),
-            if tail > 0 { " (last 40 lines)" } else { "" },
-            lines[tail..].join("\n    ")
-        )
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} {} failed", self.child.id());
-    }
-
-    /// Waits up to `timeout` for the agent to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exit_status() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.exit_status().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn logs(agents: &mut [Agent]) -> String {
-    agents
-        .iter_mut()
-        .map(Agent::describe)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Waits until `done` holds for every agent, failing when one exits or at `timeout`.
-fn wait_for(
-    agents: &mut [Agent],
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(usize, &Agent) -> bool,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let mut all = true;
-        for (i, agent) in agents.iter_mut().enumerate() {
-            if let Some(status) = agent.exit_status() {
-                let node = agent.node;
-                panic!(
-                    "waiting for {what}: agent {node} exited ({status})\n{}",
-                    logs(agents)
-                );
-            }
-            all &= done(i, agent);
-        }
-        if all {
-            return started.elapsed();
-        }
-        if started.elapsed() > timeout {
-            panic!("no {what} within {timeout:?}\n{}", logs(agents));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Waits for one more `synced` line from every agent than `before` counted.
 fn wait_synced(agents: &mut [Agent], before: &[usize], what: &str) -> Duration {
@@ -517,7 +298,7 @@ fn setup(tag: &str, bridge_nf_off: bool) -> Setup {
 
 fn start_agents(lab: &Lab, snapshot: &Path) -> Vec<Agent> {
     (0..NODES.len())
-        .map(|i| Agent::start(lab, i, snapshot))
+        .map(|i| Agent::start(Path::new(LABPOD), lab, i, NODES[i], snapshot, &[]))
         .collect()
 }
 
@@ -529,7 +310,7 @@ fn agent_run_enforces_and_follows_the_snapshot() {
         return;
     }
     let t0 = Instant::now();
-    agent_binary();
+    agent_binary(Path::new(LABPOD));
     let Setup {
         scratch,
         original_text,
@@ -768,7 +549,7 @@ fn agent_restart_keeps_enforcing() {
         return;
     }
     let t0 = Instant::now();
-    agent_binary();
+    agent_binary(Path::new(LABPOD));
     let Setup {
         scratch: _scratch,
         original,
@@ -847,10 +628,10 @@ fn agent_restart_keeps_enforcing() {
         // Let the probers run on the first agent, kill it, start another, let them run on it.
         thread::sleep(Duration::from_millis(700));
         let agent = &mut agents[1];
-        agent.child.kill().expect("SIGKILL");
+        agent.kill();
         let status = agent.wait_exit(Duration::from_secs(5));
         killed_at = t0.elapsed();
-        agents[1] = Agent::start(&lab, 1, &snapshot);
+        agents[1] = Agent::start(Path::new(LABPOD), &lab, 1, NODES[1], &snapshot, &[]);
         let restarted = Instant::now();
         // The loops above probe every ~300 ms (a denied probe waits out its timeout); the
         // agent starts and installs its table within tens of milliseconds. So, from the kill
