@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use agent::netlink::{Sent, WriteError, Writer};
 use ruleset::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
-    SetKey, Table, Verdict,
+    SetKey, Table, TableFamily, Verdict,
 };
 use ruleset::{Compiler, Delta};
 
@@ -435,6 +435,7 @@ fn edge_cases() -> Table {
         None,
     );
     Table {
+        family: TableFamily::Inet,
         name: TABLE.into(),
         comment: "edge \"cases\"".into(),
         sets: sets.into_iter().collect(),

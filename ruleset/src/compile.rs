@@ -10,6 +10,7 @@ use std::hash::Hasher;
 use std::net::IpAddr;
 
 use fnv::FnvHasher;
+use ipnet::IpNet;
 
 use crate::cluster::Cluster;
 use crate::diff::{diff, Delta};
@@ -26,10 +27,21 @@ use crate::policy::{
 /// Longest comment `nft` accepts.
 const COMMENT_MAX: usize = 128;
 
+/// What an operator chooses per node beyond upstream NetworkPolicy; the default adds nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// The node's pod CIDRs. With any, forwarded traffic to or from an address in them that no
+    /// known local pod holds is dropped, so a new pod is unreachable (and cannot send) until
+    /// its rules are in place. Off (empty) by default, as upstream NetworkPolicy leaves pods
+    /// that no policy selects open.
+    pub isolate_unprogrammed: Vec<IpNet>,
+}
+
 /// The compiled ruleset of one node, kept up to date as the cluster changes.
 #[derive(Clone, Debug)]
 pub struct Compiler {
     node: String,
+    options: Options,
     cluster: Cluster,
     /// Valid parts of every policy, by namespace, in name order.
     policies: BTreeMap<String, Vec<ResolvedPolicy>>,
@@ -71,6 +83,11 @@ impl SetDef {
 impl Compiler {
     /// Compiles the ruleset of `node` from scratch.
     pub fn new(cluster: Cluster, node: &str) -> Self {
+        Self::with_options(cluster, node, Options::default())
+    }
+
+    /// Compiles the ruleset of `node` from scratch, with `options`.
+    pub fn with_options(cluster: Cluster, node: &str, options: Options) -> Self {
         let mut diagnostics = Vec::new();
         let mut policies: BTreeMap<String, Vec<ResolvedPolicy>> = BTreeMap::new();
         for policy in cluster.policies() {
@@ -81,7 +98,8 @@ impl Compiler {
         }
         let mut compiler = Self {
             node: node.to_string(),
-            table: base_table(node),
+            table: base_table(node, &options),
+            options,
             cluster,
             policies,
             diagnostics,
@@ -101,6 +119,10 @@ impl Compiler {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
     }
 
     pub fn table(&self) -> &Table {
@@ -176,7 +198,7 @@ impl Compiler {
 
     fn rebuild(&mut self) -> Delta {
         let cluster = std::mem::take(&mut self.cluster);
-        let fresh = Self::new(cluster, &self.node);
+        let fresh = Self::with_options(cluster, &self.node, self.options.clone());
         let delta = diff(&self.table, &fresh.table);
         *self = fresh;
         delta
@@ -241,6 +263,8 @@ impl Compiler {
         }
         let self_set = format!("self{}", family.digit());
         self.set_member(&self_set, Element::AddrPair(ip, ip), owner.is_some(), delta);
+        let known = format!("known{}", family.digit());
+        self.set_member(&known, Element::Addr(ip), owner.is_some(), delta);
     }
 
     /// The chain holding the rules for `pod` in one direction, built on first use; `None` when
@@ -715,8 +739,9 @@ fn rule_matches(
         .collect()
 }
 
-/// The fixed part: base chains, dispatch maps and self sets.
-fn base_table(node: &str) -> Table {
+/// The fixed part: base chains, dispatch maps and self sets, and with
+/// [`Options::isolate_unprogrammed`] the sets and rules isolating unknown local addresses.
+fn base_table(node: &str, options: &Options) -> Table {
     let mut table = Table {
         name: TABLE_NAME.to_string(),
         comment: comment(format!("NetworkPolicy for node {node}, managed by nftpol")),
@@ -778,6 +803,75 @@ fn base_table(node: &str) -> Table {
     };
     let mut forward = common();
     for family in Family::BOTH {
+        let cidrs: BTreeSet<Element> = options
+            .isolate_unprogrammed
+            .iter()
+            .filter(|net| Family::of_net(net) == family)
+            .map(|net| Element::Range(net.network(), net.broadcast()))
+            .collect();
+        if cidrs.is_empty() {
+            continue;
+        }
+        let (podcidr, known) = (
+            format!("podcidr{}", family.digit()),
+            format!("known{}", family.digit()),
+        );
+        for (name, key, interval, text, elements) in [
+            (
+                &podcidr,
+                SetKey::Addr(family),
+                true,
+                "pod CIDRs of this node",
+                cidrs,
+            ),
+            (
+                &known,
+                SetKey::Addr(family),
+                false,
+                "addresses of local pods the agent knows",
+                BTreeSet::new(),
+            ),
+        ] {
+            table.sets.insert(
+                name.clone(),
+                Set {
+                    name: name.clone(),
+                    key,
+                    interval,
+                    comment: text.into(),
+                    elements,
+                },
+            );
+        }
+        for (field, text) in [
+            (
+                AddrField::Destination,
+                "to a local pod address not yet programmed",
+            ),
+            (
+                AddrField::Source,
+                "from a local pod address not yet programmed",
+            ),
+        ] {
+            forward.push(rule(
+                vec![
+                    Match::AddrInSet {
+                        family,
+                        field,
+                        set: podcidr.clone(),
+                    },
+                    Match::AddrNotInSet {
+                        family,
+                        field,
+                        set: known.clone(),
+                    },
+                ],
+                Verdict::Drop,
+                text,
+            ));
+        }
+    }
+    for family in Family::BOTH {
         forward.push(rule(
             vec![Match::AddrPairInSet {
                 family,
@@ -832,7 +926,7 @@ fn base_table(node: &str) -> Table {
 }
 
 /// Cuts a comment to what `nft` accepts, on a character boundary.
-fn comment(mut text: String) -> String {
+pub(crate) fn comment(mut text: String) -> String {
     if text.len() > COMMENT_MAX {
         let mut end = COMMENT_MAX;
         while !text.is_char_boundary(end) {

@@ -141,6 +141,13 @@ fn run(
                     return Some(decision);
                 }
             }
+            Verdict::Jump(name) => {
+                steps.push(step);
+                let target = table.chains.get(name)?;
+                if let Some(decision) = run(table, target, packet, steps, depth + 1) {
+                    return Some(decision);
+                }
+            }
         }
     }
     None
@@ -169,18 +176,10 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
                 && Family::of(&packet.src) == Family::V6
         }
         Match::AddrInSet { family, field, set } => {
-            let Some(ip) = address(packet, *family, *field) else {
-                return false;
-            };
-            table.sets.get(set).is_some_and(|s| {
-                if s.interval {
-                    s.elements
-                        .iter()
-                        .any(|e| matches!(e, Element::Range(lo, hi) if (lo..=hi).contains(&&ip)))
-                } else {
-                    s.elements.contains(&Element::Addr(ip))
-                }
-            })
+            address(packet, *family, *field).is_some_and(|ip| addr_in_set(table, set, ip))
+        }
+        Match::AddrNotInSet { family, field, set } => {
+            address(packet, *family, *field).is_some_and(|ip| !addr_in_set(table, set, ip))
         }
         Match::AddrPairInSet { family, set } => {
             Family::of(&packet.src) == *family
@@ -197,5 +196,20 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         Match::DestinationPort(lo, hi) => {
             matches!(packet.l4, L4::Transport { dport, .. } if (*lo..=*hi).contains(&dport))
         }
+        // A `Packet` is IP and carries no interface: these belong to the bridge guard table,
+        // which policy evaluation does not walk.
+        Match::Arp | Match::IifnameInSet { .. } | Match::IifnameSourceInSet { .. } => false,
     }
+}
+
+fn addr_in_set(table: &Table, set: &str, ip: IpAddr) -> bool {
+    table.sets.get(set).is_some_and(|s| {
+        if s.interval {
+            s.elements
+                .iter()
+                .any(|e| matches!(e, Element::Range(lo, hi) if (lo..=hi).contains(&&ip)))
+        } else {
+            s.elements.contains(&Element::Addr(ip))
+        }
+    })
 }

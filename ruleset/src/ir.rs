@@ -11,11 +11,77 @@ pub const TABLE_NAME: &str = "nftpol";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
+    pub family: TableFamily,
     pub name: String,
     pub comment: String,
     pub sets: BTreeMap<String, Set>,
     pub maps: BTreeMap<String, Map>,
     pub chains: BTreeMap<String, Chain>,
+}
+
+/// The nf_tables family of a table: `inet` for policy, `bridge` for the anti-spoofing guard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableFamily {
+    #[default]
+    Inet,
+    Bridge,
+}
+
+impl TableFamily {
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            TableFamily::Inet => "inet",
+            TableFamily::Bridge => "bridge",
+        }
+    }
+}
+
+/// An interface name as the kernel compares it: at most 15 bytes, NUL-padded to 16.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IfName([u8; IfName::SIZE]);
+
+impl IfName {
+    /// `IFNAMSIZ`, the terminating NUL included.
+    pub const SIZE: usize = 16;
+
+    /// `None` for a name the kernel would not accept: empty, longer than 15 bytes, or with a
+    /// NUL, `/` or whitespace in it.
+    pub fn new(name: &str) -> Option<Self> {
+        let bytes = name.as_bytes();
+        let valid = !bytes.is_empty()
+            && bytes.len() < Self::SIZE
+            && !bytes
+                .iter()
+                .any(|b| *b == 0 || *b == b'/' || b.is_ascii_whitespace());
+        if !valid {
+            return None;
+        }
+        let mut padded = [0; Self::SIZE];
+        padded[..bytes.len()].copy_from_slice(bytes);
+        Some(IfName(padded))
+    }
+
+    pub fn bytes(&self) -> [u8; Self::SIZE] {
+        self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = self.0.iter().position(|b| *b == 0).unwrap_or(Self::SIZE);
+        // `new` takes its bytes from a `str` and cuts nothing.
+        std::str::from_utf8(&self.0[..len]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,12 +160,21 @@ pub enum SetKey {
     AddrPair(Family),
     /// Destination address, layer-4 protocol and destination port, concatenated.
     AddrProtoPort(Family),
+    /// An input interface name (`ifname`).
+    Iface,
+    /// Input interface name and source address, concatenated.
+    IfaceAddr(Family),
 }
 
 impl SetKey {
-    pub fn family(self) -> Family {
+    /// The address family of the key's address; `None` for a key without one.
+    pub fn family(self) -> Option<Family> {
         match self {
-            SetKey::Addr(f) | SetKey::AddrPair(f) | SetKey::AddrProtoPort(f) => f,
+            SetKey::Addr(f)
+            | SetKey::AddrPair(f)
+            | SetKey::AddrProtoPort(f)
+            | SetKey::IfaceAddr(f) => Some(f),
+            SetKey::Iface => None,
         }
     }
 }
@@ -121,6 +196,8 @@ pub enum Element {
     Range(IpAddr, IpAddr),
     AddrPair(IpAddr, IpAddr),
     AddrProtoPort(IpAddr, Protocol, u16),
+    Iface(IfName),
+    IfaceAddr(IfName, IpAddr),
 }
 
 /// A verdict map from an address to the chain holding that pod's rules.
@@ -159,6 +236,7 @@ pub struct BaseChain {
 pub enum Hook {
     Forward,
     Input,
+    Prerouting,
 }
 
 impl Hook {
@@ -166,6 +244,7 @@ impl Hook {
         match self {
             Hook::Forward => "forward",
             Hook::Input => "input",
+            Hook::Prerouting => "prerouting",
         }
     }
 }
@@ -206,6 +285,18 @@ pub enum Match {
     Protocol(Protocol),
     /// `th dport 80` or `th dport 80-90`; always after a [`Match::Protocol`].
     DestinationPort(u16, u16),
+    /// `ip daddr != @set` and friends.
+    AddrNotInSet {
+        family: Family,
+        field: AddrField,
+        set: String,
+    },
+    /// `ether type arp` (bridge tables).
+    Arp,
+    /// `iifname @set`.
+    IifnameInSet { set: String },
+    /// `iifname . ip saddr @set` (bridge tables).
+    IifnameSourceInSet { family: Family, set: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,6 +311,8 @@ pub enum Verdict {
         field: AddrField,
         map: String,
     },
+    /// `jump <chain>`.
+    Jump(String),
 }
 
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.

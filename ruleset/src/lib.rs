@@ -52,6 +52,7 @@ pub mod cluster;
 pub mod compile;
 pub mod diff;
 pub mod eval;
+pub mod guard;
 pub mod ir;
 pub mod model;
 pub mod policy;
@@ -60,7 +61,7 @@ pub mod selector;
 pub mod trace;
 
 pub use cluster::Cluster;
-pub use compile::Compiler;
+pub use compile::{Compiler, Options};
 pub use diff::{diff, Delta};
 pub use policy::Diagnostic;
 pub use render::render;

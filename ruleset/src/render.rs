@@ -17,7 +17,7 @@ pub fn render(table: &Table) -> String {
 }
 
 fn write_table(out: &mut String, table: &Table) -> fmt::Result {
-    writeln!(out, "table inet {} {{", table.name)?;
+    writeln!(out, "table {} {} {{", table.family.nft_name(), table.name)?;
     if !table.comment.is_empty() {
         writeln!(out, "\tcomment {}", quote(&table.comment))?;
     }
@@ -127,6 +127,14 @@ fn match_text(m: &Match) -> String {
         Match::Protocol(p) => format!("meta l4proto {}", p.nft_name()),
         Match::DestinationPort(lo, hi) if lo == hi => format!("th dport {lo}"),
         Match::DestinationPort(lo, hi) => format!("th dport {lo}-{hi}"),
+        Match::AddrNotInSet { family, field, set } => {
+            format!("{} != @{set}", addr(*family, *field))
+        }
+        Match::Arp => "ether type arp".into(),
+        Match::IifnameInSet { set } => format!("iifname @{set}"),
+        Match::IifnameSourceInSet { family, set } => {
+            format!("iifname . {} @{set}", addr(*family, AddrField::Source))
+        }
     }
 }
 
@@ -136,6 +144,7 @@ fn verdict_text(v: &Verdict) -> String {
         Verdict::Drop => "drop".into(),
         Verdict::Return => "return".into(),
         Verdict::Vmap { family, field, map } => format!("{} vmap @{map}", addr(*family, *field)),
+        Verdict::Jump(chain) => format!("jump {chain}"),
     }
 }
 
@@ -156,6 +165,9 @@ fn key_type(key: SetKey) -> &'static str {
         SetKey::AddrPair(Family::V6) => "ipv6_addr . ipv6_addr",
         SetKey::AddrProtoPort(Family::V4) => "ipv4_addr . inet_proto . inet_service",
         SetKey::AddrProtoPort(Family::V6) => "ipv6_addr . inet_proto . inet_service",
+        SetKey::Iface => "ifname",
+        SetKey::IfaceAddr(Family::V4) => "ifname . ipv4_addr",
+        SetKey::IfaceAddr(Family::V6) => "ifname . ipv6_addr",
     }
 }
 
@@ -165,6 +177,8 @@ fn element(e: &Element) -> String {
         Element::Range(lo, hi) => range(*lo, *hi),
         Element::AddrPair(a, b) => format!("{a} . {b}"),
         Element::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto.nft_name()),
+        Element::Iface(name) => quote(name.as_str()),
+        Element::IfaceAddr(name, ip) => format!("{} . {ip}", quote(name.as_str())),
     }
 }
 

@@ -984,3 +984,153 @@ fn broken_pod_selector_isolates_the_superset_and_allows_nothing() {
         ],
     );
 }
+
+#[test]
+fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
+    let new_pod = || pod("default", "new", "10.244.1.9");
+    let c = cluster(
+        vec![ns("default", &[])],
+        vec![
+            pod("default", "old", "10.244.1.5"),
+            pod("default", "far", "10.244.2.5").node("n2"),
+        ],
+        vec![],
+    );
+    let syn = |src: &str, dst: &str| {
+        packet(
+            src,
+            dst,
+            L4::Transport {
+                protocol: Protocol::Tcp,
+                dport: 80,
+            },
+            CtState::New,
+        )
+    };
+    let verdict = |compiler: &Compiler, src: &str, dst: &str| {
+        evaluate(compiler.table(), Hook::Forward, &syn(src, dst)).decision
+    };
+    // Off by default: an address no pod holds is as open as any unselected pod.
+    let plain = Compiler::new(c.clone(), "n1");
+    assert_eq!(
+        verdict(&plain, "10.244.2.5", "10.244.1.9"),
+        Decision::Accept
+    );
+
+    let options = ruleset::Options {
+        isolate_unprogrammed: vec!["10.244.1.0/24".parse().unwrap()],
+    };
+    let mut compiler = Compiler::with_options(c.clone(), "n1", options.clone());
+    for (src, dst, want, why) in [
+        (
+            "10.244.2.5",
+            "10.244.1.9",
+            Decision::Drop,
+            "to an unknown local address",
+        ),
+        (
+            "10.244.1.9",
+            "10.244.2.5",
+            Decision::Drop,
+            "from an unknown local address",
+        ),
+        (
+            "10.244.2.5",
+            "10.244.1.5",
+            Decision::Accept,
+            "to a known pod no policy selects",
+        ),
+        (
+            "10.244.1.5",
+            "10.244.2.5",
+            Decision::Accept,
+            "from a known pod",
+        ),
+        (
+            "10.244.2.5",
+            "10.244.3.7",
+            Decision::Accept,
+            "outside the node's pod CIDR",
+        ),
+    ] {
+        assert_eq!(verdict(&compiler, src, dst), want, "{why}: {src} -> {dst}");
+    }
+    // Replies of connections the node itself opened are never held up.
+    let reply = packet(
+        "10.244.1.9",
+        "10.244.2.5",
+        L4::Transport {
+            protocol: Protocol::Tcp,
+            dport: 80,
+        },
+        CtState::Reply,
+    );
+    assert_eq!(
+        evaluate(compiler.table(), Hook::Forward, &reply).decision,
+        Decision::Accept
+    );
+
+    // The pod's arrival is a delta that opens exactly its address, like a full compile.
+    let delta = compiler.apply_pod(new_pod().0);
+    assert!(delta.add_elements.contains_key("known4"), "{delta:?}");
+    assert_eq!(
+        verdict(&compiler, "10.244.2.5", "10.244.1.9"),
+        Decision::Accept
+    );
+    let mut with_new = c;
+    with_new.apply_pod(new_pod().0);
+    assert_eq!(
+        compiler.table(),
+        Compiler::with_options(with_new, "n1", options).table()
+    );
+    // And its deletion closes it again.
+    compiler.delete_pod("default", "new");
+    assert_eq!(
+        verdict(&compiler, "10.244.2.5", "10.244.1.9"),
+        Decision::Drop
+    );
+}
+
+#[test]
+fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
+    use ruleset::guard::{guard_table, GuardedPod};
+    use ruleset::ir::{Element, IfName, TableFamily};
+
+    let veth = IfName::new("veth0a1b2c3d").unwrap();
+    let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    let table = guard_table(
+        "n1",
+        &[GuardedPod {
+            veth,
+            ips: ips.clone(),
+        }],
+    );
+    assert_eq!(table.family, TableFamily::Bridge);
+    assert_eq!(
+        table.sets["veths"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Iface(veth)]
+    );
+    assert!(table.sets["src4"]
+        .elements
+        .contains(&Element::IfaceAddr(veth, ips[0])));
+    assert!(table.sets["src6"]
+        .elements
+        .contains(&Element::IfaceAddr(veth, ips[1])));
+    assert_eq!(
+        table.sets["src4"].elements.len() + table.sets["src6"].elements.len(),
+        2
+    );
+    let text = ruleset::render(&table);
+    assert!(text.starts_with("table bridge nftpol {"), "{text}");
+    assert!(text.contains("iifname @veths jump guard"), "{text}");
+    for bad in ["", "a/b", "has space", "sixteen-chars-xx"] {
+        assert!(
+            IfName::new(bad).is_none(),
+            "{bad:?} is not an interface name"
+        );
+    }
+    assert_eq!(
+        IfName::new("fifteen-chars-x").unwrap().as_str(),
+        "fifteen-chars-x"
+    );
+}

@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ruleset::ir::{Element, Family, SetKey};
+use ruleset::ir::{Element, Family, IfName, SetKey};
 
 use super::udata::{self, tlv};
 
@@ -16,6 +16,7 @@ pub(super) mod datatype {
     pub const INET_PROTO: u32 = 12;
     pub const INET_SERVICE: u32 = 13;
     pub const ICMPV6_TYPE: u32 = 29;
+    pub const IFNAME: u32 = 41;
     /// A concatenated type is its parts' numbers, each shifted in by this many bits.
     pub const CONCAT_SHIFT: u32 = 6;
 }
@@ -38,6 +39,7 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         Family::V4 => (datatype::IPV4_ADDR, 4),
         Family::V6 => (datatype::IPV6_ADDR, 16),
     };
+    let ifname = (datatype::IFNAME, IfName::SIZE as u32);
     let parts: Vec<(u32, u32)> = match key {
         SetKey::Addr(f) => vec![addr(f)],
         SetKey::AddrPair(f) => vec![addr(f), addr(f)],
@@ -46,6 +48,8 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
             (datatype::INET_PROTO, 4),
             (datatype::INET_SERVICE, 4),
         ],
+        SetKey::Iface => vec![ifname],
+        SetKey::IfaceAddr(f) => vec![ifname, addr(f)],
     };
     parts.iter().fold((0, 0), |(t, l), (pt, pl)| {
         ((t << datatype::CONCAT_SHIFT) | pt, l + pl)
@@ -73,18 +77,22 @@ pub(super) fn key_bytes(element: &Element) -> Vec<u8> {
             ]
             .concat()
         }
+        Element::Iface(name) => name.bytes().to_vec(),
+        Element::IfaceAddr(name, ip) => [name.bytes().to_vec(), addr_bytes(*ip)].concat(),
     }
 }
 
 /// Whether an element has the shape of a set's key.
 pub(super) fn fits(key: SetKey, interval: bool, element: &Element) -> bool {
     let f = key.family();
-    let v = |ip: &IpAddr| Family::of(ip) == f;
+    let v = |ip: &IpAddr| Some(Family::of(ip)) == f;
     match (key, element) {
         (SetKey::Addr(_), Element::Addr(ip)) => v(ip),
         (SetKey::Addr(_), Element::Range(lo, hi)) => interval && v(lo) && v(hi) && lo <= hi,
         (SetKey::AddrPair(_), Element::AddrPair(a, b)) => v(a) && v(b),
         (SetKey::AddrProtoPort(_), Element::AddrProtoPort(ip, _, _)) => v(ip),
+        (SetKey::Iface, Element::Iface(_)) => !interval,
+        (SetKey::IfaceAddr(_), Element::IfaceAddr(_, ip)) => !interval && v(ip),
         _ => false,
     }
 }
@@ -104,13 +112,15 @@ pub(super) fn plain_element(key: Vec<u8>) -> ElementSpec {
 /// there.
 pub(super) fn interval_elements(elements: &[Element]) -> Vec<ElementSpec> {
     let mut specs = Vec::new();
-    if let Some(first) = elements.first() {
-        let lo = match first {
-            Element::Addr(ip)
-            | Element::Range(ip, _)
-            | Element::AddrPair(ip, _)
-            | Element::AddrProtoPort(ip, _, _) => *ip,
-        };
+    let first = elements.first().and_then(|first| match first {
+        Element::Addr(ip)
+        | Element::Range(ip, _)
+        | Element::AddrPair(ip, _)
+        | Element::AddrProtoPort(ip, _, _)
+        | Element::IfaceAddr(_, ip) => Some(*ip),
+        Element::Iface(_) => None,
+    });
+    if let Some(lo) = first {
         let zero = match lo {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),

@@ -4,13 +4,16 @@
 use std::ffi::CString;
 
 use nftnl_sys::libc;
-use ruleset::ir::{AddrField, Family};
+use ruleset::ir::{AddrField, Family, TableFamily};
 
 pub(super) const IPPROTO_ICMPV6: u8 = 58;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
 pub(super) const CT_STATE_ESTABLISHED: u32 = 1 << 1;
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
+pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
+pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub(super) const ETHERTYPE_ARP: u16 = 0x0806;
 
 /// One nf_tables expression, as nft would generate it.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,35 +49,61 @@ pub(super) enum Expr {
         dreg: Option<u32>,
         set: CString,
         set_id: Option<u32>,
+        /// Matches when the key is not in the set (`!= @set`).
+        invert: bool,
     },
     /// `immediate` into the verdict register.
     Verdict(i32),
+    /// `immediate` of a jump to the chain.
+    Jump(CString),
 }
 
 /// A rule's expressions, with the protocol family already checked by an earlier match.
-#[derive(Default)]
 pub(super) struct Exprs {
     pub list: Vec<Expr>,
+    table: TableFamily,
     family: Option<Family>,
 }
 
 impl Exprs {
+    /// Expressions for a rule in a table of family `table`.
+    pub(super) fn new(table: TableFamily) -> Self {
+        Exprs {
+            list: Vec::new(),
+            table,
+            family: None,
+        }
+    }
+
     pub(super) fn push(&mut self, expr: Expr) {
         self.list.push(expr);
     }
 
-    /// `meta nfproto ipv4|ipv6`, which nft puts before any address match in an `inet` table.
+    /// What nft puts before any address match: `meta nfproto ipv4|ipv6` in an `inet` table,
+    /// `meta protocol ip|ip6` (the ethertype) in a `bridge` table.
     pub(super) fn family(&mut self, family: Family) {
         if self.family == Some(family) {
             return;
         }
         self.family = Some(family);
-        self.meta(libc::NFT_META_NFPROTO, reg(0));
-        let proto = match family {
-            Family::V4 => libc::NFPROTO_IPV4,
-            Family::V6 => libc::NFPROTO_IPV6,
-        };
-        self.cmp(libc::NFT_CMP_EQ, vec![proto as u8]);
+        match self.table {
+            TableFamily::Inet => {
+                self.meta(libc::NFT_META_NFPROTO, reg(0));
+                let proto = match family {
+                    Family::V4 => libc::NFPROTO_IPV4,
+                    Family::V6 => libc::NFPROTO_IPV6,
+                };
+                self.cmp(libc::NFT_CMP_EQ, vec![proto as u8]);
+            }
+            TableFamily::Bridge => {
+                self.meta(libc::NFT_META_PROTOCOL, reg(0));
+                let ethertype = match family {
+                    Family::V4 => ETHERTYPE_IPV4,
+                    Family::V6 => ETHERTYPE_IPV6,
+                };
+                self.cmp(libc::NFT_CMP_EQ, ethertype.to_be_bytes().to_vec());
+            }
+        }
     }
 
     pub(super) fn meta(&mut self, key: libc::c_int, dreg: u32) {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::io;
 
 use ruleset::diff::Delta;
-use ruleset::ir::Table;
+use ruleset::ir::{Table, TableFamily};
 
 /// Why a table or delta did not reach the kernel. Except after `Receive` and `Unanswered`,
 /// the kernel's ruleset is as it was.
@@ -79,6 +79,19 @@ pub struct Sent {
     pub bytes: usize,
 }
 
+/// One table's part of a transaction.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// Create the table, or replace the one in the kernel, whole.
+    Replace(&'a Table),
+    /// Apply a delta to the table in the kernel.
+    Delta {
+        family: TableFamily,
+        table: &'a str,
+        delta: &'a Delta,
+    },
+}
+
 /// A netlink socket to nf_tables in the network namespace of the thread that opened it.
 pub struct Writer {
     socket: sys::Socket,
@@ -90,24 +103,47 @@ impl Writer {
         Ok(Writer { socket })
     }
 
-    /// Replaces `table inet <table.name>`, or creates it, in one transaction: no packet ever
-    /// sees the table missing or half built. Other tables are not touched.
+    /// Replaces `table <family> <table.name>`, or creates it, in one transaction: no packet
+    /// ever sees the table missing or half built. Other tables are not touched.
     pub fn replace_table(&mut self, table: &Table) -> Result<Sent, WriteError> {
-        let messages = plan::replace(table)?;
-        self.send(&messages)
+        self.commit(&[Change::Replace(table)])
     }
 
     /// Applies `delta` to the existing `table inet <table>` in one transaction. A replaced
     /// chain gets its rules replaced; its comment and hook stay as they were (chain names
     /// already change with what shapes a chain).
     pub fn apply_delta(&mut self, table: &str, delta: &Delta) -> Result<Sent, WriteError> {
-        let messages = plan::apply(table, delta)?;
+        self.commit(&[Change::Delta {
+            family: TableFamily::Inet,
+            table,
+            delta,
+        }])
+    }
+
+    /// Makes every change, to one table or several, in one transaction: all land or none.
+    pub fn commit(&mut self, changes: &[Change<'_>]) -> Result<Sent, WriteError> {
+        let mut messages = Vec::new();
+        for change in changes {
+            messages.extend(match change {
+                Change::Replace(table) => plan::replace(table)?,
+                Change::Delta {
+                    family,
+                    table,
+                    delta,
+                } => plan::apply(*family, table, delta)?,
+            });
+        }
         self.send(&messages)
     }
 
     /// Whether `table inet <name>` is in the kernel: how the agent notices that its table was
     /// removed behind its back (`nft flush ruleset`, `nft delete table`).
     pub fn table_exists(&mut self, name: &str) -> Result<bool, WriteError> {
+        self.has_table(TableFamily::Inet, name)
+    }
+
+    /// Whether `table <family> <name>` is in the kernel.
+    pub fn has_table(&mut self, family: TableFamily, name: &str) -> Result<bool, WriteError> {
         const NEWTABLE: u16 = 10 << 8;
         const SEQ: u32 = u32::MAX;
         if name.contains('\0') {
@@ -115,7 +151,7 @@ impl Writer {
         }
         while self.socket.recv().map_err(WriteError::Socket)?.is_some() {}
         self.socket
-            .send(&get_table_request(name, SEQ))
+            .send(&get_table_request(family, name, SEQ))
             .map_err(|source| WriteError::Send {
                 messages: 1,
                 bytes: 0,
@@ -133,7 +169,7 @@ impl Writer {
                     let error = io::Error::from_raw_os_error(errno);
                     if errno != 0 && error.kind() != io::ErrorKind::NotFound {
                         return Err(WriteError::Refused {
-                            object: format!("query for table inet {name}"),
+                            object: format!("query for table {} {name}", family.nft_name()),
                             error,
                             others: 0,
                         });
@@ -145,7 +181,7 @@ impl Writer {
             return Err(WriteError::Unanswered {
                 missing: 1,
                 expected: 1,
-                first: format!("query for table inet {name}"),
+                first: format!("query for table {} {name}", family.nft_name()),
             });
         }
         Ok(found)
@@ -155,14 +191,13 @@ impl Writer {
         if messages.is_empty() {
             return Ok(Sent::default());
         }
-        let encoded =
-            sys::encode(messages.iter().map(|m| &m.op)).map_err(|sys::Unencodable(i)| {
-                WriteError::Unencodable {
-                    object: messages
-                        .get(i)
-                        .map_or_else(String::new, |m| m.object.clone()),
-                }
-            })?;
+        let encoded = sys::encode(messages.iter()).map_err(|sys::Unencodable(i)| {
+            WriteError::Unencodable {
+                object: messages
+                    .get(i)
+                    .map_or_else(String::new, |m| m.object.clone()),
+            }
+        })?;
         let batch = Sequence::new(encoded.seqs.clone(), messages.len());
         let sent = Sent {
             messages: messages.len(),
@@ -288,13 +323,12 @@ fn netlink_messages(datagram: &[u8]) -> impl Iterator<Item = NetlinkMessage<'_>>
     })
 }
 
-/// A `NFT_MSG_GETTABLE` request for `table inet <name>`, asking for an acknowledgement.
-fn get_table_request(name: &str, seq: u32) -> Vec<u8> {
+/// A `NFT_MSG_GETTABLE` request for `table <family> <name>`, asking for an acknowledgement.
+fn get_table_request(family: TableFamily, name: &str, seq: u32) -> Vec<u8> {
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_GETTABLE: u16 = 1;
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_ACK: u16 = 4;
-    const NFPROTO_INET: u8 = 1;
     const NFTA_TABLE_NAME: u16 = 1;
     let attr_len = 4 + name.len() + 1;
     let total = HEADER + 4 + attr_len.next_multiple_of(4);
@@ -305,7 +339,7 @@ fn get_table_request(name: &str, seq: u32) -> Vec<u8> {
     msg.extend(seq.to_ne_bytes());
     msg.extend(0u32.to_ne_bytes());
     // nfgenmsg: family, version, resource id (big endian).
-    msg.extend([NFPROTO_INET, 0, 0, 0]);
+    msg.extend([plan::nfproto(family) as u8, 0, 0, 0]);
     msg.extend((attr_len as u16).to_ne_bytes());
     msg.extend(NFTA_TABLE_NAME.to_ne_bytes());
     msg.extend(name.as_bytes());

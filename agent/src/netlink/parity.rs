@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use ruleset::guard::{guard_table, GuardedPod};
+use ruleset::ir::{IfName, Table};
 use ruleset::Compiler;
 
 use super::{plan, sys};
@@ -208,28 +210,64 @@ fn the_batch_for_every_example_is_the_one_nft_sends() {
         let cluster = crate::manifests::load(&file).expect("example loads");
         for node in ["node-a", "node-b"] {
             let table = Compiler::new(cluster.clone(), node).table().clone();
-            let messages = plan::replace(&table).expect("plan");
-            let encoded = sys::encode(messages.iter().map(|m| &m.op)).expect("encode");
-            let ours = writer_batch(&encoded.bytes);
-            let theirs = nft_batch(&ruleset::render(&table));
-            assert_eq!(
-                ours.len(),
-                theirs.len() + 2,
-                "{}: message count",
-                file.display()
-            );
-            for ((mine, nfts), message) in ours[2..].iter().zip(&theirs).zip(&messages[2..]) {
-                if canonical(mine) != canonical(nfts) {
-                    failures.push(format!(
-                        "{} {node}: {}:\nwriter: {:#?}\nnft:    {:#?}",
-                        file.display(),
-                        message.object,
-                        canonical(mine),
-                        canonical(nfts)
-                    ));
-                }
-            }
+            failures.extend(differences(&table, &format!("{} {node}", file.display())));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The other shapes the agent writes: the isolation of unprogrammed addresses, and the
+/// anti-spoofing guard in the bridge family (its `meta protocol`, `ifname` keys, inverted
+/// lookups and jumps).
+#[test]
+fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
+    if !is_root() {
+        eprintln!("\n!!!!! SKIPPED the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends: nft -c needs root !!!!!\n");
+        return;
+    }
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/examples/dual-stack.yaml");
+    let cluster = crate::manifests::load(&file).expect("example loads");
+    let options = ruleset::Options {
+        isolate_unprogrammed: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ],
+    };
+    let isolating = Compiler::with_options(cluster.clone(), "node-a", options);
+    assert!(isolating.table().sets.contains_key("known6"));
+    let mut failures = differences(isolating.table(), "isolation");
+    let pods: Vec<GuardedPod> = isolating
+        .local_pods()
+        .enumerate()
+        .map(|(i, pod)| GuardedPod {
+            veth: IfName::new(&format!("veth{i:08x}")).unwrap(),
+            ips: pod.ips.clone(),
+        })
+        .collect();
+    assert!(!pods.is_empty());
+    failures.extend(differences(&guard_table("node-a", &pods), "guard"));
+    failures.extend(differences(&guard_table("node-a", &[]), "empty guard"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Where the writer's batch for `table` differs from nft's.
+fn differences(table: &Table, label: &str) -> Vec<String> {
+    let messages = plan::replace(table).expect("plan");
+    let encoded = sys::encode(messages.iter()).expect("encode");
+    let ours = writer_batch(&encoded.bytes);
+    let theirs = nft_batch(&ruleset::render(table));
+    assert_eq!(ours.len(), theirs.len() + 2, "{label}: message count");
+    let mut failures = Vec::new();
+    for ((mine, nfts), message) in ours[2..].iter().zip(&theirs).zip(&messages[2..]) {
+        if canonical(mine) != canonical(nfts) {
+            failures.push(format!(
+                "{label}: {}:\nwriter: {:#?}\nnft:    {:#?}",
+                message.object,
+                canonical(mine),
+                canonical(nfts)
+            ));
+        }
+    }
+    failures
 }

@@ -12,7 +12,7 @@ use nftnl_sys::libc;
 use ruleset::diff::Delta;
 use ruleset::ir::{
     AddrField, Chain, Element, Family, Hook, Map, MapEntry, Match, Rule, Set, SetKey, Table,
-    Verdict,
+    TableFamily, Verdict,
 };
 
 use super::element::{
@@ -21,7 +21,7 @@ use super::element::{
 };
 use super::expr::{
     addr_len, addr_payload, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY, CT_STATE_ESTABLISHED,
-    CT_STATE_RELATED, IPPROTO_ICMPV6,
+    CT_STATE_RELATED, ETHERTYPE_ARP, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -33,8 +33,21 @@ const COMMENT_MAX: usize = 128;
 /// length is 16 bits. Kept below 64 KiB so an estimate off by a few bytes still fits.
 const ELEMENT_BYTES_PER_MESSAGE: usize = 60_000;
 
-/// `NFPROTO_INET`, the family of every message.
-pub(super) const FAMILY: u32 = libc::NFPROTO_INET as u32;
+/// The `NFPROTO_*` number of a table family, as messages carry it.
+pub(super) fn nfproto(family: TableFamily) -> u32 {
+    match family {
+        TableFamily::Inet => libc::NFPROTO_INET as u32,
+        TableFamily::Bridge => libc::NFPROTO_BRIDGE as u32,
+    }
+}
+
+/// Where `priority filter` is in a family: base chain priorities in the IR are relative to it.
+fn filter_priority(family: TableFamily) -> i32 {
+    match family {
+        TableFamily::Inet => 0,
+        TableFamily::Bridge => -200,
+    }
+}
 
 /// The kernel's name template for an anonymous set; it picks the number.
 const ANONYMOUS_SET: &str = "__set%d";
@@ -43,9 +56,11 @@ const ANONYMOUS_SET: &str = "__set%d";
 pub(super) struct Message {
     pub op: Op,
     pub object: String,
+    /// `NFPROTO_*` of the table the message is about.
+    pub family: u32,
 }
 
-/// What one message asks of the kernel. All objects live in the `inet` family.
+/// What one message asks of the kernel, about an object in the message's table.
 pub(super) enum Op {
     AddTable {
         table: CString,
@@ -113,8 +128,9 @@ pub(super) struct ElementList {
     pub elements: Vec<ElementSpec>,
 }
 
-/// Messages for one batch, with the sets it creates (by name, their batch ids).
+/// Messages for one table in a batch, with the sets it creates (by name, their batch ids).
 pub(super) struct Plan {
+    family: TableFamily,
     table: CString,
     table_name: String,
     messages: Vec<Message>,
@@ -125,7 +141,7 @@ pub(super) struct Plan {
 /// Delete the table if it exists, then create it whole: adding the table first (without
 /// `NLM_F_EXCL`, so an existing one is left as it is) makes the delete valid either way.
 pub(super) fn replace(table: &Table) -> Result<Vec<Message>, WriteError> {
-    let mut plan = Plan::new(&table.name)?;
+    let mut plan = Plan::new(table.family, &table.name)?;
     let object = plan.table_object();
     plan.push(
         Op::AddTable {
@@ -173,8 +189,12 @@ pub(super) fn replace(table: &Table) -> Result<Vec<Message>, WriteError> {
 /// The delta in an order whose every step is valid: new chains exist before anything jumps to
 /// them, rules that use a set are gone before the set is, and map entries leave a chain
 /// before it is deleted.
-pub(super) fn apply(table_name: &str, delta: &Delta) -> Result<Vec<Message>, WriteError> {
-    let mut plan = Plan::new(table_name)?;
+pub(super) fn apply(
+    family: TableFamily,
+    table_name: &str,
+    delta: &Delta,
+) -> Result<Vec<Message>, WriteError> {
+    let mut plan = Plan::new(family, table_name)?;
     for chain in &delta.add_chains {
         plan.add_chain(chain)?;
     }
@@ -256,9 +276,10 @@ struct Edits<'a> {
 }
 
 impl Plan {
-    fn new(table_name: &str) -> Result<Self, WriteError> {
-        let object = format!("table inet {table_name}");
+    fn new(family: TableFamily, table_name: &str) -> Result<Self, WriteError> {
+        let object = format!("table {} {table_name}", family.nft_name());
         Ok(Plan {
+            family,
             table: cstring(table_name, &object)?,
             table_name: table_name.to_string(),
             messages: Vec::new(),
@@ -268,11 +289,12 @@ impl Plan {
     }
 
     fn table_object(&self) -> String {
-        format!("table inet {}", self.table_name)
+        format!("table {} {}", self.family.nft_name(), self.table_name)
     }
 
     fn push(&mut self, op: Op, object: String) {
-        self.messages.push(Message { op, object });
+        let family = nfproto(self.family);
+        self.messages.push(Message { op, object, family });
     }
 
     fn set_id(&mut self) -> u32 {
@@ -283,12 +305,14 @@ impl Plan {
 
     fn add_chain(&mut self, chain: &Chain) -> Result<(), WriteError> {
         let object = format!("chain {}", chain.name);
+        // The bridge family numbers its prerouting hook as inet does (`NF_BR_PRE_ROUTING`).
         let hook = chain.base.map(|base| BaseHook {
             hooknum: match base.hook {
                 Hook::Forward => libc::NF_INET_FORWARD as u32,
                 Hook::Input => libc::NF_INET_LOCAL_IN as u32,
+                Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
             },
-            priority: base.priority,
+            priority: filter_priority(self.family) + base.priority,
         });
         let op = Op::AddChain {
             table: self.table.clone(),
@@ -323,7 +347,8 @@ impl Plan {
         let (key_type, key_len) = key_type(set.key);
         let mut data = match set.key {
             SetKey::Addr(_) => tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes()),
-            SetKey::AddrPair(_) | SetKey::AddrProtoPort(_) => {
+            SetKey::Iface => tlv(udata::SET_KEYBYTEORDER, &udata::HOST_ENDIAN.to_ne_bytes()),
+            SetKey::AddrPair(_) | SetKey::AddrProtoPort(_) | SetKey::IfaceAddr(_) => {
                 let mut data = tlv(udata::SET_KEYBYTEORDER, &udata::NO_BYTEORDER.to_ne_bytes());
                 let mut typeof_key = tlv(udata::TYPEOF_EXPR, &udata::EXPR_CONCAT.to_ne_bytes());
                 typeof_key.extend(tlv(udata::TYPEOF_DATA, &[]));
@@ -360,12 +385,7 @@ impl Plan {
                     other => *other,
                 })
                 .collect();
-            ranges.sort_by_key(|e| match e {
-                Element::Range(lo, hi) => (*lo, *hi),
-                Element::Addr(ip) | Element::AddrPair(ip, _) | Element::AddrProtoPort(ip, ..) => {
-                    (*ip, *ip)
-                }
-            });
+            ranges.sort();
             interval_elements(&ranges)
         } else {
             elements
@@ -475,7 +495,7 @@ impl Plan {
 
     fn add_rule(&mut self, chain: &str, number: usize, rule: &Rule) -> Result<(), WriteError> {
         let object = format!("rule {number} of chain {chain}");
-        let mut exprs = Exprs::default();
+        let mut exprs = Exprs::new(self.family);
         for m in &rule.matches {
             match m {
                 Match::CtRelated => exprs.ct_state(CT_STATE_RELATED),
@@ -516,6 +536,7 @@ impl Plan {
                                 dreg: None,
                                 set,
                                 set_id: Some(set_id),
+                                invert: false,
                             });
                         }
                     }
@@ -523,6 +544,34 @@ impl Plan {
                 Match::AddrInSet { family, field, set } => {
                     exprs.family(*family);
                     exprs.push(addr_payload(*family, *field, 0));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::AddrNotInSet { family, field, set } => {
+                    exprs.family(*family);
+                    exprs.push(addr_payload(*family, *field, 0));
+                    let mut lookup = self.lookup(set, &object, None)?;
+                    if let Expr::Lookup { invert, .. } = &mut lookup {
+                        *invert = true;
+                    }
+                    exprs.push(lookup);
+                }
+                Match::Arp => {
+                    exprs.push(Expr::Payload {
+                        base: libc::NFT_PAYLOAD_LL_HEADER as u32,
+                        offset: 12,
+                        len: 2,
+                        dreg: reg(0),
+                    });
+                    exprs.cmp(libc::NFT_CMP_EQ, ETHERTYPE_ARP.to_be_bytes().to_vec());
+                }
+                Match::IifnameInSet { set } => {
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::IifnameSourceInSet { family, set } => {
+                    exprs.family(*family);
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(addr_payload(*family, AddrField::Source, 4));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
                 Match::AddrPairInSet { family, set } => {
@@ -568,6 +617,7 @@ impl Plan {
                 let verdict = Some(libc::NFT_REG_VERDICT as u32);
                 exprs.push(self.lookup(map, &object, verdict)?);
             }
+            Verdict::Jump(target) => exprs.push(Expr::Jump(cstring(target, &object)?)),
         }
         let udata = match &rule.comment {
             Some(text) => comment(udata::COMMENT, text, true, &object)?,
@@ -587,6 +637,7 @@ impl Plan {
         Ok(Expr::Lookup {
             sreg: reg(0),
             dreg,
+            invert: false,
             set: cstring(set, object)?,
             set_id: self.new_sets.get(set).copied(),
         })
@@ -748,7 +799,7 @@ mod tests {
             delete_chains: vec!["gone".into()],
             ..Delta::default()
         };
-        let objects: Vec<String> = apply("t", &delta)
+        let objects: Vec<String> = apply(TableFamily::Inet, "t", &delta)
             .unwrap()
             .into_iter()
             .map(|m| m.object)

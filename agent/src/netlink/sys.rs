@@ -18,7 +18,7 @@ use nftnl_sys::{self as sys, libc};
 
 use super::element::encoded_size;
 use super::expr::Expr;
-use super::plan::{ElementList, Op, SetSpec, FAMILY};
+use super::plan::{ElementList, Message, Op, SetSpec};
 
 /// The message at this index could not be built: too large for one netlink message, or
 /// libnftnl failed to allocate.
@@ -34,11 +34,14 @@ pub(super) struct Encoded {
 }
 
 /// Frames `ops` between a batch start and end, in order.
-pub(super) fn encode<'a>(ops: impl Iterator<Item = &'a Op>) -> Result<Encoded, Unencodable> {
+pub(super) fn encode<'a>(
+    messages: impl Iterator<Item = &'a Message>,
+) -> Result<Encoded, Unencodable> {
     let mut batch = Batch::new();
-    for (index, op) in ops.enumerate() {
-        let message = build(op).ok_or(Unencodable(index))?;
-        batch.add(&message, MsgType::Add);
+    for (index, message) in messages.enumerate() {
+        let built = build(&message.op, message.family).ok_or(Unencodable(index))?;
+        let family = u16::try_from(message.family).map_err(|_| Unencodable(index))?;
+        batch.add(&Framed(built, family), MsgType::Add);
     }
     let batch = batch.finalize();
     let bytes = batch.iter().flatten().copied().collect();
@@ -185,6 +188,8 @@ enum Built {
 }
 
 const ACK: u16 = libc::NLM_F_ACK as u16;
+/// `NFT_LOOKUP_F_INV`: the lookup matches when the key is absent.
+const NFT_LOOKUP_F_INV: u32 = 1;
 const CREATE: u16 = libc::NLM_F_CREATE as u16;
 const APPEND: u16 = libc::NLM_F_APPEND as u16;
 
@@ -245,7 +250,7 @@ fn size_bound(op: &Op) -> usize {
         }
 }
 
-fn build(op: &Op) -> Option<Built> {
+fn build(op: &Op, family: u32) -> Option<Built> {
     // The buffer a message is written into holds `nft_nlmsg_maxsize()` bytes and libnftnl
     // does not check: a message that might not fit is not built.
     if size_bound(op) > nftnl::nft_nlmsg_maxsize() as usize {
@@ -253,20 +258,22 @@ fn build(op: &Op) -> Option<Built> {
     }
     Some(match op {
         Op::AddTable { table, udata } => Built::Table(
-            table_obj(table, udata.as_deref())?,
+            table_obj(family, table, udata.as_deref())?,
             msg(libc::NFT_MSG_NEWTABLE),
             CREATE | ACK,
         ),
-        Op::DeleteTable { table } => {
-            Built::Table(table_obj(table, None)?, msg(libc::NFT_MSG_DELTABLE), ACK)
-        }
+        Op::DeleteTable { table } => Built::Table(
+            table_obj(family, table, None)?,
+            msg(libc::NFT_MSG_DELTABLE),
+            ACK,
+        ),
         Op::AddChain {
             table,
             name,
             hook,
             udata,
         } => {
-            let chain = chain_obj(table, name)?;
+            let chain = chain_obj(family, table, name)?;
             let c = chain.ptr();
             if let Some(hook) = hook {
                 // SAFETY: `c` is a valid chain; the strings are valid C strings, copied.
@@ -298,31 +305,43 @@ fn build(op: &Op) -> Option<Built> {
             }
             Built::Chain(chain, msg(libc::NFT_MSG_NEWCHAIN), CREATE | ACK)
         }
-        Op::DeleteChain { table, name } => {
-            Built::Chain(chain_obj(table, name)?, msg(libc::NFT_MSG_DELCHAIN), ACK)
-        }
-        Op::FlushChain { table, name } => {
-            Built::Rule(rule_obj(table, name)?, msg(libc::NFT_MSG_DELRULE), ACK)
-        }
-        Op::AddSet(spec) => Built::Set(set_obj(spec)?, msg(libc::NFT_MSG_NEWSET), CREATE | ACK),
-        Op::DeleteSet { table, name } => {
-            Built::Set(set_ref(table, name, None)?, msg(libc::NFT_MSG_DELSET), ACK)
-        }
+        Op::DeleteChain { table, name } => Built::Chain(
+            chain_obj(family, table, name)?,
+            msg(libc::NFT_MSG_DELCHAIN),
+            ACK,
+        ),
+        Op::FlushChain { table, name } => Built::Rule(
+            rule_obj(family, table, name)?,
+            msg(libc::NFT_MSG_DELRULE),
+            ACK,
+        ),
+        Op::AddSet(spec) => Built::Set(
+            set_obj(family, spec)?,
+            msg(libc::NFT_MSG_NEWSET),
+            CREATE | ACK,
+        ),
+        Op::DeleteSet { table, name } => Built::Set(
+            set_ref(family, table, name, None)?,
+            msg(libc::NFT_MSG_DELSET),
+            ACK,
+        ),
         Op::AddElements(list) => Built::Elements(
-            elements_obj(list)?,
+            elements_obj(family, list)?,
             msg(libc::NFT_MSG_NEWSETELEM),
             CREATE | ACK,
         ),
-        Op::DeleteElements(list) => {
-            Built::Elements(elements_obj(list)?, msg(libc::NFT_MSG_DELSETELEM), ACK)
-        }
+        Op::DeleteElements(list) => Built::Elements(
+            elements_obj(family, list)?,
+            msg(libc::NFT_MSG_DELSETELEM),
+            ACK,
+        ),
         Op::AddRule {
             table,
             chain,
             exprs,
             udata,
         } => {
-            let rule = rule_obj(table, chain)?;
+            let rule = rule_obj(family, table, chain)?;
             for e in exprs {
                 expr_obj(e)?.give_to(&rule);
             }
@@ -342,12 +361,12 @@ fn build(op: &Op) -> Option<Built> {
     })
 }
 
-fn table_obj(name: &CStr, udata: Option<&[u8]>) -> Option<TableObj> {
+fn table_obj(family: u32, name: &CStr, udata: Option<&[u8]>) -> Option<TableObj> {
     let table = TableObj::new()?;
     let t = table.ptr();
     // SAFETY: `t` is a valid table; strings and data are valid and copied by libnftnl.
     unsafe {
-        sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, FAMILY);
+        sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, family);
         copied(sys::nftnl_table_set_str(
             t,
             sys::NFTNL_TABLE_NAME as u16,
@@ -366,12 +385,12 @@ fn table_obj(name: &CStr, udata: Option<&[u8]>) -> Option<TableObj> {
     Some(table)
 }
 
-fn chain_obj(table: &CStr, name: &CStr) -> Option<ChainObj> {
+fn chain_obj(family: u32, table: &CStr, name: &CStr) -> Option<ChainObj> {
     let chain = ChainObj::new()?;
     let c = chain.ptr();
     // SAFETY: `c` is a valid chain; the strings are valid and copied by libnftnl.
     unsafe {
-        sys::nftnl_chain_set_u32(c, sys::NFTNL_CHAIN_FAMILY as u16, FAMILY);
+        sys::nftnl_chain_set_u32(c, sys::NFTNL_CHAIN_FAMILY as u16, family);
         copied(sys::nftnl_chain_set_str(
             c,
             sys::NFTNL_CHAIN_TABLE as u16,
@@ -386,12 +405,12 @@ fn chain_obj(table: &CStr, name: &CStr) -> Option<ChainObj> {
     Some(chain)
 }
 
-fn rule_obj(table: &CStr, chain: &CStr) -> Option<RuleObj> {
+fn rule_obj(family: u32, table: &CStr, chain: &CStr) -> Option<RuleObj> {
     let rule = RuleObj::new()?;
     let r = rule.ptr();
     // SAFETY: `r` is a valid rule; the strings are valid and copied by libnftnl.
     unsafe {
-        sys::nftnl_rule_set_u32(r, sys::NFTNL_RULE_FAMILY as u16, FAMILY);
+        sys::nftnl_rule_set_u32(r, sys::NFTNL_RULE_FAMILY as u16, family);
         copied(sys::nftnl_rule_set_str(
             r,
             sys::NFTNL_RULE_TABLE as u16,
@@ -407,12 +426,12 @@ fn rule_obj(table: &CStr, chain: &CStr) -> Option<RuleObj> {
 }
 
 /// A set named by table, name and (when created in the same batch) id.
-fn set_ref(table: &CStr, name: &CStr, id: Option<u32>) -> Option<SetObj> {
+fn set_ref(family: u32, table: &CStr, name: &CStr, id: Option<u32>) -> Option<SetObj> {
     let set = SetObj::new()?;
     let s = set.ptr();
     // SAFETY: `s` is a valid set; the strings are valid and copied by libnftnl.
     unsafe {
-        sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, FAMILY);
+        sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, family);
         copied(sys::nftnl_set_set_str(
             s,
             sys::NFTNL_SET_TABLE as u16,
@@ -430,8 +449,8 @@ fn set_ref(table: &CStr, name: &CStr, id: Option<u32>) -> Option<SetObj> {
     Some(set)
 }
 
-fn set_obj(spec: &SetSpec) -> Option<SetObj> {
-    let set = set_ref(&spec.table, &spec.name, Some(spec.id))?;
+fn set_obj(family: u32, spec: &SetSpec) -> Option<SetObj> {
+    let set = set_ref(family, &spec.table, &spec.name, Some(spec.id))?;
     let s = set.ptr();
     // SAFETY: `s` is a valid set; the user data is valid for its length and copied.
     unsafe {
@@ -455,8 +474,8 @@ fn set_obj(spec: &SetSpec) -> Option<SetObj> {
     Some(set)
 }
 
-fn elements_obj(list: &ElementList) -> Option<SetObj> {
-    let set = set_ref(&list.table, &list.set, list.set_id)?;
+fn elements_obj(family: u32, list: &ElementList) -> Option<SetObj> {
+    let set = set_ref(family, &list.table, &list.set, list.set_id)?;
     for spec in &list.elements {
         let elem = ElemObj::new()?;
         let e = elem.ptr();
@@ -550,6 +569,7 @@ fn expr_obj(expr: &Expr) -> Option<ExprObj> {
             dreg,
             set,
             set_id,
+            invert,
         } => {
             let e = ExprObj::new(c"lookup")?;
             e.u32(sys::NFTNL_EXPR_LOOKUP_SREG, *sreg);
@@ -560,12 +580,22 @@ fn expr_obj(expr: &Expr) -> Option<ExprObj> {
             if let Some(id) = set_id {
                 e.u32(sys::NFTNL_EXPR_LOOKUP_SET_ID, *id);
             }
+            if *invert {
+                e.u32(sys::NFTNL_EXPR_LOOKUP_FLAGS, NFT_LOOKUP_F_INV);
+            }
             e
         }
         Expr::Verdict(code) => {
             let e = ExprObj::new(c"immediate")?;
             e.u32(sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32);
             e.u32(sys::NFTNL_EXPR_IMM_VERDICT, *code as u32);
+            e
+        }
+        Expr::Jump(chain) => {
+            let e = ExprObj::new(c"immediate")?;
+            e.u32(sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32);
+            e.u32(sys::NFTNL_EXPR_IMM_VERDICT, libc::NFT_JUMP as u32);
+            e.str(sys::NFTNL_EXPR_IMM_CHAIN, chain)?;
             e
         }
     })
@@ -576,12 +606,10 @@ impl Built {
     ///
     /// # Safety
     /// `buf` must have room for `nftnl::nft_nlmsg_maxsize()` bytes.
-    unsafe fn build(&self, buf: *mut c_void, seq: u32) {
+    unsafe fn build(&self, buf: *mut c_void, seq: u32, family: u16) {
         let header = |kind: u16, flags: u16| {
             // SAFETY: the caller guarantees room for the largest message at `buf`.
-            unsafe {
-                sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), kind, FAMILY as u16, flags, seq)
-            }
+            unsafe { sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), kind, family, flags, seq) }
         };
         // SAFETY: `header` returns the header just written at `buf`; each object is valid.
         unsafe {
@@ -606,9 +634,12 @@ impl Built {
     }
 }
 
+/// A built message with the `NFPROTO_*` family its header carries.
+struct Framed(Built, u16);
+
 // SAFETY: `build` makes no message whose size bound exceeds `nft_nlmsg_maxsize()` bytes, the
 // room `Batch` gives every message.
-unsafe impl NlMsg for Built {
+unsafe impl NlMsg for Framed {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, _: MsgType) {
         // libmnl before 1.0.5 leaves the padding after an attribute unwritten, and the batch
         // buffer is not zeroed: the first pass measures the message, the second writes it
@@ -616,10 +647,10 @@ unsafe impl NlMsg for Built {
         // SAFETY: `buf` has room for the largest message (the caller's promise); the header
         // read back is the one just written there, and `len` bytes of it are the message.
         unsafe {
-            self.build(buf, seq);
+            self.0.build(buf, seq, self.1);
             let len = buf.cast::<libc::nlmsghdr>().read_unaligned().nlmsg_len as usize;
             std::ptr::write_bytes(buf.cast::<u8>(), 0, len);
-            self.build(buf, seq);
+            self.0.build(buf, seq, self.1);
         }
     }
 }
@@ -794,7 +825,7 @@ mod tests {
         };
         for table in [example, big] {
             for message in crate::netlink::plan::replace(&table).unwrap() {
-                let encoded = encode(std::iter::once(&message.op)).unwrap();
+                let encoded = encode(std::iter::once(&message)).unwrap();
                 let [len] = lengths(&encoded.bytes)[..] else {
                     panic!("one message expected for {}", message.object);
                 };

@@ -15,6 +15,8 @@ pub(super) const ELEM_FLAGS: u8 = 1;
 pub(super) const ELEM_INTERVAL_OPEN: u32 = 1;
 /// nft's byte orders: a plain address is big endian, a concatenation has none of its own.
 pub(super) const BIG_ENDIAN: u32 = 2;
+/// nft's `BYTEORDER_HOST_ENDIAN`, for string keys such as `ifname`.
+pub(super) const HOST_ENDIAN: u32 = 1;
 pub(super) const NO_BYTEORDER: u32 = 0;
 /// nft's expression kinds, recorded for a `typeof` key.
 pub(super) const EXPR_PAYLOAD: u32 = 7;

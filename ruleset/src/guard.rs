@@ -1,0 +1,155 @@
+//! The anti-spoofing guard: table `bridge nftpol`, which drops what a local pod sends from its
+//! veth with a source address that is not the pod's own.
+//!
+//! Policy rules match pods by address, so a pod that forged another pod's address (or an
+//! address an ipBlock allows) would pass them. Bridged and routed pod traffic alike enters the
+//! node through the pod's veth, a port of the CNI bridge (`cni0`, `cbr0`), where the bridge
+//! family's prerouting hook sees every frame before `br_netfilter` hands it to the inet hooks.
+//!
+//! | object | kind | what it does |
+//! | --- | --- | --- |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | frames from a guarded veth go to `guard` |
+//! | `veths` | set of `ifname` | host-side veths of local pods |
+//! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
+//! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
+//! | `guard` | regular chain | ARP, and IP from the pod's own addresses, return; everything else is dropped |
+//!
+//! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
+//! its pod is still enforced by address in `inet nftpol`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::compile::comment;
+use crate::ir::{
+    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
+    TableFamily, Verdict, TABLE_NAME,
+};
+
+/// A local pod whose host-side veth the agent found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardedPod {
+    pub veth: IfName,
+    /// Every address the pod may send from.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The guard table of `node` for `pods`.
+pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
+    let mut sets = BTreeMap::new();
+    let mut add_set = |name: &str, key, interval, comment: &str, elements: BTreeSet<Element>| {
+        sets.insert(
+            name.to_string(),
+            Set {
+                name: name.to_string(),
+                key,
+                interval,
+                comment: comment.to_string(),
+                elements,
+            },
+        );
+    };
+    add_set(
+        "veths",
+        SetKey::Iface,
+        false,
+        "host-side veths of local pods",
+        pods.iter().map(|p| Element::Iface(p.veth)).collect(),
+    );
+    for family in Family::BOTH {
+        let elements = pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(|ip| (p.veth, *ip)))
+            .filter(|(_, ip)| Family::of(ip) == family)
+            .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
+            .collect();
+        add_set(
+            &format!("src{}", family.digit()),
+            SetKey::IfaceAddr(family),
+            false,
+            "each veth with its pod's addresses",
+            elements,
+        );
+    }
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+    let link_local_end = Ipv6Addr::new(
+        0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+    );
+    add_set(
+        "linklocal6",
+        SetKey::Addr(Family::V6),
+        true,
+        "unspecified and link-local sources: neighbour discovery",
+        [
+            Element::Range(Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()),
+            Element::Range(link_local.into(), link_local_end.into()),
+        ]
+        .into(),
+    );
+    let rule = |matches, verdict, comment: &str| Rule {
+        matches,
+        verdict,
+        comment: Some(comment.to_string()),
+    };
+    let mut guard = vec![rule(vec![Match::Arp], Verdict::Return, "ARP")];
+    for family in Family::BOTH {
+        guard.push(rule(
+            vec![Match::IifnameSourceInSet {
+                family,
+                set: format!("src{}", family.digit()),
+            }],
+            Verdict::Return,
+            "the pod's own address",
+        ));
+    }
+    guard.push(rule(
+        vec![Match::AddrInSet {
+            family: Family::V6,
+            field: AddrField::Source,
+            set: "linklocal6".into(),
+        }],
+        Verdict::Return,
+        "IPv6 neighbour discovery",
+    ));
+    guard.push(rule(
+        Vec::new(),
+        Verdict::Drop,
+        "a source address that is not the pod's",
+    ));
+    let chains = [
+        Chain {
+            name: "prerouting".into(),
+            base: Some(BaseChain {
+                hook: Hook::Prerouting,
+                priority: 0,
+            }),
+            comment: "frames entering the bridge".into(),
+            rules: vec![rule(
+                vec![Match::IifnameInSet {
+                    set: "veths".into(),
+                }],
+                Verdict::Jump("guard".into()),
+                "from a local pod's veth",
+            )],
+        },
+        Chain {
+            name: "guard".into(),
+            base: None,
+            comment: "drop forged source addresses".into(),
+            rules: guard,
+        },
+    ]
+    .into_iter()
+    .map(|c| (c.name.clone(), c))
+    .collect();
+    Table {
+        family: TableFamily::Bridge,
+        name: TABLE_NAME.to_string(),
+        comment: comment(format!(
+            "anti-spoofing for the pods of node {node}, managed by nftpol"
+        )),
+        sets,
+        maps: BTreeMap::new(),
+        chains,
+    }
+}
