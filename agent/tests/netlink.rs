@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use agent::netlink::{Sent, WriteError, Writer};
+use agent::netlink::{Change, Sent, WriteError, Writer};
 use ruleset::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
     SetKey, Table, TableFamily, Verdict,
@@ -761,4 +761,88 @@ fn a_refused_object_fails_the_whole_batch_and_is_named() {
         "{delta_error:?}"
     );
     assert_eq!(before, after, "a refused batch must change nothing");
+}
+
+/// The read-back the agent uses to notice tampering: the generation moves with every
+/// transaction, the fingerprint only with what is in our table.
+#[test]
+fn the_fingerprint_follows_our_table_and_ignores_others() {
+    if skip_unless_root("the_fingerprint_follows_our_table_and_ignores_others") {
+        return;
+    }
+    let compiler = compile("three-tier.yaml", "node-a");
+    let guard = ruleset::guard::guard_table(
+        "node-a",
+        &[ruleset::guard::GuardedPod {
+            veth: ruleset::ir::IfName::new("veth00aa11bb").unwrap(),
+            ips: vec![ip("10.244.1.20")],
+        }],
+    );
+    let outcome = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        let mut seen = Vec::new();
+        let mut look = |writer: &mut Writer, step: &str| {
+            let generation = writer.generation().unwrap();
+            let inet = writer.table_fingerprint(TableFamily::Inet, TABLE).unwrap();
+            let bridge = writer
+                .table_fingerprint(TableFamily::Bridge, TABLE)
+                .unwrap();
+            seen.push((step.to_string(), generation, inet, bridge));
+        };
+        look(&mut writer, "empty");
+        writer
+            .commit(&[Change::Replace(compiler.table()), Change::Replace(&guard)])
+            .unwrap();
+        look(&mut writer, "installed");
+        look(&mut writer, "unchanged");
+        nft(&["add table inet other"], None);
+        look(&mut writer, "another table added");
+        nft(
+            &["add element inet nftpol self4 { 10.9.9.9 . 10.9.9.9 }"],
+            None,
+        );
+        look(&mut writer, "element added");
+        nft(
+            &["delete element inet nftpol self4 { 10.9.9.9 . 10.9.9.9 }"],
+            None,
+        );
+        look(&mut writer, "element removed again");
+        nft(&["add rule inet nftpol forward accept"], None);
+        look(&mut writer, "rule appended");
+        writer.replace_table(compiler.table()).unwrap();
+        look(&mut writer, "replaced");
+        nft(&["flush chain bridge nftpol guard"], None);
+        look(&mut writer, "bridge chain flushed");
+        nft(&["flush ruleset"], None);
+        look(&mut writer, "flushed");
+        seen
+    });
+    let at = |step: &str| {
+        outcome
+            .iter()
+            .find(|(s, ..)| s == step)
+            .map(|(_, g, i, b)| (*g, *i, *b))
+            .unwrap()
+    };
+    let (g0, i0, b0) = at("empty");
+    assert_eq!((i0, b0), (None, None), "no tables yet");
+    let (g1, i1, b1) = at("installed");
+    assert!(g1 > g0, "a commit moves the generation");
+    assert!(i1.is_some() && b1.is_some());
+    assert_eq!(at("unchanged"), (g1, i1, b1), "reading changes nothing");
+    let (g2, i2, b2) = at("another table added");
+    assert!(g2 > g1);
+    assert_eq!((i2, b2), (i1, b1), "another table does not change ours");
+    let (_, i3, _) = at("element added");
+    assert_ne!(i3, i1, "an element added behind our back shows");
+    let (_, i4, _) = at("element removed again");
+    assert_eq!(i4, i1, "and the same content gives the same fingerprint");
+    let (_, i5, _) = at("rule appended");
+    assert_ne!(i5, i1, "a rule appended shows");
+    let (_, i6, b6) = at("replaced");
+    assert!(i6.is_some());
+    let (_, i7, b7) = at("bridge chain flushed");
+    assert_eq!(i7, i6);
+    assert_ne!(b7, b6, "a flushed bridge chain shows");
+    assert_eq!(at("flushed").1, None, "a removed table reads as absent");
 }

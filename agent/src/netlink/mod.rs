@@ -18,6 +18,7 @@ mod expr;
 #[cfg(test)]
 mod parity;
 mod plan;
+mod readback;
 mod sys;
 mod udata;
 
@@ -95,12 +96,17 @@ pub enum Change<'a> {
 /// A netlink socket to nf_tables in the network namespace of the thread that opened it.
 pub struct Writer {
     socket: sys::Socket,
+    /// Sequence numbers of queries, counting down from the top, far from batches' numbers.
+    query_seq: u32,
 }
 
 impl Writer {
     pub fn new() -> Result<Writer, WriteError> {
         let socket = sys::Socket::open().map_err(WriteError::Socket)?;
-        Ok(Writer { socket })
+        Ok(Writer {
+            socket,
+            query_seq: u32::MAX,
+        })
     }
 
     /// Replaces `table <family> <table.name>`, or creates it, in one transaction: no packet
@@ -185,6 +191,14 @@ impl Writer {
             });
         }
         Ok(found)
+    }
+
+    fn next_query_seq(&mut self) -> u32 {
+        self.query_seq = self.query_seq.checked_sub(1).unwrap_or(u32::MAX - 1);
+        if self.query_seq < u32::MAX / 2 {
+            self.query_seq = u32::MAX - 1;
+        }
+        self.query_seq
     }
 
     fn send(&mut self, messages: &[plan::Message]) -> Result<Sent, WriteError> {
@@ -325,27 +339,46 @@ fn netlink_messages(datagram: &[u8]) -> impl Iterator<Item = NetlinkMessage<'_>>
 
 /// A `NFT_MSG_GETTABLE` request for `table <family> <name>`, asking for an acknowledgement.
 fn get_table_request(family: TableFamily, name: &str, seq: u32) -> Vec<u8> {
-    const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_GETTABLE: u16 = 1;
-    const NLM_F_REQUEST: u16 = 1;
     const NLM_F_ACK: u16 = 4;
     const NFTA_TABLE_NAME: u16 = 1;
-    let attr_len = 4 + name.len() + 1;
-    let total = HEADER + 4 + attr_len.next_multiple_of(4);
-    let mut msg = Vec::with_capacity(total);
-    msg.extend((total as u32).to_ne_bytes());
-    msg.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
-    msg.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    request(
+        NFT_MSG_GETTABLE,
+        NLM_F_ACK,
+        plan::nfproto(family) as u8,
+        seq,
+        &[(NFTA_TABLE_NAME, &nul_terminated(name))],
+    )
+}
+
+/// An nf_tables request: netlink header, `nfgenmsg` and attributes.
+fn request(kind: u16, flags: u16, nfproto: u8, seq: u32, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NLM_F_REQUEST: u16 = 1;
+    let mut msg = Vec::new();
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
+    msg.extend((NLM_F_REQUEST | flags).to_ne_bytes());
     msg.extend(seq.to_ne_bytes());
     msg.extend(0u32.to_ne_bytes());
     // nfgenmsg: family, version, resource id (big endian).
-    msg.extend([plan::nfproto(family) as u8, 0, 0, 0]);
-    msg.extend((attr_len as u16).to_ne_bytes());
-    msg.extend(NFTA_TABLE_NAME.to_ne_bytes());
-    msg.extend(name.as_bytes());
-    msg.push(0);
-    msg.resize(total, 0);
+    msg.extend([nfproto, 0, 0, 0]);
+    for (kind, value) in attrs {
+        let len = 4 + value.len();
+        msg.extend((len as u16).to_ne_bytes());
+        msg.extend(kind.to_ne_bytes());
+        msg.extend(*value);
+        msg.resize(msg.len() + (len.next_multiple_of(4) - len), 0);
+    }
+    let total = msg.len() as u32;
+    msg[..4].copy_from_slice(&total.to_ne_bytes());
     msg
+}
+
+fn nul_terminated(text: &str) -> Vec<u8> {
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.push(0);
+    bytes
 }
 
 #[cfg(test)]
