@@ -4,6 +4,7 @@
 //! manifests (file or directory) -> Cluster -> ruleset::Compiler -> nft text (dump-ruleset)
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
 //!                                          -> diff -> netlink::Writer -> kernel (run)
+//! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
 //! ```
 
 pub mod cli;
@@ -14,3 +15,4 @@ pub mod netlink;
 pub mod node;
 pub mod run;
 pub mod trace;
+pub mod veth;

@@ -1,0 +1,991 @@
+//! Which host-side veth carries each local pod's addresses, asked of the kernel itself.
+//!
+//! ```text
+//! RTM_GETLINK dump ─> veths: name, ifindex, bridge (IFLA_MASTER), peer (IFLA_LINK_NETNSID, IFLA_LINK)
+//!   per distinct peer netns id: RTM_GETADDR dumps with IFA_TARGET_NETNSID ─> the peer's addresses
+//!   veths still unresolved (no netns id, dump failed):
+//!     bridge neighbours (RTM_GETNEIGH: IP -> MAC) ⋈ bridge fdb (AF_BRIDGE: MAC -> port)
+//! ─> Discovery: IP -> veth; an address two veths claim goes to neither
+//! ```
+//!
+//! Nothing here trusts interface names: a veth is what IFLA_INFO_KIND says, its pod is whatever
+//! sits at the other end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// A veth's host side and the addresses found behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Veth {
+    pub name: String,
+    pub index: u32,
+    /// The bridge it is enslaved to (`cni0`, `cbr0`), if any.
+    pub bridge: Option<String>,
+    /// The peer's netns id as seen from here (IFLA_LINK_NETNSID); `None` when the kernel gave
+    /// none (same namespace, or it could not allocate one).
+    pub peer_netns_id: Option<i32>,
+    /// The peer's ifindex inside its own namespace (IFLA_LINK).
+    pub peer_index: Option<u32>,
+    /// How `addresses` were found; every address of one veth comes from one method.
+    pub method: Method,
+    /// The peer's addresses, sorted, IPv6 link-local left out, and without any address that
+    /// another veth claims too (see [`Discovery::conflicts`]).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// How a veth's addresses were learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Read from the peer's own namespace: every address the pod holds.
+    PeerNamespace,
+    /// Inferred from the bridge's neighbour table joined with its fdb: only addresses the node
+    /// has talked to recently, so possibly incomplete.
+    BridgeTables,
+    /// Neither worked (no netns id or a failed dump, and no bridge or failed bridge dumps);
+    /// [`Discovery::failures`] says why.
+    Unknown,
+}
+
+/// One netlink request, as errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Every link of this namespace.
+    Links,
+    /// One family's addresses in the namespace this one knows as `netns_id`. One dump per
+    /// family: AF_UNSPEC would hand the request to every family that dumps addresses, not all
+    /// of which honour IFA_TARGET_NETNSID.
+    PeerAddresses { netns_id: i32, family: Family },
+    /// The IPv4 and IPv6 neighbour tables (ARP, NDP).
+    Neighbours,
+    /// The bridges' forwarding databases.
+    BridgeFdb,
+}
+
+/// The address family of a peer-address dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Links => f.write_str("RTM_GETLINK dump"),
+            Self::PeerAddresses { netns_id, family } => {
+                let family = match family {
+                    Family::Ipv4 => "AF_INET",
+                    Family::Ipv6 => "AF_INET6",
+                };
+                write!(
+                    f,
+                    "RTM_GETADDR {family} dump in the peer namespace (IFA_TARGET_NETNSID {netns_id})"
+                )
+            }
+            Self::Neighbours => f.write_str("RTM_GETNEIGH dump (IPv4/IPv6 neighbours)"),
+            Self::BridgeFdb => f.write_str("RTM_GETNEIGH AF_BRIDGE dump (bridge fdb)"),
+        }
+    }
+}
+
+/// A failed netlink exchange, naming the request.
+#[derive(Debug, thiserror::Error)]
+pub enum VethError {
+    #[error("opening a NETLINK_ROUTE socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("{request}: talking to the kernel: {source}")]
+    Io {
+        request: Request,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{request}: the kernel refused: {source}")]
+    Refused {
+        request: Request,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{request}: cannot decode the reply: {source}")]
+    Decode {
+        request: Request,
+        #[source]
+        source: netlink_packet_core::DecodeError,
+    },
+    #[error("{request}: a {len}-byte reply does not fit the {capacity}-byte buffer")]
+    Truncated {
+        request: Request,
+        len: usize,
+        capacity: usize,
+    },
+    #[error("{request}: interrupted by concurrent changes {attempts} times in a row")]
+    Interrupted { request: Request, attempts: u32 },
+    #[error("{request}: the reply is for netns id {got:?}: IFA_TARGET_NETNSID was not honoured")]
+    WrongNamespace { request: Request, got: Option<i32> },
+}
+
+/// What the kernel said about the node's veths, joined.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Sorted by name.
+    veths: Vec<Veth>,
+    /// Address -> index into `veths`.
+    owners: BTreeMap<IpAddr, usize>,
+    conflicts: BTreeMap<IpAddr, Vec<String>>,
+    failures: Vec<VethError>,
+}
+
+impl Discovery {
+    pub fn veths(&self) -> &[Veth] {
+        &self.veths
+    }
+
+    /// The veth behind which `ip` lives; `None` for unknown and conflicting addresses.
+    pub fn interface_of(&self, ip: IpAddr) -> Option<&Veth> {
+        self.owners.get(&ip).and_then(|&i| self.veths.get(i))
+    }
+
+    /// Every address with its veth, in address order (conflicts left out).
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &Veth)> + '_ {
+        self.owners
+            .iter()
+            .filter_map(|(ip, &i)| Some((*ip, self.veths.get(i)?)))
+    }
+
+    /// Addresses that more than one veth claims, with the claimants' names. They map to none:
+    /// the kernel cannot tell the pod that owns the address from one that forged or kept it
+    /// (an IP reused while the old pod's sandbox lingers), and binding it to either would let
+    /// the wrong one send with it; mapping it to neither makes anti-spoofing drop it from both.
+    pub fn conflicts(&self) -> &BTreeMap<IpAddr, Vec<String>> {
+        &self.conflicts
+    }
+
+    /// Dumps that failed without failing the discovery: peer-address dumps (their veths fell
+    /// back to the bridge tables) and bridge-table dumps (their veths are [`Method::Unknown`]).
+    pub fn failures(&self) -> &[VethError] {
+        &self.failures
+    }
+}
+
+/// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
+/// netlink dumps. Fails only when the link dump does; later dumps that fail are reported in
+/// [`Discovery::failures`] and leave their veths to the fallback or [`Method::Unknown`].
+pub fn discover() -> Result<Discovery, VethError> {
+    let mut rtnl = Rtnl::open()?;
+    let links = parse_links(rtnl.dump(Request::Links, &get_links())?);
+    let netns_ids: BTreeSet<i32> = links
+        .iter()
+        .filter_map(|l| l.veth.as_ref()?.netns_id)
+        .collect();
+    let peers: BTreeMap<i32, Result<Vec<PeerAddress>, VethError>> = netns_ids
+        .into_iter()
+        .map(|netns_id| (netns_id, peer_addresses(&mut rtnl, netns_id)))
+        .collect();
+    let needs_tables = links.iter().any(|l| match &l.veth {
+        Some(peer) => l.master.is_some() && !peer.resolved_by(&peers),
+        None => false,
+    });
+    let tables = needs_tables.then(|| bridge_tables(&mut rtnl));
+    Ok(assemble(links, peers, tables))
+}
+
+/// A link as the join needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Link {
+    index: u32,
+    name: String,
+    master: Option<u32>,
+    /// Set for veths only.
+    veth: Option<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Peer {
+    netns_id: Option<i32>,
+    index: Option<u32>,
+}
+
+impl Peer {
+    fn resolved_by(&self, peers: &BTreeMap<i32, Result<Vec<PeerAddress>, VethError>>) -> bool {
+        matches!((self.netns_id, self.index), (Some(id), Some(_)) if matches!(peers.get(&id), Some(Ok(_))))
+    }
+}
+
+/// An address on interface `index` of some peer namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerAddress {
+    index: u32,
+    ip: IpAddr,
+}
+
+#[derive(Debug, Default)]
+struct BridgeTables {
+    neighbours: Vec<Neighbour>,
+    fdb: Vec<FdbEntry>,
+}
+
+/// A neighbour entry: `ip` is at `mac`, reached through interface `dev` (a bridge, for pods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Neighbour {
+    dev: u32,
+    ip: IpAddr,
+    mac: [u8; 6],
+}
+
+/// A bridge fdb entry: frames for `mac` leave bridge `bridge` through port `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FdbEntry {
+    bridge: u32,
+    port: u32,
+    mac: [u8; 6],
+}
+
+fn get_links() -> RouteNetlinkMessage {
+    RouteNetlinkMessage::GetLink(LinkMessage::default())
+}
+
+fn parse_links(messages: Vec<RouteNetlinkMessage>) -> Vec<Link> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => link_of(&link),
+            _ => None,
+        })
+        .collect()
+}
+
+fn link_of(link: &LinkMessage) -> Option<Link> {
+    let mut name = None;
+    let mut master = None;
+    let mut is_veth = false;
+    let mut peer = Peer {
+        netns_id: None,
+        index: None,
+    };
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Controller(m) if *m != 0 => master = Some(*m),
+            LinkAttribute::Link(i) if *i != 0 => peer.index = Some(*i),
+            // Negative: the kernel could not allocate an id (NETNSA_NSID_NOT_ASSIGNED).
+            LinkAttribute::LinkNetNsId(id) if *id >= 0 => peer.netns_id = Some(*id),
+            LinkAttribute::LinkInfo(infos) => {
+                is_veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    Some(Link {
+        index: link.header.index,
+        name: name?,
+        master,
+        veth: is_veth.then_some(peer),
+    })
+}
+
+fn peer_addresses(rtnl: &mut Rtnl, netns_id: i32) -> Result<Vec<PeerAddress>, VethError> {
+    let mut found = Vec::new();
+    for (family, af) in [
+        (Family::Ipv4, AddressFamily::Inet),
+        (Family::Ipv6, AddressFamily::Inet6),
+    ] {
+        let request = Request::PeerAddresses { netns_id, family };
+        let mut ask = AddressMessage::default();
+        ask.header.family = af;
+        ask.attributes
+            .push(AddressAttribute::TargetNetNsId(netns_id));
+        let replies = rtnl.dump(request, &RouteNetlinkMessage::GetAddress(ask))?;
+        found.extend(parse_peer_addresses(request, netns_id, replies)?);
+    }
+    Ok(found)
+}
+
+/// Keeps usable addresses; refuses replies that do not carry the namespace asked for, which a
+/// kernel ignoring IFA_TARGET_NETNSID would send (the node's own addresses).
+fn parse_peer_addresses(
+    request: Request,
+    netns_id: i32,
+    messages: Vec<RouteNetlinkMessage>,
+) -> Result<Vec<PeerAddress>, VethError> {
+    let mut found = Vec::new();
+    for message in messages {
+        let RouteNetlinkMessage::NewAddress(address) = message else {
+            continue;
+        };
+        if !matches!(
+            address.header.family,
+            AddressFamily::Inet | AddressFamily::Inet6
+        ) {
+            continue;
+        }
+        let mut target = None;
+        let mut local = None;
+        let mut peer = None;
+        for attribute in &address.attributes {
+            match attribute {
+                AddressAttribute::TargetNetNsId(id) => target = Some(*id),
+                AddressAttribute::Local(ip) => local = Some(*ip),
+                AddressAttribute::Address(ip) => peer = Some(*ip),
+                _ => {}
+            }
+        }
+        if target != Some(netns_id) {
+            return Err(VethError::WrongNamespace {
+                request,
+                got: target,
+            });
+        }
+        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is that too unless the link is
+        // point-to-point, and IPv6 sends only IFA_ADDRESS.
+        if let Some(ip) = local.or(peer).filter(|ip| is_pod_address(*ip)) {
+            found.push(PeerAddress {
+                index: address.header.index,
+                ip,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// What a pod can source packets from beyond its own link: not link-local, loopback or
+/// multicast.
+fn is_pod_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_multicast() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_multicast()
+                && !v6.is_unspecified()
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
+fn bridge_tables(rtnl: &mut Rtnl) -> Result<BridgeTables, VethError> {
+    let neighbours = rtnl.dump(
+        Request::Neighbours,
+        &RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+    )?;
+    let mut ask = NeighbourMessage::default();
+    ask.header.family = AddressFamily::Bridge;
+    let fdb = rtnl.dump(Request::BridgeFdb, &RouteNetlinkMessage::GetNeighbour(ask))?;
+    Ok(BridgeTables {
+        neighbours: neighbours.iter().filter_map(neighbour_of).collect(),
+        fdb: fdb.iter().filter_map(fdb_entry_of).collect(),
+    })
+}
+
+fn neighbour_of(message: &RouteNetlinkMessage) -> Option<Neighbour> {
+    let RouteNetlinkMessage::NewNeighbour(n) = message else {
+        return None;
+    };
+    // Entries without a usable MAC (incomplete, failed) or not learned from the wire (noarp).
+    if !matches!(
+        n.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    ) {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attribute in &n.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some((*v4).into()),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some((*v6).into()),
+            NeighbourAttribute::LinkLayerAddress(lladdr) => {
+                mac = <[u8; 6]>::try_from(&lladdr[..]).ok()
+            }
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        dev: n.header.ifindex,
+        ip: ip.filter(|ip| is_pod_address(*ip))?,
+        mac: mac?,
+    })
+}
+
+fn fdb_entry_of(message: &RouteNetlinkMessage) -> Option<FdbEntry> {
+    let RouteNetlinkMessage::NewNeighbour(n) = message else {
+        return None;
+    };
+    // A permanent entry is one of the bridge's own addresses (a port's MAC), not a pod's.
+    if n.header.family != AddressFamily::Bridge || n.header.state == NeighbourState::Permanent {
+        return None;
+    }
+    let mut bridge = None;
+    let mut mac = None;
+    for attribute in &n.attributes {
+        match attribute {
+            NeighbourAttribute::Controller(m) if *m != 0 => bridge = Some(*m),
+            NeighbourAttribute::LinkLayerAddress(lladdr) => {
+                mac = <[u8; 6]>::try_from(&lladdr[..]).ok()
+            }
+            _ => {}
+        }
+    }
+    Some(FdbEntry {
+        bridge: bridge?,
+        port: n.header.ifindex,
+        mac: mac?,
+    })
+}
+
+/// The join, free of I/O: veths, their peers' addresses per netns id, and the bridge tables
+/// when some veth needed them.
+fn assemble(
+    links: Vec<Link>,
+    peers: BTreeMap<i32, Result<Vec<PeerAddress>, VethError>>,
+    tables: Option<Result<BridgeTables, VethError>>,
+) -> Discovery {
+    let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+    let mut failures = Vec::new();
+    let mut peers_ok = BTreeMap::new();
+    for (netns_id, result) in peers {
+        match result {
+            Ok(addresses) => {
+                peers_ok.insert(netns_id, addresses);
+            }
+            Err(err) => failures.push(err),
+        }
+    }
+    let tables = match tables {
+        Some(Ok(tables)) => Some(tables),
+        Some(Err(err)) => {
+            failures.push(err);
+            None
+        }
+        None => None,
+    };
+
+    let mut veths: Vec<Veth> = links
+        .iter()
+        .filter_map(|link| {
+            let peer = link.veth.as_ref()?;
+            let from_peer = match (peer.netns_id, peer.index) {
+                (Some(id), Some(index)) => peers_ok.get(&id).map(|addresses| {
+                    addresses
+                        .iter()
+                        .filter(|a| a.index == index)
+                        .map(|a| a.ip)
+                        .collect::<Vec<_>>()
+                }),
+                _ => None,
+            };
+            let (method, mut addresses) = match (from_peer, &tables, link.master) {
+                (Some(addresses), _, _) => (Method::PeerNamespace, addresses),
+                (None, Some(tables), Some(bridge)) => (
+                    Method::BridgeTables,
+                    behind_port(tables, bridge, link.index),
+                ),
+                _ => (Method::Unknown, Vec::new()),
+            };
+            addresses.sort();
+            addresses.dedup();
+            Some(Veth {
+                name: link.name.clone(),
+                index: link.index,
+                bridge: link.master.map(|m| {
+                    names
+                        .get(&m)
+                        .map_or_else(|| format!("#{m}"), |n| n.to_string())
+                }),
+                peer_netns_id: peer.netns_id,
+                peer_index: peer.index,
+                method,
+                addresses,
+            })
+        })
+        .collect();
+    veths.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut claims: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
+    for (i, veth) in veths.iter().enumerate() {
+        for ip in &veth.addresses {
+            claims.entry(*ip).or_default().push(i);
+        }
+    }
+    let mut owners = BTreeMap::new();
+    let mut conflicts = BTreeMap::new();
+    for (ip, claimants) in claims {
+        if let [only] = claimants[..] {
+            owners.insert(ip, only);
+        } else {
+            conflicts.insert(
+                ip,
+                claimants.iter().map(|&i| veths[i].name.clone()).collect(),
+            );
+        }
+    }
+    for veth in &mut veths {
+        veth.addresses.retain(|ip| !conflicts.contains_key(ip));
+    }
+    Discovery {
+        veths,
+        owners,
+        conflicts,
+        failures,
+    }
+}
+
+/// Addresses whose MAC the bridge forwards through `port`, per the bridge's own neighbours.
+fn behind_port(tables: &BridgeTables, bridge: u32, port: u32) -> Vec<IpAddr> {
+    let macs: BTreeSet<[u8; 6]> = tables
+        .fdb
+        .iter()
+        .filter(|e| e.bridge == bridge && e.port == port)
+        .map(|e| e.mac)
+        .collect();
+    tables
+        .neighbours
+        .iter()
+        .filter(|n| n.dev == bridge && macs.contains(&n.mac))
+        .map(|n| n.ip)
+        .collect()
+}
+
+/// A NETLINK_ROUTE socket for dumps, with strict checking on: without it the kernel ignores
+/// IFA_TARGET_NETNSID and answers with this namespace's addresses.
+struct Rtnl {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+/// The kernel sends dump replies in datagrams of at most 32 KiB.
+const RECEIVE_BUFFER: usize = 64 * 1024;
+/// recv(2) flag: return the datagram's real length even when it did not fit.
+const MSG_TRUNC: i32 = 0x20;
+/// Tries of a dump the kernel marks as interrupted by concurrent changes.
+const DUMP_ATTEMPTS: u32 = 3;
+
+impl Rtnl {
+    fn open() -> Result<Self, VethError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(VethError::Socket)?;
+        socket.bind_auto().map_err(VethError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(VethError::Socket)?;
+        socket
+            .set_netlink_get_strict_chk(true)
+            .map_err(VethError::Socket)?;
+        Ok(Self {
+            socket,
+            sequence: 0,
+            buffer: Vec::with_capacity(RECEIVE_BUFFER),
+        })
+    }
+
+    /// One dump, retried while the kernel says a concurrent change interrupted it.
+    fn dump(
+        &mut self,
+        request: Request,
+        message: &RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, VethError> {
+        for _ in 0..DUMP_ATTEMPTS {
+            if let Some(replies) = self.dump_once(request, message)? {
+                return Ok(replies);
+            }
+        }
+        Err(VethError::Interrupted {
+            request,
+            attempts: DUMP_ATTEMPTS,
+        })
+    }
+
+    /// The replies, or `None` when the dump was interrupted.
+    fn dump_once(
+        &mut self,
+        request: Request,
+        message: &RouteNetlinkMessage,
+    ) -> Result<Option<Vec<RouteNetlinkMessage>>, VethError> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let sequence = self.sequence;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message.clone()));
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        let io = |source| VethError::Io { request, source };
+        self.socket.send(&bytes, 0).map_err(io)?;
+
+        let mut replies = Vec::new();
+        let mut interrupted = false;
+        loop {
+            self.buffer.clear();
+            let len = self.socket.recv(&mut self.buffer, MSG_TRUNC).map_err(io)?;
+            if len > self.buffer.len() {
+                return Err(VethError::Truncated {
+                    request,
+                    len,
+                    capacity: self.buffer.len(),
+                });
+            }
+            let mut offset = 0;
+            while offset < len {
+                let reply =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buffer[offset..len])
+                        .map_err(|source| VethError::Decode { request, source })?;
+                let size = reply.header.length as usize;
+                if size == 0 {
+                    break;
+                }
+                offset += (size + 3) & !3;
+                // Leftovers of an earlier dump abandoned on an error.
+                if reply.header.sequence_number != sequence {
+                    continue;
+                }
+                interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
+                match reply.payload {
+                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
+                    NetlinkPayload::Done(done) => {
+                        if done.code < 0 {
+                            return Err(VethError::Refused {
+                                request,
+                                source: io::Error::from_raw_os_error(-done.code),
+                            });
+                        }
+                        return Ok((!interrupted).then_some(replies));
+                    }
+                    NetlinkPayload::Error(error) if error.code.is_some() => {
+                        return Err(VethError::Refused {
+                            request,
+                            source: error.to_io(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|_| panic!("bad address {s}"))
+    }
+
+    fn veth(index: u32, name: &str, master: Option<u32>, peer: Option<(i32, u32)>) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            master,
+            veth: Some(Peer {
+                netns_id: peer.map(|p| p.0),
+                index: peer.map(|p| p.1),
+            }),
+        }
+    }
+
+    fn bridge(index: u32, name: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            master: None,
+            veth: None,
+        }
+    }
+
+    fn at(index: u32, s: &str) -> PeerAddress {
+        PeerAddress { index, ip: ip(s) }
+    }
+
+    fn mac(last: u8) -> [u8; 6] {
+        [2, 0, 0, 0, 0, last]
+    }
+
+    fn addresses_of<'a>(d: &'a Discovery, name: &str) -> (&'a [IpAddr], Method) {
+        let v = d
+            .veths()
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no veth {name}"));
+        (&v.addresses, v.method)
+    }
+
+    #[test]
+    fn peer_addresses_are_kept_only_on_the_peer_ifindex() {
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", Some(1), Some((1, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (
+                0,
+                Ok(vec![
+                    at(2, "10.0.0.2"),
+                    at(1, "127.0.0.2"),
+                    at(3, "10.9.9.9"),
+                ]),
+            ),
+            (1, Ok(vec![at(2, "10.0.0.3"), at(2, "fd00::3")])),
+        ]);
+        let d = assemble(links, peers, None);
+        assert_eq!(d.veths().len(), 2, "the bridge is no veth");
+        assert_eq!(d.interface_of(ip("10.0.0.2")).map(|v| v.index), Some(5));
+        assert_eq!(d.interface_of(ip("fd00::3")).map(|v| v.index), Some(6));
+        assert_eq!(d.interface_of(ip("10.9.9.9")), None);
+        assert_eq!(d.veths()[0].bridge.as_deref(), Some("cni0"));
+        assert_eq!(d.veths()[0].method, Method::PeerNamespace);
+    }
+
+    #[test]
+    fn an_address_claimed_twice_maps_to_neither() {
+        let links = vec![
+            veth(5, "vetha", None, Some((0, 2))),
+            veth(6, "vethb", None, Some((1, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(vec![at(2, "10.0.0.2"), at(2, "10.0.0.7")])),
+            (1, Ok(vec![at(2, "10.0.0.7")])),
+        ]);
+        let d = assemble(links, peers, None);
+        assert_eq!(d.interface_of(ip("10.0.0.7")), None);
+        assert_eq!(
+            d.conflicts().get(&ip("10.0.0.7")),
+            Some(&vec!["vetha".to_string(), "vethb".to_string()])
+        );
+        assert_eq!(addresses_of(&d, "vetha").0, [ip("10.0.0.2")]);
+        assert!(addresses_of(&d, "vethb").0.is_empty());
+    }
+
+    #[test]
+    fn veths_without_peer_addresses_fall_back_to_the_bridge_tables() {
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", Some(1), None),
+            veth(7, "vethc", Some(1), Some((1, 2))),
+            veth(8, "vethd", None, None),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(vec![at(2, "10.0.0.2")])),
+            (
+                1,
+                Err(VethError::Refused {
+                    request: Request::PeerAddresses {
+                        netns_id: 1,
+                        family: Family::Ipv4,
+                    },
+                    source: io::Error::from_raw_os_error(1),
+                }),
+            ),
+        ]);
+        let tables = BridgeTables {
+            neighbours: vec![
+                Neighbour {
+                    dev: 1,
+                    ip: ip("10.0.0.3"),
+                    mac: mac(3),
+                },
+                Neighbour {
+                    dev: 1,
+                    ip: ip("fd00::3"),
+                    mac: mac(3),
+                },
+                Neighbour {
+                    dev: 1,
+                    ip: ip("10.0.0.4"),
+                    mac: mac(4),
+                },
+                // Another device's neighbour with a MAC that vethb's port knows.
+                Neighbour {
+                    dev: 9,
+                    ip: ip("192.0.2.1"),
+                    mac: mac(3),
+                },
+                // vetha's pod, found by its peer namespace: the tables do not override that.
+                Neighbour {
+                    dev: 1,
+                    ip: ip("10.0.0.5"),
+                    mac: mac(5),
+                },
+            ],
+            fdb: vec![
+                FdbEntry {
+                    bridge: 1,
+                    port: 6,
+                    mac: mac(3),
+                },
+                FdbEntry {
+                    bridge: 1,
+                    port: 7,
+                    mac: mac(4),
+                },
+                FdbEntry {
+                    bridge: 1,
+                    port: 5,
+                    mac: mac(5),
+                },
+            ],
+        };
+        let d = assemble(links, peers, Some(Ok(tables)));
+        assert_eq!(
+            addresses_of(&d, "vetha"),
+            (&[ip("10.0.0.2")][..], Method::PeerNamespace)
+        );
+        assert_eq!(
+            addresses_of(&d, "vethb"),
+            (&[ip("10.0.0.3"), ip("fd00::3")][..], Method::BridgeTables)
+        );
+        assert_eq!(
+            addresses_of(&d, "vethc"),
+            (&[ip("10.0.0.4")][..], Method::BridgeTables)
+        );
+        assert_eq!(
+            addresses_of(&d, "vethd"),
+            (&[][..], Method::Unknown),
+            "no bridge to ask"
+        );
+        assert_eq!(d.failures().len(), 1);
+        assert_eq!(d.interface_of(ip("192.0.2.1")), None);
+        assert_eq!(d.interface_of(ip("10.0.0.5")), None);
+    }
+
+    #[test]
+    fn failed_bridge_dumps_leave_veths_unknown() {
+        let links = vec![bridge(1, "cni0"), veth(6, "vethb", Some(1), None)];
+        let tables = Err(VethError::Interrupted {
+            request: Request::BridgeFdb,
+            attempts: 3,
+        });
+        let d = assemble(links, BTreeMap::new(), Some(tables));
+        assert_eq!(addresses_of(&d, "vethb"), (&[][..], Method::Unknown));
+        assert_eq!(
+            d.failures()[0].to_string(),
+            "RTM_GETNEIGH AF_BRIDGE dump (bridge fdb): interrupted by concurrent changes 3 times in a row"
+        );
+    }
+
+    #[test]
+    fn only_addresses_a_pod_can_source_from_count() {
+        for good in ["10.0.0.1", "fd00::1", "2001:db8::1", "fec0::1"] {
+            assert!(is_pod_address(ip(good)), "{good}");
+        }
+        for bad in [
+            "fe80::1",
+            "febf::1",
+            "::1",
+            "127.0.0.1",
+            "ff02::1",
+            "224.0.0.1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_pod_address(ip(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peer_address_replies_must_carry_the_namespace_asked_for() {
+        let request = Request::PeerAddresses {
+            netns_id: 4,
+            family: Family::Ipv6,
+        };
+        let reply = |target: Option<i32>, attributes: Vec<AddressAttribute>| {
+            let mut m = AddressMessage::default();
+            m.header.family = AddressFamily::Inet6;
+            m.header.index = 2;
+            m.attributes = attributes;
+            m.attributes
+                .extend(target.map(AddressAttribute::TargetNetNsId));
+            RouteNetlinkMessage::NewAddress(m)
+        };
+        let found = parse_peer_addresses(
+            request,
+            4,
+            vec![
+                reply(Some(4), vec![AddressAttribute::Address(ip("fd00::2"))]),
+                reply(Some(4), vec![AddressAttribute::Address(ip("fe80::2"))]),
+                reply(
+                    Some(4),
+                    vec![
+                        AddressAttribute::Address(ip("10.1.0.1")),
+                        AddressAttribute::Local(ip("10.0.0.2")),
+                    ],
+                ),
+            ],
+        )
+        .map_err(|e| e.to_string());
+        assert_eq!(found, Ok(vec![at(2, "fd00::2"), at(2, "10.0.0.2")]));
+        let ignored = parse_peer_addresses(
+            request,
+            4,
+            vec![reply(None, vec![AddressAttribute::Address(ip("fd00::2"))])],
+        );
+        assert!(matches!(
+            ignored,
+            Err(VethError::WrongNamespace { got: None, .. })
+        ));
+    }
+
+    #[test]
+    fn links_parse_into_veths_with_their_peers() {
+        let mut m = LinkMessage::default();
+        m.header.index = 7;
+        m.attributes = vec![
+            LinkAttribute::IfName("veth0123abcd".into()),
+            LinkAttribute::Controller(3),
+            LinkAttribute::Link(2),
+            LinkAttribute::LinkNetNsId(4),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+        ];
+        let mut unassigned = m.clone();
+        unassigned.attributes[3] = LinkAttribute::LinkNetNsId(-1);
+        let mut dummy = LinkMessage::default();
+        dummy.header.index = 8;
+        dummy.attributes = vec![
+            LinkAttribute::IfName("dummy0".into()),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Dummy)]),
+        ];
+        let nameless = LinkMessage::default();
+        let links = parse_links(
+            [m, unassigned, dummy, nameless]
+                .into_iter()
+                .map(RouteNetlinkMessage::NewLink)
+                .collect(),
+        );
+        assert_eq!(
+            links,
+            vec![
+                veth(7, "veth0123abcd", Some(3), Some((4, 2))),
+                Link {
+                    veth: Some(Peer {
+                        netns_id: None,
+                        index: Some(2)
+                    }),
+                    ..veth(7, "veth0123abcd", Some(3), None)
+                },
+                Link {
+                    index: 8,
+                    name: "dummy0".into(),
+                    master: None,
+                    veth: None
+                },
+            ]
+        );
+    }
+}
