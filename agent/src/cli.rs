@@ -31,10 +31,12 @@ pub enum Command {
 /// Enforce NetworkPolicy on this node: install the ruleset and keep it in step with the
 /// snapshot.
 ///
-/// Installs table `inet nftpol` in one transaction (replacing a table left by an earlier run in
-/// the same transaction), then polls the snapshot and applies only what changed. A snapshot that
-/// does not load leaves the last good rules in force. On SIGTERM or SIGINT the agent exits and
-/// the rules stay. Needs CAP_NET_ADMIN.
+/// Installs table `inet nftpol` (policy) and table `bridge nftpol` (anti-spoofing on the local
+/// pods' veths) in one transaction, replacing tables left by an earlier run in the same
+/// transaction, then polls the snapshot and applies only what changed. A snapshot that does not
+/// load leaves the last good rules in force. Tables changed or removed by anyone else are put
+/// back within seconds. On SIGTERM or SIGINT the agent exits and the rules stay. Needs
+/// CAP_NET_ADMIN.
 #[derive(Args)]
 #[command(after_help = "Example:\n  \
     agent run --manifests /etc/nftpol/snapshot.yaml --node \"$(hostname)\"")]
@@ -49,6 +51,11 @@ pub struct RunArgs {
     /// How often to look at the snapshot for changes.
     #[arg(long, value_name = "MILLISECONDS", default_value = "200")]
     pub poll_ms: u64,
+    /// This node's pod CIDRs. Given, forwarded traffic to or from an address in them that no
+    /// pod the agent knows holds is dropped, so a new pod is unreachable until its rules are
+    /// in place. Off by default.
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub isolate_unprogrammed: Vec<ipnet::IpNet>,
 }
 
 /// Print the nftables ruleset one node enforces, as `nft -f` text.

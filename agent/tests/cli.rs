@@ -241,8 +241,9 @@ fn run_refuses_to_start_without_cap_net_admin() {
 const WAIT_FOR: &str = "wait_for() { i=0; until eval \"$1\"; do i=$((i+1)); [ $i -ge 100 ] && return 1; sleep 0.1; done; }";
 
 #[test]
-fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
-    if common::skip_unless_root("run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm") {
+fn run_installs_restores_after_tampering_and_leaves_rules_on_sigterm() {
+    if common::skip_unless_root("run_installs_restores_after_tampering_and_leaves_rules_on_sigterm")
+    {
         return;
     }
     let path = example("three-tier.yaml");
@@ -255,6 +256,12 @@ fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
         nft flush ruleset
         nft list tables | grep -q nftpol && {{ echo flush-failed; exit 1; }}
         wait_for 'nft list table inet nftpol >/dev/null 2>&1' || {{ echo never-restored; exit 1; }}
+        nft list table bridge nftpol >/dev/null || {{ echo no-guard-table; exit 1; }}
+        nft add table inet other
+        sleep 1.5
+        nft add element inet nftpol self4 '{{ 10.9.9.9 . 10.9.9.9 }}'
+        wait_for '! nft list set inet nftpol self4 | grep -q 10.9.9.9' || {{ echo never-repaired; exit 1; }}
+        nft list table inet other >/dev/null || {{ echo other-table-touched; exit 1; }}
         kill -TERM $pid
         wait $pid; echo "exit=$?"
         nft list table inet nftpol | grep -c 'comment "shop/'"#,
@@ -283,7 +290,13 @@ fn run_installs_restores_after_a_flush_and_leaves_rules_on_sigterm() {
         .unwrap_or(0);
     assert!(rules > 0, "the rules stay after SIGTERM:\n{stdout}");
     assert!(log.contains("removed behind the agent's back"), "{log}");
-    assert_eq!(log.matches("synced").count(), 2, "{log}");
+    assert!(
+        log.contains("table inet nftpol was changed behind the agent's back"),
+        "{log}"
+    );
+    // Install, restore after the flush, repair after the element; another table's change
+    // caused nothing.
+    assert_eq!(log.matches("synced").count(), 3, "{log}");
 }
 
 #[test]
