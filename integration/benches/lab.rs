@@ -373,7 +373,7 @@ fn latency() {
         CONNECT_TIMEOUT / STAGGER
     );
     println!(
-        "  allow->deny: one prober, connect + reply + close, {GAP:?} apart; start of the first connect that times out ({CONNECT_TIMEOUT:?}), confirmed by a second"
+        "  allow->deny: one prober, connect + reply + close, {GAP:?} apart; start of the first probe whose connect or reply does not come within {CONNECT_TIMEOUT:?}, confirmed by the next"
     );
     println!(
         "  rename moments uniform over the poll period; {samples} samples per direction and poll interval"
