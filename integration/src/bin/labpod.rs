@@ -8,6 +8,12 @@
 //! each, and prints `ADDR PROTO PORT ok` or `ADDR PROTO PORT fail REASON` per target, in the
 //! order given. Without targets on the command line it reads one per line from stdin, where a
 //! fourth field may name the UDP source port to use (`0` or absent: any).
+//!
+//! `labpod connrate [--seconds S] [--parallel P] ADDR PORT` opens TCP connections to a
+//! `labpod serve` port one after another, from P threads, for S seconds (default 5 and 1):
+//! connect, read the reply to end of stream, close. It prints `connections N failures F
+//! seconds T`. The server closes first, so TIME_WAIT sockets pile up on its side and this
+//! client never runs out of ephemeral ports.
 
 #![forbid(unsafe_code)]
 
@@ -18,7 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: labpod serve [PORT...]
-       labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])";
+       labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
+       labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
 const UDP_RESEND: Duration = Duration::from_millis(250);
@@ -28,6 +35,7 @@ fn main() -> ExitCode {
     let result = match args.split_first() {
         Some((mode, rest)) if mode == "serve" => serve(rest),
         Some((mode, rest)) if mode == "probe" => probe(rest),
+        Some((mode, rest)) if mode == "connrate" => connrate(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -153,6 +161,79 @@ fn probe(args: &[String]) -> Result<(), String> {
         writeln!(out, "{line}").map_err(|e| format!("stdout: {e}"))?;
     }
     out.flush().map_err(|e| format!("stdout: {e}"))
+}
+
+fn connrate(args: &[String]) -> Result<(), String> {
+    let mut seconds = 5.0f64;
+    let mut parallel = 1usize;
+    let mut rest = args;
+    while let Some((flag, after)) = rest.split_first() {
+        let value = |after: &[String]| -> Result<String, String> {
+            after
+                .first()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--seconds" => {
+                let v = value(after)?;
+                seconds = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                    .ok_or_else(|| format!("bad --seconds {v:?}"))?;
+            }
+            "--parallel" => {
+                let v = value(after)?;
+                parallel = v
+                    .parse()
+                    .ok()
+                    .filter(|&p| (1..=64).contains(&p))
+                    .ok_or_else(|| format!("bad --parallel {v:?}: 1 to 64"))?;
+            }
+            _ => break,
+        }
+        rest = &after[1..];
+    }
+    let [addr, port] = rest else {
+        return Err(format!("connrate wants ADDR PORT\n{USAGE}"));
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let dst = SocketAddr::new(addr, parse_port(port)?);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let counts: Vec<(u64, u64)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..parallel)
+            .map(|_| s.spawn(move || connect_until(dst, deadline)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((0, 1)))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let (ok, failed) = counts.iter().fold((0, 0), |(o, f), (a, b)| (o + a, f + b));
+    println!("connections {ok} failures {failed} seconds {elapsed:.3}");
+    Ok(())
+}
+
+/// Connect, read to end of stream, close, until `deadline`: (completed, failed).
+fn connect_until(dst: SocketAddr, deadline: Instant) -> (u64, u64) {
+    let timeout = Duration::from_secs(1);
+    let (mut ok, mut failed) = (0, 0);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        let exchanged = TcpStream::connect_timeout(&dst, timeout).and_then(|mut stream| {
+            stream.set_read_timeout(Some(timeout))?;
+            while stream.read(&mut buf)? > 0 {}
+            Ok(())
+        });
+        match exchanged {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (ok, failed)
 }
 
 fn parse_target(fields: &[&str]) -> Result<Target, String> {

@@ -1,0 +1,815 @@
+//! Live enforcement in the network-namespace lab (`integration::lab`; needs root):
+//!
+//! - `latency`: one `agent run` per node of a two-node lab; the snapshot is replaced by rename
+//!   so that one cross-node cell flips (policy `bench/server-allow-client`, client -> server
+//!   TCP 80, added or removed), and the time from just before the rename until real
+//!   connections see the new verdict is taken, at `--poll-ms` 200 (the default) and 20.
+//! - `connrate`: new TCP connections per second from a pod on one node to a pod on another,
+//!   with the 150,000-pod synthetic cluster's rulesets in both nodes versus no table at all,
+//!   alternating, in rounds.
+//!
+//! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
+//! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
+//! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
+//! seconds per run, default 3). Figures are printed; nothing is asserted about speed.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a benchmark whose fixture is wrong should stop loudly"
+)]
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agent::netlink::Writer;
+use integration::agents::{agent_binary, logs, wait_for, Agent};
+use integration::lab::{Lab, Pod, Protocol, Target};
+use integration::netns;
+use integration::synthetic::{self, LARGE};
+use ruleset::ir::{Table, TABLE_NAME};
+use ruleset::model::{
+    ContainerPort, LabelSelector, NetworkPolicy, Peer, PolicyPort, PolicyRule, PortRef,
+};
+use ruleset::{Compiler, Endpoint, Tracer};
+
+const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
+
+fn main() {
+    if netns::skip_unless_root("bench lab") {
+        return;
+    }
+    // `cargo bench` passes `--bench`; any other word picks a part.
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
+    println!("load average at start: {}", loadavg());
+    if wants("latency") {
+        latency();
+    }
+    if wants("connrate") {
+        connrate();
+    }
+    println!("load average at end: {}", loadavg());
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Moves the calling thread into lab namespace `name`; the rest of the process stays put.
+fn enter_netns(name: &str) {
+    let ns = File::open(Path::new("/run/netns").join(name)).expect("namespace file");
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// Nearest-rank percentile of sorted `values`.
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(values: &[f64], unit: &str) -> String {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "n {}, min {:.1}, p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1} {unit}",
+        v.len(),
+        v[0],
+        pct(&v, 0.5),
+        pct(&v, 0.9),
+        pct(&v, 0.99),
+        v[v.len() - 1]
+    )
+}
+
+/// xorshift64: rename moments spread over the agent's poll period without a crate.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        Jitter(seed | 1)
+    }
+
+    /// Uniform in `[0, max)`.
+    fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        max.mul_f64((self.0 >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
+// ---------------------------------------------------------------------------------- latency
+
+/// Node `i` of the lab is `NODES[i]` to the snapshot.
+const NODES: [&str; 2] = ["node-a", "node-b"];
+/// A denied connect is given up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(25);
+/// Probers waiting for an allow start a connect this often between them: one every
+/// CONNECT_TIMEOUT / STAGGER.
+const STAGGER: u32 = 5;
+/// Pause between connects that went through.
+const GAP: Duration = Duration::from_millis(1);
+
+const SNAPSHOT: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: bench
+  labels:
+    kubernetes.io/metadata.name: bench
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: bench
+  name: client
+  labels:
+    app: client
+spec:
+  nodeName: node-a
+  containers:
+    - name: client
+      image: labpod
+status:
+  phase: Running
+  podIP: 10.244.1.10
+  podIPs:
+    - ip: 10.244.1.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: bench
+  name: server
+  labels:
+    app: server
+spec:
+  nodeName: node-b
+  containers:
+    - name: server
+      image: labpod
+      ports:
+        - containerPort: 80
+          protocol: TCP
+status:
+  phase: Running
+  podIP: 10.244.2.10
+  podIPs:
+    - ip: 10.244.2.10
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  namespace: bench
+  name: server-deny-ingress
+spec:
+  podSelector:
+    matchLabels:
+      app: server
+  policyTypes: [Ingress]
+";
+
+const ALLOW_POLICY: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  namespace: bench
+  name: server-allow-client
+spec:
+  podSelector:
+    matchLabels:
+      app: server
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              app: client
+      ports:
+        - protocol: TCP
+          port: 80
+";
+
+fn snapshot_text(allow: bool) -> String {
+    if allow {
+        format!("{SNAPSHOT}{ALLOW_POLICY}")
+    } else {
+        SNAPSHOT.to_string()
+    }
+}
+
+/// Writes `text` beside `path` and renames it over `path`.
+fn replace_by_rename(path: &Path, text: &str) {
+    let new = path.with_extension("yaml.new");
+    fs::write(&new, text).expect("write new snapshot");
+    fs::rename(&new, path).expect("rename over the snapshot");
+}
+
+/// Reads the server's reply to its end within CONNECT_TIMEOUT: whether it came. Reading to
+/// the end lets the server close first, so the client keeps no TIME_WAIT socket (its
+/// ephemeral ports would run out over thousands of probes). The rulesets filter every packet
+/// of the client's direction, not only the first: a deny that lands between the SYN and the
+/// client's ACK stops the exchange here, with the connect already done.
+fn exchange(mut stream: TcpStream) -> bool {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let mut buf = [0u8; 64];
+    let mut replied = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return replied,
+            Ok(_) => replied = true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// What one sample saw: when the new verdict showed, and how many connects it took.
+struct Seen {
+    at: Instant,
+    attempts: u32,
+}
+
+/// Deny -> allow: STAGGER threads in `netns` connect back to back, each attempt given up after
+/// CONNECT_TIMEOUT, their starts spread evenly; the first connect that completes is the
+/// moment. A SYN the old ruleset dropped is not resent within the timeout, so a completed
+/// connect was sent after the kernel changed: the figure is late by at most the spacing of
+/// attempts (CONNECT_TIMEOUT / STAGGER) plus one round trip.
+fn until_allowed(netns: &str, dst: SocketAddr, flip: impl FnOnce() -> Instant) -> (Seen, Instant) {
+    let done = AtomicBool::new(false);
+    let first: Mutex<Option<Instant>> = Mutex::new(None);
+    let attempts = Mutex::new(0u32);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let t0 = thread::scope(|s| {
+        for i in 0..STAGGER {
+            let (done, first, attempts) = (&done, &first, &attempts);
+            s.spawn(move || {
+                enter_netns(netns);
+                thread::sleep(CONNECT_TIMEOUT * i / STAGGER);
+                let mut mine = 0;
+                while !done.load(Ordering::Relaxed) && Instant::now() < give_up {
+                    mine += 1;
+                    match TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT) {
+                        Ok(stream) => {
+                            let at = Instant::now();
+                            let mut slot = first.lock().unwrap();
+                            *slot = Some(slot.map_or(at, |f| f.min(at)));
+                            done.store(true, Ordering::Relaxed);
+                            drop(slot);
+                            exchange(stream);
+                        }
+                        // Refused or unreachable come back at once: do not spin.
+                        Err(_) => thread::sleep(GAP),
+                    }
+                }
+                *attempts.lock().unwrap() += mine;
+            });
+        }
+        // Every prober is in its loop before the change.
+        thread::sleep(CONNECT_TIMEOUT * 2);
+        flip()
+    });
+    let at = first
+        .into_inner()
+        .unwrap()
+        .expect("no connection went through within 10 s of allowing it");
+    let attempts = attempts.into_inner().unwrap();
+    (Seen { at, attempts }, t0)
+}
+
+/// Allow -> deny: one thread in `netns` connects, reads the reply and closes, GAP apart; the
+/// moment is the start of the first probe whose connect or reply does not complete within
+/// CONNECT_TIMEOUT, confirmed by the next one failing too (a lone timeout under load is not
+/// taken for the change). The timeouts themselves are not counted; the figure is late by at
+/// most one probe (a connect and reply, well under a millisecond here, plus GAP).
+fn until_denied(netns: &str, dst: SocketAddr, flip: impl FnOnce() -> Instant) -> (Seen, Instant) {
+    let flipped: Mutex<Option<Instant>> = Mutex::new(None);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    thread::scope(|s| {
+        let prober = s.spawn(|| {
+            enter_netns(netns);
+            let mut pending: Option<Instant> = None;
+            let mut attempts = 0;
+            while Instant::now() < give_up {
+                let start = Instant::now();
+                attempts += 1;
+                let done = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)
+                    .map(exchange)
+                    .unwrap_or(false);
+                if done {
+                    pending = None;
+                    thread::sleep(GAP);
+                } else {
+                    let t0 = *flipped.lock().unwrap();
+                    match (pending, t0) {
+                        // A probe started before the rename is not taken for the change.
+                        (Some(at), Some(t0)) if at >= t0 => return Seen { at, attempts },
+                        _ => pending = Some(start),
+                    }
+                }
+            }
+            panic!("connections still went through 10 s after denying them");
+        });
+        // The prober sees connections go through before the change.
+        thread::sleep(CONNECT_TIMEOUT * 2);
+        let t0 = flip();
+        *flipped.lock().unwrap() = Some(t0);
+        (prober.join().expect("prober"), t0)
+    })
+}
+
+/// The agent's `micros=` figure from a `synced` log line.
+fn synced_micros(line: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("micros="))
+        .and_then(|m| m.parse().ok())
+}
+
+fn latency() {
+    let samples = env_or("NFTPOL_LAB_SAMPLES", 100);
+    let dir = std::env::temp_dir().join(format!("nftpol-bench-lab-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("scratch dir");
+    let snapshot: PathBuf = dir.join("snapshot.yaml");
+    fs::write(&snapshot, snapshot_text(false)).expect("write snapshot");
+    let cluster = agent::manifests::load(&snapshot).expect("snapshot loads");
+    let lab = Lab::for_cluster(LABPOD, &cluster, &NODES, &[]).expect("lab");
+    let pod = |name: &str| lab.pods().iter().find(|p| p.name == name).expect("pod");
+    let client = pod("bench/client").clone();
+    let dst = SocketAddr::new(IpAddr::V4(pod("bench/server").ipv4), 80);
+    agent_binary(Path::new(LABPOD));
+
+    println!(
+        "\nlatency: snapshot rename -> kernel enforces, client {} (node-a) -> server {dst} (node-b) TCP",
+        client.ipv4
+    );
+    println!(
+        "  deny->allow: {STAGGER} probers, connect timeout {CONNECT_TIMEOUT:?}, an attempt every {:?}; time of the first completed connect",
+        CONNECT_TIMEOUT / STAGGER
+    );
+    println!(
+        "  allow->deny: one prober, connect + reply + close, {GAP:?} apart; start of the first probe whose connect or reply does not come within {CONNECT_TIMEOUT:?}, confirmed by the next"
+    );
+    println!(
+        "  rename moments uniform over the poll period; {samples} samples per direction and poll interval"
+    );
+    for poll_ms in [200u64, 20] {
+        let mut jitter = Jitter::new();
+        fs::write(&snapshot, snapshot_text(false)).expect("reset snapshot");
+        let poll = poll_ms.to_string();
+        let mut agents: Vec<Agent> = (0..NODES.len())
+            .map(|i| {
+                Agent::start(
+                    Path::new(LABPOD),
+                    &lab,
+                    i,
+                    NODES[i],
+                    &snapshot,
+                    &["--poll-ms", &poll],
+                )
+            })
+            .collect();
+        wait_for(
+            &mut agents,
+            "first `synced`",
+            Duration::from_secs(10),
+            |_, a| a.synced() > 0,
+        );
+        let initial = agents[1].synced();
+        let mut to_allow = Vec::new();
+        let mut to_deny = Vec::new();
+        let mut attempts = [0u32; 2];
+        for i in 0..2 * samples {
+            let allow = i % 2 == 0;
+            let before: Vec<(usize, usize)> =
+                agents.iter().map(|a| (a.synced(), a.seen())).collect();
+            let text = snapshot_text(allow);
+            let flip = || {
+                thread::sleep(jitter.below(Duration::from_millis(poll_ms)));
+                let t0 = Instant::now();
+                replace_by_rename(&snapshot, &text);
+                t0
+            };
+            let (seen, t0) = if allow {
+                until_allowed(&client.netns, dst, flip)
+            } else {
+                until_denied(&client.netns, dst, flip)
+            };
+            let ms = seen.at.saturating_duration_since(t0).as_secs_f64() * 1e3;
+            if allow {
+                to_allow.push(ms);
+                attempts[0] += seen.attempts;
+            } else {
+                to_deny.push(ms);
+                attempts[1] += seen.attempts;
+            }
+            // node-b's ruleset changes; node-a's does not, but it reads the snapshot too.
+            wait_for(
+                &mut agents,
+                "the agents to take the change",
+                Duration::from_secs(10),
+                |i, a| {
+                    if i == 1 {
+                        a.synced() > before[i].0
+                    } else {
+                        a.seen() > before[i].1
+                    }
+                },
+            );
+        }
+        let errors: usize = agents.iter().map(Agent::errors).sum();
+        assert_eq!(errors, 0, "agent errors\n{}", logs(&mut agents));
+        let micros: Vec<f64> = agents[1]
+            .lines()
+            .iter()
+            .filter(|l| l.contains("synced"))
+            .skip(initial)
+            .filter_map(|l| synced_micros(l))
+            .collect();
+        println!("\n  --poll-ms {poll_ms}:");
+        println!(
+            "    deny->allow {} ({:.1} connects per sample)",
+            summary(&to_allow, "ms"),
+            f64::from(attempts[0]) / to_allow.len() as f64
+        );
+        println!(
+            "    allow->deny {} ({:.1} connects per sample)",
+            summary(&to_deny, "ms"),
+            f64::from(attempts[1]) / to_deny.len() as f64
+        );
+        let micros_ms: Vec<f64> = micros.iter().map(|m| m / 1e3).collect();
+        println!(
+            "    node-b agent `synced` (diff + netlink transaction; not reading or compiling the snapshot): {}",
+            summary(&micros_ms, "ms")
+        );
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+// --------------------------------------------------------------------------------- connrate
+
+/// The server's port: a containerPort (`http`) of the synthetic pods, which
+/// `api-from-team-frontends` admits.
+const SERVER_PORT: u16 = 8080;
+
+fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..LabelSelector::default()
+    }
+}
+
+/// The lab pod as a pod of the synthetic cluster, labelled `app`, in `namespace`.
+fn model_pod(lab_pod: &Pod, namespace: &str, app: &str) -> ruleset::model::Pod {
+    ruleset::model::Pod {
+        namespace: namespace.into(),
+        name: format!("lab-{}", lab_pod.name),
+        node: Some(format!("node-{}", lab_pod.node)),
+        labels: [("app".to_string(), app.to_string())].into_iter().collect(),
+        ips: vec![IpAddr::V4(lab_pod.ipv4)],
+        host_network: false,
+        phase: Some("Running".into()),
+        ports: vec![ContainerPort {
+            name: Some("http".into()),
+            protocol: "TCP".into(),
+            port: i32::from(SERVER_PORT),
+        }],
+    }
+}
+
+/// Runs `f` on a thread inside lab namespace `netns`.
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(netns);
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+fn install(netns: &str, table: &Table) -> Duration {
+    in_netns(netns, || {
+        let mut writer = Writer::new().expect("netlink socket");
+        let started = Instant::now();
+        writer.replace_table(table).expect("replace_table");
+        started.elapsed()
+    })
+}
+
+fn ip_netns_exec(netns: &str, command: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(command)
+        .output()
+        .expect("ip netns exec runs");
+    assert!(
+        out.status.success(),
+        "{command:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn conntrack_count(netns: &str) -> String {
+    ip_netns_exec(
+        netns,
+        &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
+    )
+    .trim()
+    .to_string()
+}
+
+/// One `labpod connrate` run: connections per second.
+fn connrate_run(from: &Pod, to: &Pod, seconds: usize, parallel: usize) -> f64 {
+    let out = ip_netns_exec(
+        &from.netns,
+        &[
+            LABPOD,
+            "connrate",
+            "--seconds",
+            &seconds.to_string(),
+            "--parallel",
+            &parallel.to_string(),
+            &to.ipv4.to_string(),
+            &SERVER_PORT.to_string(),
+        ],
+    );
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let [_, count, _, failures, _, elapsed] = fields[..] else {
+        panic!("connrate said {out:?}");
+    };
+    assert_eq!(failures, "0", "connrate failures: {out}");
+    count.parse::<f64>().expect("count") / elapsed.parse::<f64>().expect("seconds")
+}
+
+fn connrate() {
+    let rounds = env_or("NFTPOL_LAB_ROUNDS", 10);
+    let seconds = env_or("NFTPOL_LAB_SECONDS", 3);
+    // Lab node i is synthetic node-i: the server on node-0 (the 110-pod node the compile
+    // benchmark uses), client and intruder on node-1.
+    let mut lab = Lab::new(LABPOD, 2).expect("lab");
+    let server = lab
+        .add_pod_serving(0, "server", 10, &[SERVER_PORT])
+        .expect("server");
+    let client = lab.add_pod(1, "client", 10).expect("client");
+    let intruder = lab.add_pod(1, "intruder", 11).expect("intruder");
+
+    let started = Instant::now();
+    let mut cluster = synthetic::cluster(&LARGE);
+    // ns-0000 and ns-0050 are both team-0: the synthetic `api-from-team-frontends` admits the
+    // client's app=frontend to the server's app=api on 8080, through its peer set; app=worker
+    // in the same namespace is not admitted. Both sit under ns-0050's default deny, whose
+    // egress this one policy opens towards team-0's api pods.
+    cluster.apply_pod(model_pod(&server, "ns-0000", "api"));
+    cluster.apply_pod(model_pod(&client, "ns-0050", "frontend"));
+    cluster.apply_pod(model_pod(&intruder, "ns-0050", "worker"));
+    cluster.apply_policy(NetworkPolicy {
+        namespace: "ns-0050".into(),
+        name: "egress-to-team-api".into(),
+        pod_selector: selector(&[]),
+        policy_types: vec!["Egress".into()],
+        ingress: vec![],
+        egress: vec![PolicyRule {
+            peers: vec![Peer {
+                namespace_selector: Some(selector(&[("team", "team-0")])),
+                pod_selector: Some(selector(&[("app", "api")])),
+                ip_block: None,
+            }],
+            ports: vec![PolicyPort {
+                protocol: Some("TCP".into()),
+                port: Some(PortRef::Number(i32::from(SERVER_PORT))),
+                end_port: None,
+            }],
+        }],
+    });
+    let pods = cluster.pods().count();
+    let policies = cluster.policies().count();
+    let mut tracer = Tracer::new(cluster.clone());
+    let compilers: Vec<Compiler> = (0..2)
+        .map(|i| Compiler::new(cluster.clone(), &format!("node-{i}")))
+        .collect();
+    drop(cluster);
+    println!(
+        "\nconnrate: synthetic cluster ({pods} pods, {policies} policies) plus the lab pods, built and compiled for node-0 and node-1 in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for (i, c) in compilers.iter().enumerate() {
+        println!(
+            "  node-{i}: {} local pods, {} set/map elements, {} rules, {} diagnostics",
+            c.local_pods().count(),
+            c.table().element_count(),
+            c.table().rule_count(),
+            c.diagnostics().len()
+        );
+    }
+    for from in ["ns-0050/lab-client", "ns-0050/lab-intruder"] {
+        let trace = tracer
+            .trace(
+                &from.parse::<Endpoint>().expect("endpoint"),
+                &"ns-0000/lab-server".parse::<Endpoint>().expect("endpoint"),
+                Protocol::Tcp,
+                SERVER_PORT,
+            )
+            .expect("trace");
+        println!(
+            "  trace {from} -> ns-0000/lab-server TCP {SERVER_PORT}:\n    {}",
+            trace.to_string().replace('\n', "\n    ")
+        );
+    }
+    drop(tracer);
+
+    let to_server = |port| Target {
+        addr: IpAddr::V4(server.ipv4),
+        protocol: Protocol::Tcp,
+        port,
+    };
+    let check = |with_rules: bool| {
+        let allowed = lab.probe(&client, &[to_server(SERVER_PORT), to_server(81)]);
+        let intruder = lab.probe(&intruder, &[to_server(SERVER_PORT)]);
+        let (allowed, intruder) = (allowed.expect("probe"), intruder.expect("probe"));
+        let expected = if with_rules {
+            (vec![true, false], vec![false])
+        } else {
+            (vec![true, true], vec![true])
+        };
+        assert_eq!(
+            (allowed, intruder),
+            expected,
+            "client -> server {SERVER_PORT}, 81; intruder -> server {SERVER_PORT}, with rules: {with_rules}"
+        );
+    };
+    let nodes: Vec<String> = (0..2)
+        .map(|i| lab.node_netns(i).expect("node").to_string())
+        .collect();
+    check(false);
+    for (netns, c) in nodes.iter().zip(&compilers) {
+        let took = install(netns, c.table());
+        println!(
+            "  installed in {netns} in {:.0} ms",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    check(true);
+    println!(
+        "  probes with the rules: client -> server {SERVER_PORT} reaches; client -> server 81 and intruder -> server {SERVER_PORT} do not (without: all reach)"
+    );
+
+    println!(
+        "  {rounds} rounds of {seconds} s per mode, the order rotating each round; modes: the compiled rulesets in both nodes,"
+    );
+    println!(
+        "  conntrack only (table inet {CT_ONLY_TABLE}: the forward hook and the rulesets' two ct state rules, nothing else), no table"
+    );
+    println!(
+        "  (no table in a namespace: no conntrack hooks there either); each connection: connect, read the server's line to end of"
+    );
+    println!("  stream (the server closes first), close; no sysctl tuned");
+    let mut current = Mode::Rules;
+    for parallel in [1usize, 2] {
+        let mut rates: [Vec<f64>; 3] = Default::default();
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let mut order = Mode::ALL;
+            order.rotate_left(round % Mode::ALL.len());
+            let mut this_round = [0.0; 3];
+            for mode in order {
+                if mode != current {
+                    for (netns, c) in nodes.iter().zip(&compilers) {
+                        current.remove(netns);
+                        mode.install(netns, c.table());
+                    }
+                    current = mode;
+                }
+                let rate = connrate_run(&client, &server, seconds, parallel);
+                this_round[mode as usize] = rate;
+                rates[mode as usize].push(rate);
+            }
+            ratios.push(
+                this_round[Mode::Rules as usize] / this_round[Mode::NoTable as usize] * 100.0,
+            );
+        }
+        let medians = rates.each_ref().map(|v| median(v));
+        println!(
+            "\n  {parallel} client thread(s), connections per second (load average after: {}):",
+            loadavg()
+        );
+        for mode in Mode::ALL {
+            println!(
+                "    {:<15} median {:>5.0}  (runs: {})",
+                mode.name(),
+                medians[mode as usize],
+                rates[mode as usize]
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        println!(
+            "    rules / no table: {:.1}% of medians, {:.1}% median of rounds (per round: {} %); conntrack only / no table: {:.1}%",
+            medians[Mode::Rules as usize] / medians[Mode::NoTable as usize] * 100.0,
+            median(&ratios),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            medians[Mode::Conntrack as usize] / medians[Mode::NoTable as usize] * 100.0,
+        );
+        println!(
+            "    conntrack entries now: node-0 {}, node-1 {}",
+            conntrack_count(&nodes[0]),
+            conntrack_count(&nodes[1])
+        );
+    }
+    for netns in &nodes {
+        current.remove(netns);
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    pct(&v, 0.5)
+}
+
+const CT_ONLY_TABLE: &str = "nftpol_ct_only";
+
+/// What the node namespaces hold during a connrate run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Rules = 0,
+    Conntrack = 1,
+    NoTable = 2,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Rules, Mode::Conntrack, Mode::NoTable];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Rules => "rules",
+            Mode::Conntrack => "conntrack only",
+            Mode::NoTable => "no table",
+        }
+    }
+
+    fn install(self, netns: &str, table: &Table) {
+        match self {
+            Mode::Rules => {
+                install(netns, table);
+            }
+            Mode::Conntrack => {
+                let text = format!(
+                    "table inet {CT_ONLY_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct state related accept\n\t\tct state established ct direction reply accept\n\t}}\n}}\n"
+                );
+                let path = std::env::temp_dir()
+                    .join(format!("nftpol-bench-lab-{}-ct.nft", std::process::id()));
+                fs::write(&path, text).expect("write nft file");
+                ip_netns_exec(netns, &["nft", "-f", path.to_str().expect("utf-8 path")]);
+                let _ = fs::remove_file(&path);
+            }
+            Mode::NoTable => {}
+        }
+    }
+
+    fn remove(self, netns: &str) {
+        match self {
+            Mode::Rules => ip_netns_exec(netns, &["nft", "delete", "table", "inet", TABLE_NAME]),
+            Mode::Conntrack => {
+                ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE])
+            }
+            Mode::NoTable => String::new(),
+        };
+    }
+}
