@@ -583,7 +583,13 @@ fn node_links(i: usize) -> Vec<String> {
         format!("addr add 192.168.100.{n}/24 dev eth0"),
         format!("addr add fd00:100::{n}/64 dev eth0 nodad"),
         "link set eth0 up".into(),
-        "link add cni0 type bridge mcast_snooping 0".into(),
+        // A MAC of its own: a bridge without one takes its lowest port's, so adding a pod can
+        // change it, and pods would send to the old one until IPv6 neighbour discovery noticed
+        // (IPv4 is told at once by gratuitous ARP).
+        format!(
+            "link add cni0 address {} type bridge mcast_snooping 0",
+            bridge_mac(i)
+        ),
         format!("addr add 10.244.{n}.1/24 dev cni0"),
         format!("addr add fd00:10:244:{n}::1/64 dev cni0 nodad"),
         "link set cni0 up".into(),
@@ -632,6 +638,11 @@ fn flannel_fdb(j: usize) -> Vec<String> {
             vtep_mac(j, Family::V6)
         ),
     ]
+}
+
+/// A fixed, locally administered MAC for node `node`'s cni0.
+fn bridge_mac(node: usize) -> String {
+    format!("0e:6e:63:6e:{:02x}:00", node % 256)
 }
 
 /// A fixed, locally administered MAC per node and family, so no node has to be asked.
@@ -893,10 +904,12 @@ mod tests {
     }
 
     #[test]
-    fn vtep_macs_are_local_unicast_and_distinct() {
+    fn lab_macs_are_distinct() {
         let a = vtep_mac(0, Family::V4);
         assert_eq!(a, "0e:6e:66:6c:00:04");
         assert_ne!(a, vtep_mac(1, Family::V4));
         assert_ne!(a, vtep_mac(0, Family::V6));
+        assert_ne!(bridge_mac(0), bridge_mac(1));
+        assert!(![a, vtep_mac(0, Family::V6)].contains(&bridge_mac(0)));
     }
 }
