@@ -504,13 +504,39 @@ impl Lab {
         services: &[(Protocol, u16)],
         families: &[Family],
     ) -> Result<Vec<Cell>, LabError> {
-        let plans: Vec<Vec<(usize, Target)>> = (0..self.pods.len())
-            .map(|from| {
+        let all: Vec<usize> = (0..self.pods.len()).collect();
+        self.probe_pairs(&all, services, families, false)
+    }
+
+    /// Like [`Lab::matrix`], among the pods at indices `pods` only, and each of them also
+    /// probes its own addresses.
+    pub fn matrix_among(
+        &self,
+        pods: &[usize],
+        services: &[(Protocol, u16)],
+        families: &[Family],
+    ) -> Result<Vec<Cell>, LabError> {
+        if let Some(bad) = pods.iter().find(|&&i| i >= self.pods.len()) {
+            return Err(LabError::Invalid(format!("no lab pod {bad}")));
+        }
+        self.probe_pairs(pods, services, families, true)
+    }
+
+    fn probe_pairs(
+        &self,
+        pods: &[usize],
+        services: &[(Protocol, u16)],
+        families: &[Family],
+        with_self: bool,
+    ) -> Result<Vec<Cell>, LabError> {
+        let plans: Vec<(usize, Vec<(usize, Target)>)> = pods
+            .iter()
+            .map(|&from| {
                 let mut plan = Vec::new();
-                for (to, dst) in self.pods.iter().enumerate().filter(|(to, _)| *to != from) {
+                for &to in pods.iter().filter(|&&to| with_self || to != from) {
                     for &family in families {
                         for &(protocol, port) in services {
-                            let addr = dst.addr(family);
+                            let addr = self.pods[to].addr(family);
                             plan.push((
                                 to,
                                 Target {
@@ -522,15 +548,14 @@ impl Lab {
                         }
                     }
                 }
-                plan
+                (from, plan)
             })
             .collect();
         let results: Vec<Result<Vec<ProbeOutcome>, LabError>> = thread::scope(|s| {
-            let handles: Vec<_> = self
-                .pods
+            let handles: Vec<_> = plans
                 .iter()
-                .zip(&plans)
-                .map(|(pod, plan)| {
+                .map(|(from, plan)| {
+                    let pod = &self.pods[*from];
                     s.spawn(move || {
                         let targets: Vec<Target> = plan.iter().map(|(_, t)| *t).collect();
                         self.probe_outcomes(pod, &targets)
@@ -546,7 +571,7 @@ impl Lab {
                 .collect()
         });
         let mut cells = Vec::new();
-        for (from, (plan, result)) in plans.into_iter().zip(results).enumerate() {
+        for ((from, plan), result) in plans.into_iter().zip(results) {
             for ((to, target), outcome) in plan.into_iter().zip(result?) {
                 cells.push(Cell {
                     from,
