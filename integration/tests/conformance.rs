@@ -1312,7 +1312,7 @@ fn conformance(test: &str, scenarios: &[Scenario]) {
         .collect();
     assert!(
         t.disagreements.is_empty(),
-        "{} cells disagree with the oracle, in {} steps:\n  {}\n(first 100:)\n  {}\n{}",
+        "{} cells disagree with the oracle; steps with disagreements: {}\n  {}\nthe cells (first 100):\n  {}\n{}",
         t.disagreements.len(),
         failing.len(),
         failing.iter().copied().collect::<Vec<_>>().join("\n  "),
