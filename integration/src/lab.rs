@@ -504,13 +504,39 @@ impl Lab {
         services: &[(Protocol, u16)],
         families: &[Family],
     ) -> Result<Vec<Cell>, LabError> {
-        let plans: Vec<Vec<(usize, Target)>> = (0..self.pods.len())
-            .map(|from| {
+        let all: Vec<usize> = (0..self.pods.len()).collect();
+        self.probe_pairs(&all, services, families, false)
+    }
+
+    /// Like [`Lab::matrix`], among the pods at indices `pods` only, and each of them also
+    /// probes its own addresses.
+    pub fn matrix_among(
+        &self,
+        pods: &[usize],
+        services: &[(Protocol, u16)],
+        families: &[Family],
+    ) -> Result<Vec<Cell>, LabError> {
+        if let Some(bad) = pods.iter().find(|&&i| i >= self.pods.len()) {
+            return Err(LabError::Invalid(format!("no lab pod {bad}")));
+        }
+        self.probe_pairs(pods, services, families, true)
+    }
+
+    fn probe_pairs(
+        &self,
+        pods: &[usize],
+        services: &[(Protocol, u16)],
+        families: &[Family],
+        with_self: bool,
+    ) -> Result<Vec<Cell>, LabError> {
+        let plans: Vec<(usize, Vec<(usize, Target)>)> = pods
+            .iter()
+            .map(|&from| {
                 let mut plan = Vec::new();
-                for (to, dst) in self.pods.iter().enumerate().filter(|(to, _)| *to != from) {
+                for &to in pods.iter().filter(|&&to| with_self || to != from) {
                     for &family in families {
                         for &(protocol, port) in services {
-                            let addr = dst.addr(family);
+                            let addr = self.pods[to].addr(family);
                             plan.push((
                                 to,
                                 Target {
@@ -522,15 +548,14 @@ impl Lab {
                         }
                     }
                 }
-                plan
+                (from, plan)
             })
             .collect();
         let results: Vec<Result<Vec<ProbeOutcome>, LabError>> = thread::scope(|s| {
-            let handles: Vec<_> = self
-                .pods
+            let handles: Vec<_> = plans
                 .iter()
-                .zip(&plans)
-                .map(|(pod, plan)| {
+                .map(|(from, plan)| {
+                    let pod = &self.pods[*from];
                     s.spawn(move || {
                         let targets: Vec<Target> = plan.iter().map(|(_, t)| *t).collect();
                         self.probe_outcomes(pod, &targets)
@@ -546,7 +571,7 @@ impl Lab {
                 .collect()
         });
         let mut cells = Vec::new();
-        for (from, (plan, result)) in plans.into_iter().zip(results).enumerate() {
+        for ((from, plan), result) in plans.into_iter().zip(results) {
             for ((to, target), outcome) in plan.into_iter().zip(result?) {
                 cells.push(Cell {
                     from,
@@ -583,7 +608,13 @@ fn node_links(i: usize) -> Vec<String> {
         format!("addr add 192.168.100.{n}/24 dev eth0"),
         format!("addr add fd00:100::{n}/64 dev eth0 nodad"),
         "link set eth0 up".into(),
-        "link add cni0 type bridge mcast_snooping 0".into(),
+        // A MAC of its own: a bridge without one takes its lowest port's, so adding a pod can
+        // change it, and pods would send to the old one until IPv6 neighbour discovery noticed
+        // (IPv4 is told at once by gratuitous ARP).
+        format!(
+            "link add cni0 address {} type bridge mcast_snooping 0",
+            bridge_mac(i)
+        ),
         format!("addr add 10.244.{n}.1/24 dev cni0"),
         format!("addr add fd00:10:244:{n}::1/64 dev cni0 nodad"),
         "link set cni0 up".into(),
@@ -632,6 +663,11 @@ fn flannel_fdb(j: usize) -> Vec<String> {
             vtep_mac(j, Family::V6)
         ),
     ]
+}
+
+/// A fixed, locally administered MAC for node `node`'s cni0.
+fn bridge_mac(node: usize) -> String {
+    format!("0e:6e:63:6e:{:02x}:00", node % 256)
 }
 
 /// A fixed, locally administered MAC per node and family, so no node has to be asked.
@@ -893,10 +929,12 @@ mod tests {
     }
 
     #[test]
-    fn vtep_macs_are_local_unicast_and_distinct() {
+    fn lab_macs_are_distinct() {
         let a = vtep_mac(0, Family::V4);
         assert_eq!(a, "0e:6e:66:6c:00:04");
         assert_ne!(a, vtep_mac(1, Family::V4));
         assert_ne!(a, vtep_mac(0, Family::V6));
+        assert_ne!(bridge_mac(0), bridge_mac(1));
+        assert!(![a, vtep_mac(0, Family::V6)].contains(&bridge_mac(0)));
     }
 }
