@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages nftpol builds and tests with (Debian/Ubuntu), once.
 set -euo pipefail
-packages=(libnftnl-dev libmnl-dev pkg-config nftables iproute2 conntrack util-linux)
+packages=(libnftnl-dev libmnl-dev pkg-config nftables iproute2 conntrack util-linux systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
