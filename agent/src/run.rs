@@ -10,7 +10,8 @@
 //! The first sync replaces any tables of ours in one transaction; later ones write the delta.
 //! A sync that fails is retried as a full replace; a snapshot that does not load changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -167,21 +168,63 @@ impl Guards {
                 None
             }
         };
+        // Every address each veth carries, those claimed by two veths included.
+        let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+        if let Some(d) = &discovery {
+            for v in d.veths() {
+                carried.entry(&v.name).or_default().extend(&v.addresses);
+            }
+            for (ip, names) in d.conflicts() {
+                for name in names {
+                    carried.entry(name).or_default().insert(*ip);
+                }
+            }
+        }
+        let owner: BTreeMap<IpAddr, String> = compiler
+            .local_pods()
+            .flat_map(|p| {
+                p.ips
+                    .iter()
+                    .map(move |ip| (*ip, format!("{}/{}", p.namespace, p.name)))
+            })
+            .collect();
+        // A veth belongs to the pod whose addresses it alone carries. An address on two veths
+        // (a pod that took a neighbour's address too) proves nothing by itself: it goes to the
+        // veth no other pod owns.
+        let mut veth_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        if let Some(d) = &discovery {
+            for v in d.veths() {
+                let owners: BTreeSet<&str> = v
+                    .addresses
+                    .iter()
+                    .filter_map(|ip| owner.get(ip).map(String::as_str))
+                    .collect();
+                if let [only] = owners.into_iter().collect::<Vec<_>>().as_slice() {
+                    veth_owner.insert(&v.name, only);
+                }
+            }
+        }
         let mut pods = Vec::new();
         let mut missing = BTreeSet::new();
         for pod in compiler.local_pods() {
             let id = format!("{}/{}", pod.namespace, pod.name);
-            let names: BTreeSet<&str> = pod
-                .ips
+            let owned: Vec<&str> = veth_owner
                 .iter()
-                .map(|ip| {
-                    discovery
-                        .as_ref()
-                        .and_then(|d| d.interface_of(*ip))
-                        .map_or("", |v| v.name.as_str())
-                })
+                .filter(|(_, o)| **o == id)
+                .map(|(name, _)| *name)
                 .collect();
-            let found = match names.into_iter().collect::<Vec<_>>().as_slice() {
+            let candidates: Vec<&str> = if owned.is_empty() {
+                carried
+                    .iter()
+                    .filter(|(name, ips)| {
+                        !veth_owner.contains_key(*name) && pod.ips.iter().any(|ip| ips.contains(ip))
+                    })
+                    .map(|(name, _)| *name)
+                    .collect()
+            } else {
+                owned
+            };
+            let found = match candidates.as_slice() {
                 [name] => IfName::new(name),
                 _ => None,
             };

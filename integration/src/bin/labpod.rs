@@ -9,6 +9,10 @@
 //! order given. Without targets on the command line it reads one per line from stdin, where a
 //! fourth field may name the UDP source port to use (`0` or absent: any).
 //!
+//! `labpod send FROM ADDR PORT COUNT` sends COUNT UDP datagrams to ADDR:PORT from source
+//! address FROM, which must be an address of the pod (tests forging a source add the victim's
+//! address to the attacker's `eth0` first). Nothing is awaited: the answer goes to FROM.
+//!
 //! `labpod connrate [--seconds S] [--parallel P] ADDR PORT` opens TCP connections to a
 //! `labpod serve` port one after another, from P threads, for S seconds (default 5 and 1):
 //! connect, read the reply to end of stream, close. It prints `connections N failures F
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: labpod serve [PORT...]
        labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
+       labpod send FROM ADDR PORT COUNT
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "serve" => serve(rest),
         Some((mode, rest)) if mode == "probe" => probe(rest),
         Some((mode, rest)) if mode == "connrate" => connrate(rest),
+        Some((mode, rest)) if mode == "send" => send(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -261,6 +267,28 @@ fn parse_target(fields: &[&str]) -> Result<Target, String> {
             .parse()
             .map_err(|_| format!("bad source port {sport:?}"))?,
     })
+}
+
+fn send(args: &[String]) -> Result<(), String> {
+    let [from, addr, port, count] = args else {
+        return Err(USAGE.to_string());
+    };
+    let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let port = parse_port(port)?;
+    let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    let socket =
+        UdpSocket::bind(SocketAddr::new(from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+    for n in 0..count {
+        socket
+            .send_to(
+                format!("labpod send {n}\n").as_bytes(),
+                SocketAddr::new(addr, port),
+            )
+            .map_err(|e| format!("send to {addr}:{port}: {e}"))?;
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 fn parse_port(text: &str) -> Result<u16, String> {

@@ -1,0 +1,398 @@
+//! Node-local pods in a two-node lab with one `agent run` per node:
+//!
+//! - anti-spoofing: a pod that puts another pod's addresses on its interface and sends from them
+//!   reaches a server that admits the other pod while no agent runs, and is dropped at its own
+//!   veth once the agents run (cross-node and same-node, IPv4 and IPv6), while the real pod's
+//!   packets still arrive;
+//! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
+//!   agents, unreachable with them, and reachable once the snapshot lists it.
+//!
+//! Whether a datagram arrived is read from a counter in the server pod's own namespace, so the
+//! verdict does not depend on a reply that a forged source would never get.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test fails by panicking"
+)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use integration::agents::{agent_binary, wait_for, Agent};
+use integration::lab::{Lab, Pod, Protocol, Target};
+use integration::netns;
+
+const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
+const NODES: [&str; 2] = ["node-a", "node-b"];
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+const SENT: u64 = 5;
+
+fn exec(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .expect("ip netns exec runs");
+    assert!(
+        out.status.success(),
+        "{args:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pod of the snapshot, with the lab pod's addresses.
+fn pod_yaml(pod: &Pod, app: &str) -> String {
+    let (namespace, name) = pod.name.split_once('/').expect("ns/name");
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  namespace: {namespace}\n  name: {name}\n  labels:\n    app: {app}\n\
+         spec:\n  nodeName: {}\n  containers:\n  - name: c\n    image: x\n\
+         status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+        NODES[pod.node], pod.ipv4, pod.ipv4, pod.ipv6
+    )
+}
+
+fn snapshot(pods: &[(&Pod, &str)], policies: &str) -> String {
+    let mut docs = vec!["apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bank\n".to_string()];
+    docs.extend(pods.iter().map(|(pod, app)| pod_yaml(pod, app)));
+    if !policies.is_empty() {
+        docs.push(policies.to_string());
+    }
+    docs.join("---\n")
+}
+
+fn write_snapshot(path: &Path, text: &str) {
+    let new = path.with_extension("new");
+    fs::write(&new, text).expect("write snapshot");
+    fs::rename(&new, path).expect("rename snapshot");
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("nftpol-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_agents(lab: &Lab, snapshot: &Path, extra: &[&[&str]; 2]) -> Vec<Agent> {
+    let mut agents: Vec<Agent> = (0..NODES.len())
+        .map(|i| Agent::start(Path::new(LABPOD), lab, i, NODES[i], snapshot, extra[i]))
+        .collect();
+    wait_for(&mut agents, "a first `synced`", SYNC_TIMEOUT, |_, a| {
+        a.synced() >= 1
+    });
+    agents
+}
+
+/// Packets counted in `netns` from `source` to UDP port 80, per address family of `source`.
+struct Counter<'a> {
+    netns: &'a str,
+}
+
+impl<'a> Counter<'a> {
+    fn install(server: &'a Pod, sources: &[&Pod]) -> Counter<'a> {
+        let mut rules = String::new();
+        for source in sources {
+            for addr in [source.ipv4.to_string(), source.ipv6.to_string()] {
+                let family = if addr.contains(':') { "ip6" } else { "ip" };
+                rules.push_str(&format!(
+                    "\t\t{family} saddr {addr} udp dport 80 counter comment \"{addr}\"\n"
+                ));
+            }
+        }
+        let text = format!(
+            "table inet observe {{\n\tchain seen {{\n\t\ttype filter hook input priority -10; policy accept;\n{rules}\t}}\n}}\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &server.netns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft runs");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "counter table loads");
+        Counter {
+            netns: &server.netns,
+        }
+    }
+
+    fn packets(&self, source: &str) -> u64 {
+        let listing = exec(
+            self.netns,
+            &["nft", "list", "chain", "inet", "observe", "seen"],
+        );
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{source}\"")))
+            .unwrap_or_else(|| panic!("no counter for {source}:\n{listing}"));
+        let after = line.split("packets ").nth(1).expect("packets");
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .expect("a count")
+    }
+}
+
+/// Gives `attacker` the addresses of `victim` as extra addresses.
+fn borrow_addresses(attacker: &Pod, victim: &Pod) {
+    exec(
+        &attacker.netns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/32", victim.ipv4),
+            "dev",
+            "eth0",
+        ],
+    );
+    exec(
+        &attacker.netns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/128", victim.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+}
+
+/// Sends `SENT` datagrams from `from` (an address of `sender`) to UDP 80 of `to`; how many the
+/// counter saw arrive, per family.
+fn delivered(sender: &Pod, as_of: &Pod, to: &Pod, counter: &Counter) -> [u64; 2] {
+    let pairs = [
+        (as_of.ipv4.to_string(), to.ipv4.to_string()),
+        (as_of.ipv6.to_string(), to.ipv6.to_string()),
+    ];
+    let mut counts = [0; 2];
+    for (i, (from, dst)) in pairs.iter().enumerate() {
+        let before = counter.packets(from);
+        exec(
+            &sender.netns,
+            &[LABPOD, "send", from, dst, "80", &SENT.to_string()],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        counts[i] = counter.packets(from) - before;
+    }
+    counts
+}
+
+/// Probes TCP 80 from each of `from` to `to` in both families until all pass (IPv6 neighbour
+/// discovery and the nodes' routes settle in the first second or so of a lab).
+fn warm_up(lab: &Lab, from: &[&Pod], to: &Pod) {
+    let targets: Vec<Target> = [to.ipv4.to_string(), to.ipv6.to_string()]
+        .iter()
+        .map(|a| Target {
+            addr: a.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        })
+        .collect();
+    for pod in from {
+        let mut last = Vec::new();
+        for _ in 0..50 {
+            last = lab.probe(pod, &targets).expect("probe");
+            if last.iter().all(|ok| *ok) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            last,
+            [true, true],
+            "{} reaches {} before any rule",
+            pod.name,
+            to.name
+        );
+    }
+}
+
+const VAULT_POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: vault-from-teller\n\
+spec:\n  podSelector:\n    matchLabels:\n      app: vault\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: teller\n    ports:\n    - protocol: UDP\n      port: 80\n    - protocol: TCP\n      port: 80\n";
+
+#[test]
+fn a_pod_cannot_send_from_another_pods_address() {
+    if netns::skip_unless_root("a_pod_cannot_send_from_another_pods_address") {
+        return;
+    }
+    agent_binary(Path::new(LABPOD));
+    let scratch = Scratch::new("spoofing");
+    let mut lab = Lab::new(LABPOD, NODES.len()).expect("lab");
+    let teller = lab.add_pod(0, "bank/teller", 10).expect("pod");
+    let mallory = lab.add_pod(0, "bank/mallory", 11).expect("pod");
+    let vault = lab.add_pod(1, "bank/vault", 20).expect("pod");
+    let eve = lab.add_pod(1, "bank/eve", 21).expect("pod");
+    warm_up(&lab, &[&teller, &mallory, &eve], &vault);
+    let counter = Counter::install(&vault, &[&teller]);
+    borrow_addresses(&mallory, &teller);
+    borrow_addresses(&eve, &teller);
+
+    // No agent: forged datagrams arrive, across nodes (mallory) and on the vault's node (eve).
+    assert_eq!(
+        delivered(&mallory, &teller, &vault, &counter),
+        [SENT; 2],
+        "control, cross-node"
+    );
+    assert_eq!(
+        delivered(&eve, &teller, &vault, &counter),
+        [SENT; 2],
+        "control, same node"
+    );
+
+    let path = scratch.0.join("snapshot.yaml");
+    let pods = [
+        (&teller, "teller"),
+        (&mallory, "mallory"),
+        (&vault, "vault"),
+        (&eve, "eve"),
+    ];
+    write_snapshot(&path, &snapshot(&pods, VAULT_POLICY));
+    let mut agents = start_agents(&lab, &path, &[&[], &[]]);
+    for (i, node) in NODES.iter().enumerate() {
+        let veths = exec(
+            lab.node_netns(i).unwrap(),
+            &["nft", "list", "set", "bridge", "nftpol", "veths"],
+        );
+        if veths.matches("\"veth").count() != 2 {
+            let logs: Vec<String> = agents.iter_mut().map(Agent::describe).collect();
+            panic!("{node} guards its two pods:\n{veths}\n{}", logs.join("\n"));
+        }
+    }
+
+    let forged_cross = delivered(&mallory, &teller, &vault, &counter);
+    let forged_local = delivered(&eve, &teller, &vault, &counter);
+    let genuine = delivered(&teller, &teller, &vault, &counter);
+    let allowed = lab
+        .probe(
+            &teller,
+            &[Target {
+                addr: vault.ipv4.into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+        )
+        .expect("probe");
+    let own_address = lab
+        .probe(
+            &mallory,
+            &[Target {
+                addr: vault.ipv4.into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+        )
+        .expect("probe");
+    let logs: Vec<String> = agents.iter_mut().map(Agent::describe).collect();
+    println!(
+        "forged cross-node {forged_cross:?}, forged same-node {forged_local:?}, genuine {genuine:?} (of {SENT} per family)"
+    );
+    assert_eq!(
+        forged_cross,
+        [0, 0],
+        "forged across nodes\n{}",
+        logs.join("\n")
+    );
+    assert_eq!(
+        forged_local,
+        [0, 0],
+        "forged on the same node\n{}",
+        logs.join("\n")
+    );
+    assert_eq!(genuine, [SENT; 2], "the real teller\n{}", logs.join("\n"));
+    assert_eq!(allowed, [true], "teller -> vault TCP 80 is allowed");
+    assert_eq!(own_address, [false], "mallory -> vault TCP 80 is not");
+}
+
+#[test]
+fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
+    if netns::skip_unless_root("unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them") {
+        return;
+    }
+    agent_binary(Path::new(LABPOD));
+    let scratch = Scratch::new("isolate");
+    let mut lab = Lab::new(LABPOD, NODES.len()).expect("lab");
+    let client = lab.add_pod(0, "bank/client", 10).expect("pod");
+    let known = lab.add_pod(1, "bank/known", 20).expect("pod");
+    let newcomer = lab.add_pod(1, "bank/newcomer", 21).expect("pod");
+    let to = |pod: &Pod| -> Vec<Target> {
+        [pod.ipv4.to_string(), pod.ipv6.to_string()]
+            .iter()
+            .map(|a| Target {
+                addr: a.parse().unwrap(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            })
+            .collect()
+    };
+    warm_up(&lab, &[&client], &newcomer);
+    warm_up(&lab, &[&newcomer], &client);
+    warm_up(&lab, &[&client], &known);
+
+    let path = scratch.0.join("snapshot.yaml");
+    write_snapshot(
+        &path,
+        &snapshot(&[(&client, "client"), (&known, "known")], ""),
+    );
+    let mut agents = start_agents(
+        &lab,
+        &path,
+        &[
+            &["--isolate-unprogrammed", "10.244.1.0/24,fd00:10:244:1::/64"],
+            &["--isolate-unprogrammed", "10.244.2.0/24,fd00:10:244:2::/64"],
+        ],
+    );
+    let before = lab.probe(&client, &to(&newcomer)).unwrap();
+    let out = lab.probe(&newcomer, &to(&client)).unwrap();
+    let known_ok = lab.probe(&client, &to(&known)).unwrap();
+    assert_eq!(before, [false, false], "the newcomer is isolated");
+    assert_eq!(out, [false, false], "and cannot send");
+    assert_eq!(
+        known_ok,
+        [true, true],
+        "a known pod no policy selects stays open"
+    );
+
+    let synced: Vec<usize> = agents.iter().map(Agent::synced).collect();
+    write_snapshot(
+        &path,
+        &snapshot(
+            &[
+                (&client, "client"),
+                (&known, "known"),
+                (&newcomer, "newcomer"),
+            ],
+            "",
+        ),
+    );
+    wait_for(
+        &mut agents,
+        "node-b's `synced` for the newcomer",
+        SYNC_TIMEOUT,
+        |i, a| i == 0 || a.synced() > synced[i],
+    );
+    let after = lab.probe(&client, &to(&newcomer)).unwrap();
+    assert_eq!(after, [true, true], "listed, the newcomer is reachable");
+}
