@@ -4,11 +4,13 @@
 //! manifests (file or directory) -> Cluster -> ruleset::Compiler -> nft text (dump-ruleset)
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
 //!                                          -> diff -> netlink::Writer -> kernel (run)
+//! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
 //! ```
 
 pub mod cli;
 pub mod convert;
 pub mod dump;
+pub mod kube_source;
 pub mod manifests;
 pub mod netlink;
 pub mod node;
