@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod apiserver;
 pub mod lab;
 pub mod netns;
+pub mod objects;
 pub mod synthetic;
