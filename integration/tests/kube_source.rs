@@ -10,6 +10,8 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::kube_source::{self, Batch, Kind, Mirror, Source, Update, WatchConfig};
@@ -22,6 +24,7 @@ use ruleset::model::{
 };
 use ruleset::{Cluster, Compiler};
 use serde_json::json;
+use tracing_subscriber::util::SubscriberInitExt;
 
 const NODE: &str = "node-a";
 /// An upper bound for waiting, never a measure of speed.
@@ -214,6 +217,7 @@ struct Agent {
     listed_at_first_sync: BTreeSet<Kind>,
     listed: BTreeSet<Kind>,
     interruptions: usize,
+    errors: Vec<String>,
     /// Pods that exist throughout a test: the agent must never lose them, even for a moment.
     survivors: Vec<(String, String)>,
     _kubeconfig: tempfile::TempDir,
@@ -233,6 +237,7 @@ impl Agent {
             listed_at_first_sync: BTreeSet::new(),
             listed: BTreeSet::new(),
             interruptions: 0,
+            errors: Vec::new(),
             survivors: Vec::new(),
             _kubeconfig: dir,
         }
@@ -249,7 +254,10 @@ impl Agent {
                 Update::Listed(listing) => {
                     self.listed.insert(listing.kind());
                 }
-                Update::Interrupted { .. } => self.interruptions += 1,
+                Update::Interrupted { error, .. } => {
+                    self.interruptions += 1;
+                    self.errors.push(error.clone());
+                }
                 _ => {}
             }
         }
@@ -413,6 +421,14 @@ async fn expired_version_relists_and_deletes_what_vanished() {
 
     agent.converge(&world).await;
     assert!(list_count(&server) > lists, "no relist after 410");
+    assert!(
+        agent
+            .errors
+            .iter()
+            .any(|e| e.contains("too old resource version")),
+        "no 410 seen: {:?}",
+        agent.errors
+    );
     for (namespace, name) in &gone {
         assert!(agent.cluster().pod(namespace, name).is_none());
     }
@@ -453,8 +469,29 @@ async fn outage_keeps_the_last_state_then_converges() {
     agent.converge(&world).await;
 }
 
+/// What the agent logs, for the test's own thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn malformed_objects_are_skipped() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _logging = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish()
+        .set_default();
     let server = server().await;
     let mut world = World::sample(20);
     world.serve(&server);
@@ -482,4 +519,17 @@ async fn malformed_objects_are_skipped() {
     agent.converge(&world).await;
     assert!(agent.cluster().pod("shop", "broken-list").is_none());
     assert!(agent.cluster().pod("dev", "broken-watch").is_none());
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for (object, field) in [
+        ("shop/broken-list", "spec.containers"),
+        ("shop/broken", "metadata.labels"),
+        ("dev/broken-watch", "status.podIPs"),
+    ] {
+        assert!(
+            logged
+                .lines()
+                .any(|l| l.contains(&format!("object={object} ")) && l.contains(field)),
+            "{object}: not logged with {field}:\n{logged}"
+        );
+    }
 }
