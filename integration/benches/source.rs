@@ -49,7 +49,7 @@ async fn measure() {
         let direct = HEAP.current_usage() - before;
         let mut served = 0;
         for object in objects::all(&cluster) {
-            server.put(object);
+            server.put(object).expect("a served kind");
             served += 1;
         }
         (served, direct)

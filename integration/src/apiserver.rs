@@ -181,10 +181,10 @@ impl ApiServer {
         )
     }
 
-    /// Creates or replaces an object, whatever its content, as long as `kind` and
-    /// `metadata.name` are there. Returns the resourceVersion it got.
-    pub fn put(&self, mut object: Value) -> u64 {
-        let resource = Resource::of(&object).unwrap_or(Resource::Pods);
+    /// Creates or replaces an object, whatever the rest of its content, as long as `kind` is
+    /// one served. Returns the resourceVersion it got.
+    pub fn put(&self, mut object: Value) -> Option<u64> {
+        let resource = Resource::of(&object)?;
         let key = key_of(resource, &object);
         let mut state = lock(&self.state);
         state.rv += 1;
@@ -201,7 +201,7 @@ impl ApiServer {
             .is_some();
         let kind = if existed { "MODIFIED" } else { "ADDED" };
         self.record(&mut state, resource, kind, &bytes);
-        rv
+        Some(rv)
     }
 
     /// Deletes an object; whether it was there.

@@ -102,18 +102,18 @@ impl World {
 
     fn serve(&self, server: &ApiServer) {
         for ns in self.namespaces.values() {
-            server.put(objects::namespace(ns));
+            server.put(objects::namespace(ns)).unwrap();
         }
         for pod in self.pods.values() {
-            server.put(objects::pod(pod));
+            server.put(objects::pod(pod)).unwrap();
         }
         for policy in self.policies.values() {
-            server.put(objects::network_policy(policy));
+            server.put(objects::network_policy(policy)).unwrap();
         }
     }
 
     fn put_pod(&mut self, server: &ApiServer, pod: Pod) {
-        server.put(objects::pod(&pod));
+        server.put(objects::pod(&pod)).unwrap();
         self.pods
             .insert((pod.namespace.clone(), pod.name.clone()), pod);
     }
@@ -124,7 +124,7 @@ impl World {
     }
 
     fn put_policy(&mut self, server: &ApiServer, policy: NetworkPolicy) {
-        server.put(objects::network_policy(&policy));
+        server.put(objects::network_policy(&policy)).unwrap();
         self.add_policy(policy);
     }
 
@@ -495,24 +495,30 @@ async fn malformed_objects_are_skipped() {
     let server = server().await;
     let mut world = World::sample(20);
     world.serve(&server);
-    server.put(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "broken-list", "namespace": "shop"},
-        "spec": {"containers": "not a list"},
-    }));
-    server.put(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "broken", "namespace": "shop", "labels": 7},
-        "spec": {"podSelector": {}},
-    }));
+    server
+        .put(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "broken-list", "namespace": "shop"},
+            "spec": {"containers": "not a list"},
+        }))
+        .unwrap();
+    server
+        .put(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "broken", "namespace": "shop", "labels": 7},
+            "spec": {"podSelector": {}},
+        }))
+        .unwrap();
     let mut agent = Agent::start(&server, 4).await;
     agent.converge(&world).await;
 
-    server.put(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "broken-watch", "namespace": "dev"},
-        "status": {"podIPs": [{"ip": 5}]},
-    }));
+    server
+        .put(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "broken-watch", "namespace": "dev"},
+            "status": {"podIPs": [{"ip": 5}]},
+        }))
+        .unwrap();
     let mut pod = world.pods.values().next().unwrap().clone();
     pod.labels.insert("after".into(), "broken".into());
     world.put_pod(&server, pod);
