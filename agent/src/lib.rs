@@ -5,11 +5,13 @@
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
 //!                                          -> diff -> netlink::Writer -> kernel (run)
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
+//! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
 //! ```
 
 pub mod cli;
 pub mod convert;
 pub mod dump;
+pub mod kube_source;
 pub mod manifests;
 pub mod netlink;
 pub mod node;

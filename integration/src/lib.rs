@@ -1,9 +1,12 @@
-//! nftpol's test bench: synthetic clusters for benchmarks, and the tests under `tests/` that
-//! load real rulesets into throwaway network namespaces.
+//! nftpol's test bench: synthetic clusters for benchmarks, the tests under `tests/` that
+//! load real rulesets into throwaway network namespaces, and a stand-in API server
+//! (`apiserver`, fed through `objects`) that the agent's Kubernetes source lists and watches.
 
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod apiserver;
 pub mod lab;
 pub mod netns;
+pub mod objects;
 pub mod synthetic;

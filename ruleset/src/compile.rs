@@ -133,6 +133,11 @@ impl Compiler {
         &self.cluster
     }
 
+    /// The cluster and the table, for a caller that changes many objects and recompiles once.
+    pub fn into_parts(self) -> (Cluster, Table) {
+        (self.cluster, self.table)
+    }
+
     /// The pods this node enforces policy for.
     pub fn local_pods(&self) -> impl Iterator<Item = &Pod> {
         self.cluster.pods().filter(|p| self.is_local(p))

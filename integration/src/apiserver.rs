@@ -1,0 +1,564 @@
+//! A stand-in for the Kubernetes API server: Pods, Namespaces and NetworkPolicies over plain
+//! HTTP on 127.0.0.1, speaking the list/watch protocol kube-rs and client-go use.
+//!
+//! ```text
+//! test -> ApiServer::put / delete (raw JSON) -> State: objects + bounded history, one global RV
+//!   GET .../pods?limit&continue          -> PodList page, metadata.resourceVersion, continue
+//!   GET .../pods?watch=true&resourceVersion=N -> chunked JSON lines: history after N, then live
+//!                                              events and BOOKMARKs; N compacted -> ERROR 410
+//! ```
+//!
+//! Tests steer it: compact the history (the next watch from an old version gets 410 Expired),
+//! drop every connection mid-stream, stop and restart on the same port, count requests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
+
+/// The resources served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Pods,
+    Namespaces,
+    NetworkPolicies,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 3] = [
+        Resource::Pods,
+        Resource::Namespaces,
+        Resource::NetworkPolicies,
+    ];
+
+    fn path(self) -> &'static str {
+        match self {
+            Resource::Pods => "/api/v1/pods",
+            Resource::Namespaces => "/api/v1/namespaces",
+            Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::Pods | Resource::Namespaces => "v1",
+            Resource::NetworkPolicies => "networking.k8s.io/v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Pods => "Pod",
+            Resource::Namespaces => "Namespace",
+            Resource::NetworkPolicies => "NetworkPolicy",
+        }
+    }
+
+    /// The resource an object's `kind` names.
+    pub fn of(object: &Value) -> Option<Resource> {
+        let kind = object.get("kind")?.as_str()?;
+        Resource::ALL.into_iter().find(|r| r.kind() == kind)
+    }
+}
+
+/// List or watch, for request counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verb {
+    List,
+    Watch,
+}
+
+/// How the stand-in behaves; the defaults suit tests.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Events kept for watches that resume; older resourceVersions get 410 Expired.
+    pub history: usize,
+    /// How often open watches that asked for them get a BOOKMARK.
+    pub bookmark_every: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            bookmark_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `namespace/name`; the namespace is empty for a Namespace.
+type Key = (String, String);
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: HashMap<Resource, BTreeMap<Key, Bytes>>,
+    /// Recent events, oldest first, as (resourceVersion, resource, watch line).
+    history: VecDeque<(u64, Resource, Bytes)>,
+    /// Events at or below this resourceVersion are gone from the history.
+    compacted: u64,
+    watches: BTreeMap<u64, Watch>,
+    /// Remaining pages of chunked lists, by continue token.
+    pages: HashMap<String, (u64, Resource, Vec<Bytes>)>,
+    connections: BTreeMap<u64, AbortHandle>,
+    requests: BTreeMap<(Resource, Verb), usize>,
+    next_id: u64,
+}
+
+struct Watch {
+    resource: Resource,
+    bookmarks: bool,
+    lines: mpsc::UnboundedSender<Bytes>,
+}
+
+/// The running stand-in. Dropped, it stops.
+pub struct ApiServer {
+    state: Arc<Mutex<State>>,
+    settings: Settings,
+    addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Serves an empty cluster on a free port of 127.0.0.1.
+    pub async fn start(settings: Settings) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut server = Self {
+            state: Arc::default(),
+            settings,
+            addr,
+            tasks: Vec::new(),
+        };
+        server.serve(listener);
+        Ok(server)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let state = Arc::clone(&self.state);
+        let settings = self.settings;
+        self.tasks.push(tokio::spawn(accept(listener, state)));
+        let state = Arc::clone(&self.state);
+        self.tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(settings.bookmark_every);
+            loop {
+                ticker.tick().await;
+                send_bookmarks(&mut lock(&state));
+            }
+        }));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig whose current context points at this server.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        let url = self.url();
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters:\n- name: stand-in\n  cluster:\n    server: {url}\n\
+                 users:\n- name: stand-in\n  user: {{}}\n\
+                 contexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: stand-in\n\
+                 current-context: stand-in\n"
+            ),
+        )
+    }
+
+    /// Creates or replaces an object, whatever the rest of its content, as long as `kind` is
+    /// one served. Returns the resourceVersion it got.
+    pub fn put(&self, mut object: Value) -> Option<u64> {
+        let resource = Resource::of(&object)?;
+        let key = key_of(resource, &object);
+        let mut state = lock(&self.state);
+        state.rv += 1;
+        let rv = state.rv;
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+        }
+        let bytes = Bytes::from(object.to_string());
+        let existed = state
+            .objects
+            .entry(resource)
+            .or_default()
+            .insert(key, bytes.clone())
+            .is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        self.record(&mut state, resource, kind, &bytes);
+        Some(rv)
+    }
+
+    /// Deletes an object; whether it was there.
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        let namespace = match resource {
+            Resource::Namespaces => "",
+            _ => namespace,
+        };
+        let mut state = lock(&self.state);
+        let Some(old) = state
+            .objects
+            .get_mut(&resource)
+            .and_then(|objects| objects.remove(&(namespace.to_string(), name.to_string())))
+        else {
+            return false;
+        };
+        state.rv += 1;
+        let rv = state.rv;
+        let mut object: Value = serde_json::from_slice(&old).unwrap_or(Value::Null);
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+        }
+        self.record(
+            &mut state,
+            resource,
+            "DELETED",
+            &Bytes::from(object.to_string()),
+        );
+        true
+    }
+
+    fn record(&self, state: &mut State, resource: Resource, kind: &str, object: &Bytes) {
+        let line = watch_line(kind, object);
+        let rv = state.rv;
+        state.history.push_back((rv, resource, line.clone()));
+        while state.history.len() > self.settings.history {
+            if let Some((old, _, _)) = state.history.pop_front() {
+                state.compacted = old;
+            }
+        }
+        state
+            .watches
+            .retain(|_, w| w.resource != resource || w.lines.send(line.clone()).is_ok());
+    }
+
+    /// Forgets the event history, as etcd compaction does: a watch resuming from any earlier
+    /// resourceVersion, or a list continuing an earlier page, gets 410 Gone.
+    pub fn compact(&self) {
+        let mut state = lock(&self.state);
+        state.history.clear();
+        state.compacted = state.rv;
+        state.pages.clear();
+    }
+
+    /// Cuts every open connection, in the middle of whatever it was sending.
+    pub fn drop_connections(&self) {
+        let mut state = lock(&self.state);
+        state.watches.clear();
+        for (_, connection) in std::mem::take(&mut state.connections) {
+            connection.abort();
+        }
+    }
+
+    /// Stops listening and cuts every connection; the objects stay for [`ApiServer::restart`].
+    pub fn stop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.drop_connections();
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        let listener = TcpListener::bind(self.addr).await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Requests served so far, by resource and verb.
+    pub fn requests(&self, resource: Resource, verb: Verb) -> usize {
+        lock(&self.state)
+            .requests
+            .get(&(resource, verb))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.state).rv
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The state stays usable after a panic elsewhere: every change to it is complete when made.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn key_of(resource: Resource, object: &Value) -> Key {
+    let meta = object.get("metadata");
+    let text = |field: &str| {
+        meta.and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    match resource {
+        Resource::Namespaces => (String::new(), text("name")),
+        _ => (text("namespace"), text("name")),
+    }
+}
+
+fn watch_line(kind: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(br#"{"type":""#);
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(br#"","object":"#);
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
+fn send_bookmarks(state: &mut State) {
+    let rv = state.rv.to_string();
+    state.watches.retain(|_, w| {
+        if !w.bookmarks {
+            return true;
+        }
+        let bookmark = json!({
+            "type": "BOOKMARK",
+            "object": {
+                "apiVersion": w.resource.api_version(),
+                "kind": w.resource.kind(),
+                "metadata": {"resourceVersion": rv},
+            },
+        });
+        w.lines.send(Bytes::from(format!("{bookmark}\n"))).is_ok()
+    });
+}
+
+async fn accept(listener: TcpListener, state: Arc<Mutex<State>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut guard = lock(&state);
+        guard.next_id += 1;
+        let id = guard.next_id;
+        let served = Arc::clone(&state);
+        let connection = tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = Arc::clone(&served);
+                async move { Ok::<_, Infallible>(handle(&state, &request)) }
+            });
+            // A client that goes away mid-stream is no error of the server's.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        guard.connections.insert(id, connection.abort_handle());
+        guard.connections.retain(|_, c| !c.is_finished());
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn handle(state: &Arc<Mutex<State>>, request: &Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{path}: not served"),
+        );
+    };
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let flag = |name: &str| matches!(query.get(name).map(String::as_str), Some("true" | "1"));
+    if flag("watch") {
+        watch(state, resource, &query, flag("allowWatchBookmarks"))
+    } else {
+        list(state, resource, &query)
+    }
+}
+
+fn list(
+    state: &Arc<Mutex<State>>,
+    resource: Resource,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let mut state = lock(state);
+    *state.requests.entry((resource, Verb::List)).or_default() += 1;
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l > 0);
+    let (rv, mut items) = match query.get("continue") {
+        Some(token) => match state.pages.remove(token) {
+            Some((rv, r, items)) if r == resource => (rv, items),
+            _ => return status(
+                StatusCode::GONE,
+                "Expired",
+                "the provided continue parameter is too old to display a consistent list result",
+            ),
+        },
+        None => (
+            state.rv,
+            state
+                .objects
+                .get(&resource)
+                .map(|objects| objects.values().cloned().collect())
+                .unwrap_or_default(),
+        ),
+    };
+    let mut next = String::new();
+    if let Some(limit) = limit.filter(|&l| l < items.len()) {
+        let rest = items.split_off(limit);
+        state.next_id += 1;
+        next = format!("{rv}-{}", state.next_id);
+        state.pages.insert(next.clone(), (rv, resource, rest));
+    }
+    drop(state);
+    let size = items.iter().map(Bytes::len).sum::<usize>() + items.len() + 256;
+    let mut body = Vec::with_capacity(size);
+    let mut head = String::new();
+    let _ = write!(
+        head,
+        r#"{{"apiVersion":"{}","kind":"{}List","metadata":{{"resourceVersion":"{rv}""#,
+        resource.api_version(),
+        resource.kind()
+    );
+    if !next.is_empty() {
+        let _ = write!(head, r#","continue":"{next}""#);
+    }
+    head.push_str(r#"},"items":["#);
+    body.extend_from_slice(head.as_bytes());
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    json_response(StatusCode::OK, Full::new(Bytes::from(body)).boxed())
+}
+
+fn watch(
+    state: &Arc<Mutex<State>>,
+    resource: Resource,
+    query: &HashMap<String, String>,
+    bookmarks: bool,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let mut guard = lock(state);
+    *guard.requests.entry((resource, Verb::Watch)).or_default() += 1;
+    let from = query
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse::<u64>().ok())
+        .unwrap_or(0);
+    if from == 0 {
+        // "Any": the current state as ADDED events, then changes.
+        for object in guard
+            .objects
+            .get(&resource)
+            .into_iter()
+            .flat_map(|o| o.values())
+        {
+            let _ = tx.send(watch_line("ADDED", object));
+        }
+    } else if from < guard.compacted {
+        let expired = json!({
+            "type": "ERROR",
+            "object": status_object(
+                410,
+                "Expired",
+                &format!("too old resource version: {from} ({})", guard.compacted + 1),
+            ),
+        });
+        let _ = tx.send(Bytes::from(format!("{expired}\n")));
+        drop(tx);
+        drop(guard);
+        return json_response(StatusCode::OK, stream_body(rx));
+    } else {
+        for (_, _, line) in guard
+            .history
+            .iter()
+            .filter(|(rv, r, _)| *rv > from && *r == resource)
+        {
+            let _ = tx.send(line.clone());
+        }
+    }
+    guard.next_id += 1;
+    let id = guard.next_id;
+    guard.watches.insert(
+        id,
+        Watch {
+            resource,
+            bookmarks,
+            lines: tx,
+        },
+    );
+    drop(guard);
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(timeout)).await;
+        lock(&state).watches.remove(&id);
+    });
+    json_response(StatusCode::OK, stream_body(rx))
+}
+
+fn stream_body(rx: mpsc::UnboundedReceiver<Bytes>) -> Body {
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|line| (Ok::<_, Infallible>(Frame::data(line)), rx))
+    });
+    StreamBody::new(frames).boxed()
+}
+
+fn status_object(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = status_object(code.as_u16(), reason, message).to_string();
+    json_response(code, Full::new(Bytes::from(body)).boxed())
+}
+
+fn json_response(code: StatusCode, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
