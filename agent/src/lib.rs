@@ -5,14 +5,18 @@
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
 //!                                          -> diff -> netlink::Writer -> kernel (run)
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
+//! the loop's syncs and counts -> health::Health -> /healthz, /readyz, /metrics (HTTP)
+//!                                                -> notify (systemd READY=1, WATCHDOG=1)
 //! ```
 
 pub mod cli;
 pub mod convert;
 pub mod dump;
+pub mod health;
 pub mod manifests;
 pub mod netlink;
 pub mod node;
+pub mod notify;
 pub mod run;
 pub mod trace;
 pub mod veth;
