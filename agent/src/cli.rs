@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -17,8 +18,17 @@ pub struct Cli {
     /// Log filter (error, warn, info, debug, trace or a tracing directive); RUST_LOG wins.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Log lines as plain text, or as one JSON object per line for a log collector.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +66,23 @@ pub struct RunArgs {
     /// in place. Off by default.
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub isolate_unprogrammed: Vec<ipnet::IpNet>,
+    /// Where to answer /healthz, /readyz and /metrics over HTTP: ADDRESS:PORT, `[V6]:PORT` or
+    /// V6:PORT (the last colon starts the port). Loopback by default.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9743", value_parser = parse_health_addr)]
+    pub health_addr: SocketAddr,
+}
+
+/// `ADDRESS:PORT`, with or without brackets around an IPv6 address: Kubernetes' `status.hostIP`
+/// gives a bare IPv6 address, which a manifest can only follow with `:PORT`.
+fn parse_health_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{s:?} is not ADDRESS:PORT (e.g. 127.0.0.1:9743 or [::1]:9743)");
+    let (ip, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// Print the nftables ruleset one node enforces, as `nft -f` text.
@@ -120,6 +147,30 @@ impl From<ProtocolArg> for ruleset::ir::Protocol {
             ProtocolArg::Tcp => Self::Tcp,
             ProtocolArg::Udp => Self::Udp,
             ProtocolArg::Sctp => Self::Sctp,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_addr_takes_v4_and_v6_with_or_without_brackets() {
+        let ok = |s: &str| parse_health_addr(s).map(|a| a.to_string());
+        assert_eq!(ok("127.0.0.1:9743").as_deref(), Ok("127.0.0.1:9743"));
+        assert_eq!(ok("[::1]:9743").as_deref(), Ok("[::1]:9743"));
+        assert_eq!(ok("fd00::1:9743").as_deref(), Ok("[fd00::1]:9743"));
+        assert_eq!(ok("0.0.0.0:0").as_deref(), Ok("0.0.0.0:0"));
+        for bad in [
+            "localhost:9743",
+            "127.0.0.1",
+            "[::1]",
+            "::1",
+            "1.2.3.4:99999",
+            "",
+        ] {
+            assert!(parse_health_addr(bad).is_err(), "{bad}");
         }
     }
 }

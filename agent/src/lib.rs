@@ -6,15 +6,19 @@
 //!                                          -> diff -> netlink::Writer -> kernel (run)
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
 //! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
+//! the loop's syncs and counts -> health::Health -> /healthz, /readyz, /metrics (HTTP)
+//!                                                -> notify (systemd READY=1, WATCHDOG=1)
 //! ```
 
 pub mod cli;
 pub mod convert;
 pub mod dump;
 pub mod kube_source;
+pub mod health;
 pub mod manifests;
 pub mod netlink;
 pub mod node;
+pub mod notify;
 pub mod run;
 pub mod trace;
 pub mod veth;
