@@ -53,8 +53,18 @@ pub enum Command {
 pub struct RunArgs {
     /// A cluster snapshot: a YAML or JSON file, or a directory of them. Edits, replacement by
     /// rename and symlink swaps (ConfigMap volumes) are all picked up.
+    /// Without it, the agent watches the Kubernetes API.
     #[arg(long, value_name = "PATH")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: in-cluster configuration, then $KUBECONFIG, then
+    /// ~/.kube/config).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "KUBECONFIG",
+        conflicts_with = "manifests"
+    )]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name, as pods' `spec.nodeName` gives it.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,

@@ -519,6 +519,11 @@ impl Batch {
         }
     }
 
+    /// Whether only pods change (no namespace or policy).
+    pub fn pods_only(&self) -> bool {
+        self.namespaces.is_empty() && self.policies.is_empty()
+    }
+
     /// Number of objects the batch touches.
     pub fn len(&self) -> usize {
         self.pods.len() + self.namespaces.len() + self.policies.len()
@@ -559,10 +564,11 @@ impl Batch {
             return diff(&before, compiler.table());
         }
         let node = compiler.node().to_string();
+        let options = compiler.options().clone();
         let placeholder = Compiler::new(Cluster::new(), &node);
         let (mut cluster, before) = std::mem::replace(compiler, placeholder).into_parts();
         self.apply_to_cluster(&mut cluster);
-        *compiler = Compiler::new(cluster, &node);
+        *compiler = Compiler::with_options(cluster, &node, options);
         diff(&before, compiler.table())
     }
 

@@ -13,8 +13,8 @@
 pub mod cli;
 pub mod convert;
 pub mod dump;
-pub mod kube_source;
 pub mod health;
+pub mod kube_source;
 pub mod manifests;
 pub mod netlink;
 pub mod node;

@@ -1,14 +1,16 @@
-//! `agent run`: the reconcile loop over a snapshot source.
+//! `agent run`: the reconcile loop, over the Kubernetes API or a snapshot file.
 //!
 //! ```text
-//! snapshot changed? -> load -> Compiler (node) --------------------------\
-//! every second: veth discovery -> guard (bridge table) -------------------+-> diff against
-//!                                                                          what is installed
-//!                                                                          -> one transaction
+//! API watches -> Update -> Batch (coalesced a few ms) -> Compiler (incremental) -\
+//! or: snapshot changed? -> load -> Compiler (from scratch) -----------------------+
+//! every second: veth discovery -> guard (bridge table) ----------------------------+-> diff
+//!     against what is installed -> one transaction for both tables -> Health, sd_notify
 //! every second: nf_tables generation moved? -> fingerprint our tables -> restore if changed
 //! ```
-//! The first sync replaces any tables of ours in one transaction; later ones write the delta.
-//! A sync that fails is retried as a full replace; a snapshot that does not load changes nothing.
+//! Nothing is written before the first complete state (all three lists, or a snapshot that
+//! loads). The first sync replaces any tables of ours in one transaction; later ones write the
+//! delta. A failed sync is retried as a full replace, with backoff; until one lands the kernel
+//! keeps its previous rules (fail static).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -18,11 +20,23 @@ use anyhow::Context;
 use ruleset::guard::{guard_table, GuardedPod};
 use ruleset::ir::{IfName, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Options};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::RunArgs;
+use crate::health::{self, Health, KernelCounts, SyncKind};
+use crate::kube_source::{self, Batch, Mirror, Source, Update};
 use crate::netlink::{Change, WriteError, Writer};
+use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
+
+/// How often the agent looks for new veths, checks that its tables are as it left them and
+/// tells systemd it is alive.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a burst of API events is gathered into one transaction. A lone change waits this
+/// long at most; a deploy of 1,000 pods becomes a handful of transactions, not 1,000.
+const COALESCE: Duration = Duration::from_millis(10);
+/// Longest wait between retries of a failed sync.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     node::check_privileges()?;
@@ -42,30 +56,104 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             "addresses in these CIDRs stay isolated until a known pod holds them"
         );
     }
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let health = Health::new(CHECK_EVERY * 10);
+    serve_health(args, &health)?;
+    let signals = Signals {
+        terminate: signal(SignalKind::terminate())?,
+        interrupt: signal(SignalKind::interrupt())?,
+    };
+    let mut kernel = Kernel {
+        writer,
+        installed: None,
+        guards: Guards::default(),
+        health,
+        notifier: Notifier::from_env(),
+        last_check: Instant::now(),
+        ready: false,
+        retry: None,
+    };
+    let result = match &args.manifests {
+        Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
+        None => from_api(args, &options, &mut kernel, signals).await,
+    };
+    if let Err(err) = kernel.notifier.stopping() {
+        tracing::warn!(%err, "sd_notify STOPPING");
+    }
+    tracing::info!("stopping; the rules stay in the kernel");
+    result
+}
+
+/// The health endpoint runs on a thread of its own, so that it answers while a long sync
+/// (the first one of a big cluster) holds the reconcile loop.
+fn serve_health(args: &RunArgs, health: &Health) -> anyhow::Result<()> {
+    let (bound, outcome) = std::sync::mpsc::channel();
+    let (addr, health) = (args.health_addr, health.clone());
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = bound.send(Err(anyhow::Error::from(err)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match health::bind(addr).await {
+                    Ok(endpoint) => {
+                        let _ = bound.send(Ok(endpoint.local_addr()));
+                        endpoint.serve(health).await;
+                    }
+                    Err(err) => {
+                        let _ = bound.send(Err(err.into()));
+                    }
+                }
+            });
+        })?;
+    let address = outcome
+        .recv()
+        .context("the health endpoint's thread ended before binding")??;
+    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+    Ok(())
+}
+
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    async fn any(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// The snapshot source: polls the file or directory and compiles every new version whole.
+async fn from_snapshot(
+    args: &RunArgs,
+    path: &std::path::Path,
+    options: &Options,
+    kernel: &mut Kernel,
+    mut signals: Signals,
+) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_millis(args.poll_ms.max(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
     let mut seen: Option<manifests::Fingerprint> = None;
-    let mut installed: Option<Installed> = None;
-    let mut guards = Guards::default();
-    let mut last_check = Instant::now();
+    let mut compiler: Option<Compiler> = None;
     let mut unreadable_reported = false;
     loop {
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = signals.any() => return Ok(()),
             _ = ticker.tick() => {}
         }
-        if last_check.elapsed() >= CHECK_EVERY {
-            last_check = Instant::now();
-            if let Some(current) = installed.as_mut() {
-                follow_veths(&mut writer, current, &mut guards);
-                restore_if_changed(&mut writer, current);
-            }
-        }
-        let stamp = match manifests::fingerprint(&args.manifests) {
+        kernel.tick(compiler.as_ref());
+        let stamp = match manifests::fingerprint(path) {
             Ok(stamp) => Some(stamp),
             Err(err) => {
                 // Once per unreadable stretch, including a wrong path at start-up.
@@ -82,46 +170,125 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             continue;
         }
         seen = stamp;
-        let cluster = match manifests::load(&args.manifests) {
+        let cluster = match manifests::load(path) {
             Ok(cluster) => cluster,
             Err(err) => {
                 tracing::error!(%err, "snapshot does not load; the last good rules stay in force");
                 continue;
             }
         };
-        let compiler = Compiler::with_options(cluster, &args.node, options.clone());
-        dump::report(&compiler);
-        let guard = guards.table(&compiler);
-        match sync(&mut writer, installed.as_ref(), &compiler, &guard) {
-            Synced::Written(baseline) => {
-                installed = Some(Installed {
-                    compiler,
-                    guard,
-                    baseline,
-                })
-            }
-            Synced::Unchanged => {
-                let baseline = installed.and_then(|i| i.baseline);
-                installed = Some(Installed {
-                    compiler,
-                    guard,
-                    baseline,
-                });
-            }
+        let next = Compiler::with_options(cluster, &args.node, options.clone());
+        dump::report(&next);
+        kernel.count_objects(&next);
+        match kernel.sync(&next, false) {
+            Synced::Written | Synced::Unchanged => {}
             // Try again at the next tick even if the snapshot stays the same.
             Synced::Failed => seen = None,
         }
+        compiler = Some(next);
     }
-    tracing::info!("stopping; the rules stay in the kernel");
-    Ok(())
 }
 
-/// How often the agent looks for new veths and checks that its tables are as it left them.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The Kubernetes API source: three watches; the first sync once all three lists are in, then
+/// incremental batches.
+async fn from_api(
+    args: &RunArgs,
+    options: &Options,
+    kernel: &mut Kernel,
+    mut signals: Signals,
+) -> anyhow::Result<()> {
+    let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+    let mut source = Source::start(client);
+    let mut ticker = tokio::time::interval(CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut mirror = Mirror::new();
+    let started = Instant::now();
+    tracing::info!(
+        "listing pods, namespaces and network policies; nothing is written until all three are in"
+    );
+    while !mirror.ready() {
+        tokio::select! {
+            () = signals.any() => return Ok(()),
+            _ = ticker.tick() => kernel.tick(None),
+            update = source.recv() => match update {
+                Some(update) => {
+                    log_interruption(&update);
+                    mirror.apply(update);
+                }
+                None => anyhow::bail!("the watches stopped before the first list completed"),
+            },
+        }
+    }
+    let mut compiler = Compiler::with_options(mirror.into_cluster(), &args.node, options.clone());
+    tracing::info!(
+        millis = started.elapsed().as_millis() as u64,
+        "initial lists complete"
+    );
+    dump::report(&compiler);
+    kernel.count_objects(&compiler);
+    kernel.sync(&compiler, false);
+
+    loop {
+        let first = tokio::select! {
+            () = signals.any() => return Ok(()),
+            _ = ticker.tick() => {
+                kernel.tick(Some(&compiler));
+                continue;
+            }
+            update = source.recv() => match update {
+                Some(update) => update,
+                None => anyhow::bail!("the watches stopped"),
+            },
+        };
+        let mut batch = Batch::new();
+        log_interruption(&first);
+        batch.push(first, compiler.cluster());
+        let deadline = tokio::time::Instant::now() + COALESCE;
+        while let Ok(Some(update)) = tokio::time::timeout_at(deadline, source.recv()).await {
+            log_interruption(&update);
+            batch.push(update, compiler.cluster());
+        }
+        let objects = batch.len();
+        let policy_or_namespace = !batch.pods_only();
+        let started = Instant::now();
+        batch.apply(&mut compiler);
+        if policy_or_namespace {
+            dump::report(&compiler);
+        }
+        kernel.count_objects(&compiler);
+        tracing::debug!(
+            objects,
+            micros = started.elapsed().as_micros() as u64,
+            "applied a batch of changes"
+        );
+        kernel.sync(&compiler, false);
+    }
+}
+
+fn log_interruption(update: &Update) {
+    if let Update::Interrupted { kind, error } = update {
+        tracing::warn!(?kind, %error, "watch interrupted; reconnecting, the rules stay as they are");
+    }
+}
+
+/// What the agent put in the kernel, and the ways it tells people.
+struct Kernel {
+    writer: Writer,
+    installed: Option<Installed>,
+    guards: Guards,
+    health: Health,
+    notifier: Notifier,
+    last_check: Instant,
+    /// Whether a sync has landed since start-up (readiness).
+    ready: bool,
+    /// After a failed sync: when to try again, and the wait after that.
+    retry: Option<(Instant, Duration)>,
+}
 
 /// What the agent last put in the kernel.
 struct Installed {
-    compiler: Compiler,
+    policy: Table,
     guard: Table,
     /// The generation and our tables' fingerprints right after that; `None` when reading them
     /// back failed, which makes the next check restore the tables.
@@ -141,6 +308,232 @@ fn read_baseline(writer: &mut Writer) -> Result<Baseline, WriteError> {
         inet: writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?,
         bridge: writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?,
     })
+}
+
+/// What a sync did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Synced {
+    Written,
+    /// Nothing to write: the tables are the same.
+    Unchanged,
+    /// The kernel keeps its previous rules.
+    Failed,
+}
+
+impl Kernel {
+    /// The once-a-tick work: liveness, a due retry, and every second the veths, the tables'
+    /// integrity and the systemd watchdog.
+    fn tick(&mut self, compiler: Option<&Compiler>) {
+        self.health.beat();
+        if let (Some(compiler), Some((at, _))) = (compiler, self.retry) {
+            if Instant::now() >= at {
+                self.sync(compiler, true);
+            }
+        }
+        if self.last_check.elapsed() < CHECK_EVERY {
+            return;
+        }
+        self.last_check = Instant::now();
+        if self.notifier.watchdog_interval().is_some() {
+            if let Err(err) = self.notifier.watchdog() {
+                tracing::warn!(%err, "sd_notify WATCHDOG");
+            }
+        }
+        if let Some(compiler) = compiler {
+            if self.installed.is_some() && self.retry.is_none() {
+                self.follow_veths(compiler);
+                self.restore_if_changed(compiler);
+            }
+        }
+    }
+
+    fn count_objects(&self, compiler: &Compiler) {
+        let cluster = compiler.cluster();
+        self.health.set_objects("pods", cluster.pods().count());
+        self.health
+            .set_objects("namespaces", cluster.namespace_names().count());
+        self.health
+            .set_objects("networkpolicies", cluster.policies().count());
+        self.health.set_local_pods(compiler.local_pods().count());
+    }
+
+    /// Writes `compiler`'s table and the guard for its pods over what is installed, in one
+    /// transaction: the delta, or both tables whole when nothing is installed yet, when
+    /// `full`, or when the delta fails.
+    fn sync(&mut self, compiler: &Compiler, full: bool) -> Synced {
+        let guard = self.guards.table(compiler);
+        let started = Instant::now();
+        let policy = compiler.table();
+        let whole = [Change::Replace(policy), Change::Replace(&guard)];
+        let (kind, attempt) = match self.installed.as_ref().filter(|_| !full) {
+            None => (SyncKind::Full, self.writer.commit(&whole)),
+            Some(prev) => {
+                let policy_delta = diff(&prev.policy, policy);
+                let guard_delta = diff(&prev.guard, &guard);
+                if policy_delta.is_empty() && guard_delta.is_empty() {
+                    tracing::info!("the cluster changed; this node's ruleset did not");
+                    return Synced::Unchanged;
+                }
+                let changes: Vec<Change> = [
+                    (TableFamily::Inet, &policy_delta),
+                    (TableFamily::Bridge, &guard_delta),
+                ]
+                .into_iter()
+                .filter(|(_, delta)| !delta.is_empty())
+                .map(|(family, delta)| Change::Delta {
+                    family,
+                    table: TABLE_NAME,
+                    delta,
+                })
+                .collect();
+                (SyncKind::Delta, self.writer.commit(&changes))
+            }
+        };
+        self.health
+            .record_sync(kind, started.elapsed(), attempt.is_ok());
+        let (kind, result) = match attempt {
+            Ok(sent) => (kind, Ok(sent)),
+            Err(err) if kind == SyncKind::Delta => {
+                tracing::error!(%err, "sync failed; retrying as a full replace");
+                let again = Instant::now();
+                let result = self.writer.commit(&whole);
+                self.health
+                    .record_sync(SyncKind::Full, again.elapsed(), result.is_ok());
+                (SyncKind::Full, result)
+            }
+            Err(err) => (kind, Err(err)),
+        };
+        match result {
+            Ok(sent) => {
+                tracing::info!(
+                    kind = ?kind,
+                    messages = sent.messages,
+                    micros = started.elapsed().as_micros() as u64,
+                    "synced"
+                );
+                let baseline = match read_baseline(&mut self.writer) {
+                    Ok(baseline) => Some(baseline),
+                    Err(err) => {
+                        tracing::error!(%err, "cannot read our tables back after the sync");
+                        None
+                    }
+                };
+                self.health.set_kernel(KernelCounts::of([policy, &guard]));
+                self.installed = Some(Installed {
+                    policy: policy.clone(),
+                    guard,
+                    baseline,
+                });
+                self.retry = None;
+                if !self.ready {
+                    self.ready = true;
+                    self.health.mark_ready();
+                    if let Err(err) = self.notifier.ready() {
+                        tracing::warn!(%err, "sd_notify READY");
+                    }
+                }
+                Synced::Written
+            }
+            Err(err) => {
+                let wait = self.retry.map_or(Duration::from_millis(200), |(_, w)| {
+                    (w * 2).min(MAX_BACKOFF)
+                });
+                tracing::error!(%err, retry_in = ?wait, "sync failed; the kernel keeps its previous rules");
+                self.retry = Some((Instant::now() + wait, wait));
+                Synced::Failed
+            }
+        }
+    }
+
+    /// Brings the guard table in step with the veths in the kernel (pods come and go between
+    /// changes, and a veth appears only once the pod's sandbox is up).
+    fn follow_veths(&mut self, compiler: &Compiler) {
+        let Some(installed) = self.installed.as_mut() else {
+            return;
+        };
+        let guard = self.guards.table(compiler);
+        let delta = diff(&installed.guard, &guard);
+        if delta.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let change = Change::Delta {
+            family: TableFamily::Bridge,
+            table: TABLE_NAME,
+            delta: &delta,
+        };
+        let result = self.writer.commit(&[change]);
+        self.health
+            .record_sync(SyncKind::Veths, started.elapsed(), result.is_ok());
+        match result {
+            Ok(sent) => {
+                tracing::info!(
+                    kind = "veths",
+                    messages = sent.messages,
+                    guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
+                    "synced"
+                );
+                installed.guard = guard;
+                installed.baseline = read_baseline(&mut self.writer).ok();
+            }
+            Err(err) => tracing::error!(%err, "updating the anti-spoofing table failed; retrying"),
+        }
+    }
+
+    /// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
+    /// stray `nft delete element`). The generation moves with every transaction in the
+    /// namespace; only when it moved are our tables read back and compared.
+    fn restore_if_changed(&mut self, compiler: &Compiler) {
+        let Some(installed) = self.installed.as_mut() else {
+            return;
+        };
+        let generation = match self.writer.generation() {
+            Ok(generation) => generation,
+            Err(err) => {
+                tracing::error!(%err, "cannot read the nf_tables generation");
+                return;
+            }
+        };
+        if installed
+            .baseline
+            .is_some_and(|b| b.generation == generation)
+        {
+            return;
+        }
+        let now = match read_baseline(&mut self.writer) {
+            Ok(now) => now,
+            Err(err) => {
+                tracing::error!(%err, "cannot read our tables back");
+                return;
+            }
+        };
+        if let Some(baseline) = installed.baseline.as_mut() {
+            if (baseline.inet, baseline.bridge) == (now.inet, now.bridge) {
+                // Another table changed; ours are as we left them.
+                baseline.generation = now.generation;
+                return;
+            }
+        }
+        for (family, was, is) in [
+            ("inet", installed.baseline.and_then(|b| b.inet), now.inet),
+            (
+                "bridge",
+                installed.baseline.and_then(|b| b.bridge),
+                now.bridge,
+            ),
+        ] {
+            match is {
+                None => tracing::warn!(
+                    "table {family} {TABLE_NAME} was removed behind the agent's back; restoring it"
+                ),
+                Some(_) if was != is => tracing::warn!(
+                    "table {family} {TABLE_NAME} was changed behind the agent's back; restoring it"
+                ),
+                Some(_) => {}
+            }
+        }
+        self.sync(compiler, true);
+    }
 }
 
 /// The anti-spoofing side: which local pod sends from which veth, found in the kernel.
@@ -253,159 +646,5 @@ impl Guards {
         }
         self.warned.retain(|id| missing.contains(id));
         guard_table(compiler.node(), &pods)
-    }
-}
-
-/// Brings the guard table in step with the veths in the kernel (pods come and go between
-/// snapshot changes, and a veth appears only once the pod's sandbox is up).
-fn follow_veths(writer: &mut Writer, installed: &mut Installed, guards: &mut Guards) {
-    let guard = guards.table(&installed.compiler);
-    let delta = diff(&installed.guard, &guard);
-    if delta.is_empty() {
-        return;
-    }
-    let change = Change::Delta {
-        family: TableFamily::Bridge,
-        table: TABLE_NAME,
-        delta: &delta,
-    };
-    match writer.commit(&[change]) {
-        Ok(sent) => {
-            tracing::info!(
-                kind = "veths",
-                messages = sent.messages,
-                guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
-                "synced"
-            );
-            installed.guard = guard;
-            installed.baseline = read_baseline(writer).ok();
-        }
-        Err(err) => tracing::error!(%err, "updating the anti-spoofing table failed; retrying"),
-    }
-}
-
-/// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
-/// stray `nft delete element`). The generation moves with every transaction in the
-/// namespace; only when it moved are our tables read back and compared.
-fn restore_if_changed(writer: &mut Writer, installed: &mut Installed) {
-    let generation = match writer.generation() {
-        Ok(generation) => generation,
-        Err(err) => {
-            tracing::error!(%err, "cannot read the nf_tables generation");
-            return;
-        }
-    };
-    if installed
-        .baseline
-        .is_some_and(|b| b.generation == generation)
-    {
-        return;
-    }
-    let now = match read_baseline(writer) {
-        Ok(now) => now,
-        Err(err) => {
-            tracing::error!(%err, "cannot read our tables back");
-            return;
-        }
-    };
-    if let Some(baseline) = installed.baseline.as_mut() {
-        if (baseline.inet, baseline.bridge) == (now.inet, now.bridge) {
-            // Another table changed; ours are as we left them.
-            baseline.generation = now.generation;
-            return;
-        }
-    }
-    for (family, was, is) in [
-        ("inet", installed.baseline.and_then(|b| b.inet), now.inet),
-        (
-            "bridge",
-            installed.baseline.and_then(|b| b.bridge),
-            now.bridge,
-        ),
-    ] {
-        match is {
-            None => tracing::warn!(
-                "table {family} {TABLE_NAME} was removed behind the agent's back; restoring it"
-            ),
-            Some(_) if was != is => tracing::warn!(
-                "table {family} {TABLE_NAME} was changed behind the agent's back; restoring it"
-            ),
-            Some(_) => {}
-        }
-    }
-    if let Synced::Written(baseline) = sync(writer, None, &installed.compiler, &installed.guard) {
-        installed.baseline = baseline;
-    }
-}
-
-/// What a sync did.
-enum Synced {
-    /// The kernel holds the new tables; the baseline read right after, if it could be read.
-    Written(Option<Baseline>),
-    /// Nothing to write: the tables are the same.
-    Unchanged,
-    /// The kernel keeps its previous rules.
-    Failed,
-}
-
-/// Writes `compiler`'s table and `guard` over what `installed` put in the kernel (everything,
-/// when `None`), in one transaction.
-fn sync(
-    writer: &mut Writer,
-    installed: Option<&Installed>,
-    compiler: &Compiler,
-    guard: &Table,
-) -> Synced {
-    let started = Instant::now();
-    let full = [Change::Replace(compiler.table()), Change::Replace(guard)];
-    let attempt = match installed {
-        None => writer.commit(&full).map(|sent| ("full", sent)),
-        Some(prev) => {
-            let policy = diff(prev.compiler.table(), compiler.table());
-            let spoof = diff(&prev.guard, guard);
-            if policy.is_empty() && spoof.is_empty() {
-                tracing::info!("snapshot changed; the ruleset did not");
-                return Synced::Unchanged;
-            }
-            let changes: Vec<Change> =
-                [(TableFamily::Inet, &policy), (TableFamily::Bridge, &spoof)]
-                    .into_iter()
-                    .filter(|(_, delta)| !delta.is_empty())
-                    .map(|(family, delta)| Change::Delta {
-                        family,
-                        table: TABLE_NAME,
-                        delta,
-                    })
-                    .collect();
-            writer.commit(&changes).map(|sent| ("delta", sent))
-        }
-    };
-    let result = match attempt {
-        Ok(done) => Ok(done),
-        Err(err) => {
-            tracing::error!(%err, "sync failed; retrying as a full replace");
-            writer.commit(&full).map(|sent| ("full", sent))
-        }
-    };
-    match result {
-        Ok((kind, sent)) => {
-            tracing::info!(
-                kind,
-                messages = sent.messages,
-                micros = started.elapsed().as_micros() as u64,
-                "synced"
-            );
-            match read_baseline(writer) {
-                Ok(baseline) => Synced::Written(Some(baseline)),
-                Err(err) => {
-                    tracing::error!(%err, "cannot read our tables back after the sync");
-                    Synced::Written(None)
-                }
-            }
-        }
-        Err(err) => {
-            tracing::error!(%err, "sync failed; the kernel keeps its previous rules");
-            Synced::Failed
-        }
     }
 }

@@ -142,12 +142,12 @@ impl Agent {
     }
 
     /// Lines that say the agent read a changed snapshot: `synced`, or, when the node's ruleset
-    /// came out the same, the agent's `snapshot changed; the ruleset did not`.
+    /// came out the same, the agent's `the cluster changed; this node's ruleset did not`.
     pub fn seen(&self) -> usize {
         self.lines()
             .iter()
             .filter(|l| {
-                (l.contains("synced") || l.contains("snapshot changed")) && !l.contains("ERROR")
+                (l.contains("synced") || l.contains("ruleset did not")) && !l.contains("ERROR")
             })
             .count()
     }

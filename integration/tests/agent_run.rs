@@ -82,7 +82,7 @@ fn wait_change(
                 if *c {
                     "`synced` (its ruleset changes)"
                 } else {
-                    "`synced` or `snapshot changed` (its ruleset stays)"
+                    "`synced` or `ruleset did not` (its ruleset stays)"
                 }
             )
         })

@@ -24,6 +24,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const ATTR_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_GEN_ID: u16 = 1;
 /// The netlink and nfgenmsg headers: the part of a reply that varies with sequence number,
 /// port and generation, not with what the table holds.
@@ -98,7 +99,22 @@ impl Writer {
                 &[(ATTR_TABLE, &table), (NFTA_SET_ELEM_LIST_SET, &set)],
             );
             hasher.write(&set);
-            self.dump(&req, seq, "set elements", |payload| hasher.write(payload))?;
+            // A hash set lists its elements in bucket order, which changes when the kernel
+            // resizes the table in the background: elements are summed, not chained.
+            let mut elements = 0u64;
+            self.dump(&req, seq, "set elements", |payload| {
+                for (kind, list) in attributes(payload) {
+                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
+                        continue;
+                    }
+                    for (_, element) in attributes(list) {
+                        let mut one = DefaultHasher::new();
+                        one.write(element);
+                        elements = elements.wrapping_add(one.finish());
+                    }
+                }
+            })?;
+            hasher.write_u64(elements);
         }
         Ok(Some(hasher.finish()))
     }
