@@ -95,6 +95,19 @@ fn parse_health_addr(s: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// Where `dump-ruleset` and `trace` read the cluster from.
+#[derive(Args)]
+pub struct SourceArgs {
+    /// A cluster snapshot: a YAML or JSON file, or a directory of them (multi-document YAML
+    /// and `kind: List` both work). Without it, the cluster is listed from the Kubernetes API.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: in-cluster configuration, then $KUBECONFIG, then
+    /// ~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
 /// Print the nftables ruleset one node enforces, as `nft -f` text.
 ///
 /// Every rule is commented with the policy (namespace/name) and rule it comes from. Policies
@@ -104,12 +117,11 @@ fn parse_health_addr(s: &str) -> Result<SocketAddr, String> {
 #[command(after_help = "Example:\n  \
     agent dump-ruleset --manifests integration/examples/three-tier.yaml --node node-a\n  \
     kubectl get pods,namespaces,networkpolicies -A -o yaml > snap.yaml && \\\n    \
-    agent dump-ruleset --manifests snap.yaml --node \"$(hostname)\" | nft -c -f -")]
+    agent dump-ruleset --manifests snap.yaml --node \"$(hostname)\" | nft -c -f -\n  \
+    agent dump-ruleset --node \"$NODE_NAME\"   # from the API, with the in-cluster or ~/.kube/config credentials")]
 pub struct DumpArgs {
-    /// A cluster snapshot: a YAML or JSON file, or a directory of them (multi-document YAML
-    /// and `kind: List` both work).
-    #[arg(long, value_name = "PATH")]
-    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// The node whose pods the ruleset protects (`spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
@@ -127,9 +139,8 @@ pub struct DumpArgs {
     agent trace --manifests snap.yaml --from 203.0.113.9 --to edge/api --port 443\n  \
     agent trace --manifests snap.yaml --from shop/frontend-1 --to kube-system/coredns-0 --port 53 --protocol UDP")]
 pub struct TraceArgs {
-    /// A cluster snapshot, as for dump-ruleset.
-    #[arg(long, value_name = "PATH")]
-    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Source: NAMESPACE/POD, or an IP address (an address that is no pod is outside the cluster).
     #[arg(long, value_name = "NS/POD|IP")]
     pub from: ruleset::Endpoint,

@@ -1,18 +1,31 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::Compiler;
+use ruleset::{Cluster, Compiler};
 
-use crate::cli::DumpArgs;
-use crate::manifests;
+use crate::cli::{DumpArgs, SourceArgs};
+use crate::{kube_source, manifests};
 
 pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
-    let cluster = manifests::load(&args.manifests)
-        .with_context(|| format!("loading {}", args.manifests.display()))?;
+    let cluster = load(&args.source)?;
     let compiler = Compiler::new(cluster, &args.node);
     report(&compiler);
     print!("{}", ruleset::render(compiler.table()));
     Ok(())
+}
+
+/// The cluster from the snapshot given, or else listed once from the Kubernetes API.
+pub fn load(source: &SourceArgs) -> anyhow::Result<Cluster> {
+    if let Some(path) = &source.manifests {
+        return manifests::load(path).with_context(|| format!("loading {}", path.display()));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cluster = runtime
+        .block_on(kube_source::list_once(source.kubeconfig.as_deref()))
+        .context("listing the cluster from the Kubernetes API")?;
+    Ok(cluster)
 }
 
 /// Warnings for what cannot be enforced as written, and a one-line summary, on stderr.

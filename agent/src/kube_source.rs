@@ -300,6 +300,24 @@ impl<K: Watched> k8s_openapi::Metadata for Entry<K> {
     }
 }
 
+/// Lists the whole cluster once (for `dump-ruleset` and `trace`): all three kinds, complete.
+pub async fn list_once(kubeconfig: Option<&Path>) -> Result<Cluster, SourceError> {
+    let mut source = Source::start(client(kubeconfig).await?);
+    let mut mirror = Mirror::new();
+    while !mirror.ready() {
+        match source.recv().await {
+            Some(Update::Interrupted { kind, error }) => {
+                tracing::warn!(?kind, %error, "listing interrupted; retrying");
+            }
+            Some(update) => {
+                mirror.apply(update);
+            }
+            None => break,
+        }
+    }
+    Ok(mirror.into_cluster())
+}
+
 /// How many updates may wait for the reconcile loop before the watches pause.
 const CHANNEL_DEPTH: usize = 4096;
 

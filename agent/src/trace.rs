@@ -1,14 +1,12 @@
 //! `agent trace`
 
-use anyhow::Context;
 use ruleset::{policy, Tracer};
 
 use crate::cli::TraceArgs;
-use crate::manifests;
+use crate::dump;
 
 pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
-    let cluster = manifests::load(&args.manifests)
-        .with_context(|| format!("loading {}", args.manifests.display()))?;
+    let cluster = dump::load(&args.source)?;
     let mut diagnostics = Vec::new();
     for p in cluster.policies() {
         policy::resolve(p, &mut diagnostics);
