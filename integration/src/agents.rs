@@ -19,7 +19,10 @@ use crate::lab::Lab;
 /// The `agent` binary of this build: `<target>/<profile>/agent`, beside `labpod` (pass
 /// `env!("CARGO_BIN_EXE_labpod")`). The integration crate only has the agent's library as a
 /// dependency, so cargo need not have built the binary, and one left by an older build may
-/// lack a newer subcommand: `cargo build` it, once per process (a no-op when up to date).
+/// lack a newer subcommand: unless it is newer than every source of the agent and the
+/// compiler (as after `cargo test --workspace --bins`, which CI runs), `cargo build` it, once
+/// per process. (Building `-p agent` alone unifies dependency features differently from a
+/// workspace build and would rebuild half the dependency tree for nothing.)
 pub fn agent_binary(labpod: &Path) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -30,6 +33,24 @@ pub fn agent_binary(labpod: &Path) -> PathBuf {
             let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .parent()
                 .expect("integration/ is in the workspace");
+            let sources = [
+                "agent/src",
+                "ruleset/src",
+                "agent/Cargo.toml",
+                "ruleset/Cargo.toml",
+                "Cargo.lock",
+            ];
+            let newest_source = sources
+                .iter()
+                .map(|s| newest(&workspace.join(s)))
+                .max()
+                .flatten();
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+            if let (Some(built), Some(source)) = (built, newest_source) {
+                if built >= source {
+                    return bin;
+                }
+            }
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut build = Command::new(cargo);
             build
@@ -64,6 +85,21 @@ pub fn agent_binary(labpod: &Path) -> PathBuf {
             bin
         })
         .clone()
+}
+
+/// The latest modification time of `path` or anything under it.
+fn newest(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    let own = meta.modified().ok();
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| newest(&entry.path()))
+        .chain(own)
+        .max()
 }
 
 /// One `agent run` in a node namespace, its stderr collected line by line. Dropping it kills
