@@ -26,26 +26,9 @@ use ruleset::{Compiler, Delta};
 
 mod common;
 
-use common::skip_unless_root;
+use common::{in_netns, skip_unless_root};
 
 const TABLE: &str = "nftpol";
-
-/// Runs `f` on a new thread inside a new, empty network namespace. The namespace belongs to
-/// that thread alone (and to the `nft` processes it starts) and vanishes when it ends, panic
-/// or not.
-fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET)");
-            f()
-        });
-        match thread.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
 
 /// Runs `nft` in the calling thread's network namespace; its stdout, or a panic with stderr.
 fn nft(args: &[&str], input: Option<&str>) -> String {

@@ -19,22 +19,7 @@ use agent::veth::{discover, Discovery, Method};
 
 mod common;
 
-use common::skip_unless_root;
-
-/// Runs `f` on a new thread inside a new, empty network namespace, which vanishes with it.
-fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET)");
-            f()
-        });
-        match thread.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
+use common::{in_netns, skip_unless_root};
 
 /// Runs `ip` (or `bridge`) in the calling thread's network namespace; panics with its stderr.
 fn run(program: &str, args: &[&str]) {

@@ -21,3 +21,20 @@ pub fn skip_unless_root(test: &str) -> bool {
     eprintln!("\n!!!!! SKIPPED {test}: needs root for network namespaces and nf_tables !!!!!\n");
     true
 }
+
+/// Runs `f` on a new thread inside a new, empty network namespace. The namespace belongs to
+/// that thread alone (and to the processes it starts) and vanishes when it ends, panic or not.
+#[allow(dead_code, reason = "not every test file enters a namespace")]
+pub fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            f()
+        });
+        match thread.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
