@@ -7,6 +7,7 @@
     reason = "test support: a failure fails the test by panicking"
 )]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -124,12 +125,38 @@ impl Agent {
         snapshot: &Path,
         extra: &[&str],
     ) -> Agent {
+        let source = [OsStr::new("--manifests"), snapshot.as_os_str()];
+        Agent::spawn(labpod, lab, index, node, &source, extra)
+    }
+
+    /// Starts `agent run --kubeconfig kubeconfig --node node` (the API source) in lab node
+    /// `index`'s namespace, with `extra` arguments after those.
+    pub fn start_api(
+        labpod: &Path,
+        lab: &Lab,
+        index: usize,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        Agent::spawn(labpod, lab, index, node, &source, extra)
+    }
+
+    fn spawn(
+        labpod: &Path,
+        lab: &Lab,
+        index: usize,
+        node: &str,
+        source: &[&OsStr],
+        extra: &[&str],
+    ) -> Agent {
         let netns = lab.node_netns(index).expect("node").to_string();
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .arg(agent_binary(labpod))
-            .args(["--log-level", "info", "run", "--manifests"])
-            .arg(snapshot)
+            .args(["--log-level", "info", "run"])
+            .args(source)
             .args(["--node", node])
             .args(extra)
             .env_remove("RUST_LOG")

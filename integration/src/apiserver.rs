@@ -1,5 +1,6 @@
 //! A stand-in for the Kubernetes API server: Pods, Namespaces and NetworkPolicies over plain
-//! HTTP on 127.0.0.1, speaking the list/watch protocol kube-rs and client-go use.
+//! HTTP on 127.0.0.1 or on an address in a network namespace, speaking the list/watch protocol
+//! kube-rs and client-go use.
 //!
 //! ```text
 //! test -> ApiServer::put / delete (raw JSON) -> State: objects + bounded history, one global RV
@@ -15,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -130,18 +131,33 @@ pub struct ApiServer {
     state: Arc<Mutex<State>>,
     settings: Settings,
     addr: SocketAddr,
+    /// The network namespace it listens in; `None` for the test's own.
+    netns: Option<PathBuf>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl ApiServer {
     /// Serves an empty cluster on a free port of 127.0.0.1.
     pub async fn start(settings: Settings) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_in(settings, None, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Serves an empty cluster on `addr` (port 0: a free one) inside the network namespace
+    /// `netns` (a `/run/netns/<name>` path) when given, so that processes in that namespace,
+    /// or routed to it, reach it. Call it on a runtime that keeps running.
+    pub async fn start_in(
+        settings: Settings,
+        netns: Option<&Path>,
+        addr: SocketAddr,
+    ) -> std::io::Result<Self> {
+        let netns = netns.map(Path::to_path_buf);
+        let listener = bind(netns.as_deref(), addr)?;
         let addr = listener.local_addr()?;
         let mut server = Self {
             state: Arc::default(),
             settings,
             addr,
+            netns,
             tasks: Vec::new(),
         };
         server.serve(listener);
@@ -273,10 +289,20 @@ impl ApiServer {
         self.drop_connections();
     }
 
-    /// Listens again on the same address.
+    /// Listens again on the same address, in the same network namespace.
     pub async fn restart(&mut self) -> std::io::Result<()> {
         self.stop();
-        let listener = TcpListener::bind(self.addr).await?;
+        // The aborted accept task drops the old listener when the runtime next polls it.
+        let mut tries = 0;
+        let listener = loop {
+            match bind(self.netns.as_deref(), self.addr) {
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => break other?,
+            }
+        };
         self.serve(listener);
         Ok(())
     }
@@ -300,6 +326,26 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A listener on `addr`, created in network namespace `netns` when given: a socket stays in
+/// the namespace it was made in, so a thread enters the namespace, binds, and ends.
+fn bind(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = match netns {
+        None => std::net::TcpListener::bind(addr)?,
+        Some(path) => {
+            let path = path.to_path_buf();
+            std::thread::spawn(move || {
+                let namespace = std::fs::File::open(&path)?;
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                std::net::TcpListener::bind(addr)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("the thread binding in the namespace panicked"))??
+        }
+    };
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// The state stays usable after a panic elsewhere: every change to it is complete when made.
