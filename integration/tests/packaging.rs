@@ -458,3 +458,81 @@ fn the_dockerfile_copies_files_that_exist_and_runs_the_agent() {
         );
     }
 }
+
+// ---- the agent's own flags --------------------------------------------------------------------
+
+/// `$NAME` and `${NAME}` replaced from `vars`, as systemd expands ExecStart.
+fn expand(text: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = text.to_owned();
+    for (name, value) in vars {
+        out = out
+            .replace(&format!("${{{name}}}"), value)
+            .replace(&format!("${name}"), value);
+    }
+    out
+}
+
+fn parse_agent(args: &[String]) -> agent::cli::RunArgs {
+    use clap::Parser as _;
+    let argv = std::iter::once("agent".to_owned()).chain(args.iter().cloned());
+    match agent::cli::Cli::try_parse_from(argv) {
+        Ok(agent::cli::Cli {
+            command: agent::cli::Command::Run(run),
+            ..
+        }) => run,
+        Ok(_) => panic!("{args:?} is not `agent run`"),
+        Err(err) => panic!("the agent refuses {args:?}:\n{err}"),
+    }
+}
+
+/// The command lines the unit and the DaemonSet give the agent are ones it accepts, with the
+/// API as its source and the health endpoint where the probes look.
+#[test]
+fn the_unit_and_the_daemon_set_pass_flags_the_agent_accepts() {
+    let settings = unit_settings(&read(&packaging(&format!("systemd/{UNIT}"))));
+    let mut vars: BTreeMap<String, String> = setting(&settings, "Environment")
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.replace("%H", "node-a")))
+        .collect();
+    for line in read(&packaging("systemd/nftpol-agent.env")).lines() {
+        let line = line.trim();
+        if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+            vars.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    let exec = setting(&settings, "ExecStart");
+    assert_eq!(exec.len(), 1, "{exec:?}");
+    let words: Vec<String> = expand(exec[0], &vars)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(words[0], INSTALLED_BINARY);
+    let unit = parse_agent(&words[1..]);
+    assert_eq!(unit.manifests, None, "the unit reads the API");
+    assert_eq!(unit.node, "node-a");
+    assert!(unit.kubeconfig.is_some());
+    assert!(unit.health_addr.ip().is_loopback(), "{}", unit.health_addr);
+
+    let objects = objects();
+    let pod = objects.daemon_sets[0].spec.template.spec.clone().unwrap();
+    let container = pod
+        .containers
+        .iter()
+        .find(|c| c.args.is_some())
+        .expect("a container with args");
+    for host_ip in ["10.0.0.5", "fd00::5"] {
+        let mut args: Vec<String> = container
+            .args
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|a| a.replace("$(HOST_IP)", host_ip))
+            .collect();
+        // The DaemonSet gives the node name through NODE_NAME, which clap reads too.
+        args.extend(["--node".to_owned(), "node-a".to_owned()]);
+        let run = parse_agent(&args);
+        assert_eq!(run.manifests, None, "the DaemonSet reads the API");
+        assert_eq!(run.health_addr.ip().to_string(), host_ip);
+    }
+}
