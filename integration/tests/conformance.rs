@@ -964,25 +964,6 @@ fn port_block_and_change_scenarios() -> Vec<Scenario> {
 
 // ------------------------------------------------------------------------------------ runner
 
-/// A scratch directory for the snapshot, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("nftpol-conformance-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Writes `text` beside `path` and renames it over `path`, so an agent never reads half of it.
 fn replace_by_rename(path: &Path, text: &str) {
     let new = path.with_extension("json.new");
@@ -1043,14 +1024,14 @@ struct Run {
 
 impl Run {
     /// Lab of the base cluster, a snapshot of it and one synced agent per node.
-    fn start(scratch: &Scratch) -> Run {
+    fn start(scratch: &tempfile::TempDir) -> Run {
         let base = State::base();
         let cluster = base.cluster();
         let lab = Lab::for_cluster(LABPOD, &cluster, &NODES, &[]).expect("lab");
         for pod in &base.pods {
             check_lab_pod(&lab, pod);
         }
-        let snapshot = scratch.0.join("snapshot.json");
+        let snapshot = scratch.path().join("snapshot.json");
         replace_by_rename(&snapshot, &base.snapshot());
         assert_loads_as(&snapshot, &cluster);
         let mut agents: Vec<Agent> = (0..NODES.len())
@@ -1275,7 +1256,7 @@ fn conformance(test: &str, scenarios: &[Scenario]) {
     }
     let started = Instant::now();
     agent_binary(Path::new(LABPOD));
-    let scratch = Scratch::new(test);
+    let scratch = tempfile::tempdir().expect("scratch dir");
     let mut run = Run::start(&scratch);
     println!(
         "{test}: lab of {} pods on {} nodes, agents synced, at {:.1} s",

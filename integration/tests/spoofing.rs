@@ -17,7 +17,7 @@
 )]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -68,23 +68,6 @@ fn write_snapshot(path: &Path, text: &str) {
     let new = path.with_extension("new");
     fs::write(&new, text).expect("write snapshot");
     fs::rename(&new, path).expect("rename snapshot");
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("nftpol-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn start_agents(lab: &Lab, snapshot: &Path, extra: &[&[&str]; 2]) -> Vec<Agent> {
@@ -239,7 +222,7 @@ fn a_pod_cannot_send_from_another_pods_address() {
         return;
     }
     agent_binary(Path::new(LABPOD));
-    let scratch = Scratch::new("spoofing");
+    let scratch = tempfile::tempdir().expect("scratch dir");
     let mut lab = Lab::new(LABPOD, NODES.len()).expect("lab");
     let teller = lab.add_pod(0, "bank/teller", 10).expect("pod");
     let mallory = lab.add_pod(0, "bank/mallory", 11).expect("pod");
@@ -262,7 +245,7 @@ fn a_pod_cannot_send_from_another_pods_address() {
         "control, same node"
     );
 
-    let path = scratch.0.join("snapshot.yaml");
+    let path = scratch.path().join("snapshot.yaml");
     let pods = [
         (&teller, "teller"),
         (&mallory, "mallory"),
@@ -332,7 +315,7 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
         return;
     }
     agent_binary(Path::new(LABPOD));
-    let scratch = Scratch::new("isolate");
+    let scratch = tempfile::tempdir().expect("scratch dir");
     let mut lab = Lab::new(LABPOD, NODES.len()).expect("lab");
     let client = lab.add_pod(0, "bank/client", 10).expect("pod");
     let known = lab.add_pod(1, "bank/known", 20).expect("pod");
@@ -351,7 +334,7 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     warm_up(&lab, &[&newcomer], &client);
     warm_up(&lab, &[&client], &known);
 
-    let path = scratch.0.join("snapshot.yaml");
+    let path = scratch.path().join("snapshot.yaml");
     write_snapshot(
         &path,
         &snapshot(&[(&client, "client"), (&known, "known")], ""),
