@@ -26,7 +26,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config};
-use ruleset::model::{Labels, Namespace, NetworkPolicy, Pod, NAMESPACE_NAME_LABEL};
+use ruleset::cluster::with_name_label;
+use ruleset::model::{Namespace, NetworkPolicy, Pod, NAMESPACE_NAME_LABEL};
 use ruleset::{diff, Cluster, Compiler, Delta};
 use serde::de::{DeserializeOwned, Deserializer};
 use serde::Deserialize;
@@ -654,16 +655,10 @@ fn relist<T>(
     }
 }
 
-/// Namespace labels as the cluster index keeps them.
-fn with_name_label(name: &str, mut labels: Labels) -> Labels {
-    labels
-        .entry(NAMESPACE_NAME_LABEL.to_string())
-        .or_insert_with(|| name.to_string());
-    labels
-}
-
 #[cfg(test)]
 mod tests {
+    use ruleset::model::Labels;
+
     use super::*;
 
     fn pod(name: &str, ip: &str, app: &str) -> Pod {

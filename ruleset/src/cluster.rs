@@ -188,7 +188,9 @@ impl Cluster {
     }
 }
 
-fn with_name_label(name: &str, mut labels: Labels) -> Labels {
+/// A namespace's labels as the index keeps them: with `kubernetes.io/metadata.name`, which the
+/// API server sets on every namespace, filled in when absent.
+pub fn with_name_label(name: &str, mut labels: Labels) -> Labels {
     labels
         .entry(NAMESPACE_NAME_LABEL.to_string())
         .or_insert_with(|| name.to_string());
