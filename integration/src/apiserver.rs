@@ -199,10 +199,25 @@ impl ApiServer {
 
     /// Creates or replaces an object, whatever the rest of its content, as long as `kind` is
     /// one served. Returns the resourceVersion it got.
-    pub fn put(&self, mut object: Value) -> Option<u64> {
+    pub fn put(&self, object: Value) -> Option<u64> {
+        let mut state = lock(&self.state);
+        self.put_locked(&mut state, object)
+    }
+
+    /// Like [`ApiServer::put`], but with every connection cut first and the history compacted
+    /// after, all under one lock: no watch sees the change, and every watch that resumes does
+    /// so from a compacted resourceVersion, so it gets 410 Expired and must list again.
+    pub fn put_unseen_and_compact(&self, object: Value) -> Option<u64> {
+        let mut state = lock(&self.state);
+        cut(&mut state);
+        let rv = self.put_locked(&mut state, object);
+        compact(&mut state);
+        rv
+    }
+
+    fn put_locked(&self, state: &mut State, mut object: Value) -> Option<u64> {
         let resource = Resource::of(&object)?;
         let key = key_of(resource, &object);
-        let mut state = lock(&self.state);
         state.rv += 1;
         let rv = state.rv;
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -216,7 +231,7 @@ impl ApiServer {
             .insert(key, bytes.clone())
             .is_some();
         let kind = if existed { "MODIFIED" } else { "ADDED" };
-        self.record(&mut state, resource, kind, &bytes);
+        self.record(state, resource, kind, &bytes);
         Some(rv)
     }
 
@@ -266,19 +281,12 @@ impl ApiServer {
     /// Forgets the event history, as etcd compaction does: a watch resuming from any earlier
     /// resourceVersion, or a list continuing an earlier page, gets 410 Gone.
     pub fn compact(&self) {
-        let mut state = lock(&self.state);
-        state.history.clear();
-        state.compacted = state.rv;
-        state.pages.clear();
+        compact(&mut lock(&self.state));
     }
 
     /// Cuts every open connection, in the middle of whatever it was sending.
     pub fn drop_connections(&self) {
-        let mut state = lock(&self.state);
-        state.watches.clear();
-        for (_, connection) in std::mem::take(&mut state.connections) {
-            connection.abort();
-        }
+        cut(&mut lock(&self.state));
     }
 
     /// Stops listening and cuts every connection; the objects stay for [`ApiServer::restart`].
@@ -353,6 +361,19 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn compact(state: &mut State) {
+    state.history.clear();
+    state.compacted = state.rv;
+    state.pages.clear();
+}
+
+fn cut(state: &mut State) {
+    state.watches.clear();
+    for (_, connection) in std::mem::take(&mut state.connections) {
+        connection.abort();
+    }
 }
 
 fn key_of(resource: Resource, object: &Value) -> Key {

@@ -457,7 +457,8 @@ fn agents_ride_out_api_faults() {
         "{rewatches} watch requests after the cut"
     );
 
-    // (b) The history compacted while the watches reconnect: they get 410 and list again.
+    // (b) A policy added while every watch is cut, and the history compacted at once: the
+    // watches resume from a compacted version, get 410 and must list again to see it.
     let lists = api.lists();
     let n = step(
         &lab,
@@ -466,9 +467,11 @@ fn agents_ride_out_api_faults() {
         "(b) connections dropped, history compacted (410), policy database-allow-backend added",
         t0,
         |api| {
-            api.server.drop_connections();
-            api.put_policy(&policy(&three_tier(), "database-allow-backend"));
-            api.server.compact();
+            let added = policy(&three_tier(), "database-allow-backend");
+            api.cluster.apply_policy(added.clone());
+            api.server
+                .put_unseen_and_compact(objects::network_policy(&added))
+                .unwrap();
         },
     );
     per_step.push(("(b) compact + 410 relist", n));
