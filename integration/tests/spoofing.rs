@@ -4,6 +4,9 @@
 //!   reaches a server that admits the other pod while no agent runs, and is dropped at its own
 //!   veth once the agents run (cross-node and same-node, IPv4 and IPv6), while the real pod's
 //!   packets still arrive;
+//! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
+//!   sends from a borrowed address) takes that address over in the node's neighbour table while
+//!   no agent runs, and cannot once the agent runs;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -307,6 +310,103 @@ fn a_pod_cannot_send_from_another_pods_address() {
     assert_eq!(genuine, [SENT; 2], "the real teller\n{}", logs.join("\n"));
     assert_eq!(allowed, [true], "teller -> vault TCP 80 is allowed");
     assert_eq!(own_address, [false], "mallory -> vault TCP 80 is not");
+}
+
+/// The link-layer address `node`'s cni0 holds for `addr`, if any.
+fn neighbour(lab: &Lab, node: usize, addr: &str) -> Option<String> {
+    let out = exec(
+        lab.node_netns(node).unwrap(),
+        &["ip", "neigh", "show", "to", addr, "dev", "cni0"],
+    );
+    out.split_whitespace()
+        .skip_while(|word| *word != "lladdr")
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// `attacker` sends from `victim`'s IPv4 address to an address behind the node with an empty
+/// neighbour cache, so its kernel first asks for the gateway in ARP with the victim's address as
+/// sender; returns the link-layer address the node then holds for the victim.
+fn arp_claim(lab: &Lab, attacker: &Pod, victim: &Pod) -> Option<String> {
+    let victim_v4 = victim.ipv4.to_string();
+    exec(
+        lab.node_netns(attacker.node).unwrap(),
+        &["ip", "neigh", "flush", "dev", "cni0"],
+    );
+    exec(&attacker.netns, &["ip", "neigh", "flush", "dev", "eth0"]);
+    exec(
+        &attacker.netns,
+        &[LABPOD, "send", &victim_v4, "192.0.2.1", "80", "1"],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    neighbour(lab, attacker.node, &victim_v4)
+}
+
+#[test]
+fn a_pod_cannot_claim_another_pods_address_in_arp() {
+    if netns::skip_unless_root("a_pod_cannot_claim_another_pods_address_in_arp") {
+        return;
+    }
+    agent_binary(Path::new(LABPOD));
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let mut lab = Lab::new(LABPOD, 1).expect("lab");
+    let teller = lab.add_pod(0, "bank/teller", 10).expect("pod");
+    let mallory = lab.add_pod(0, "bank/mallory", 11).expect("pod");
+    let mallory_mac = exec(&mallory.netns, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    borrow_addresses(&mallory, &teller);
+
+    // No agent: the node believes mallory's claim.
+    let claimed = arp_claim(&lab, &mallory, &teller);
+    assert_eq!(
+        claimed.as_deref(),
+        Some(mallory_mac.as_str()),
+        "control: without the agent, the node takes {}'s ARP claim to {}",
+        mallory.name,
+        teller.ipv4
+    );
+
+    let path = scratch.path().join("snapshot.yaml");
+    write_snapshot(
+        &path,
+        &snapshot(&[(&teller, "teller"), (&mallory, "mallory")], ""),
+    );
+    let mut agent = Agent::start(Path::new(LABPOD), &lab, 0, NODES[0], &path, &[]);
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "the guard of both veths",
+        SYNC_TIMEOUT,
+        |_, a| {
+            a.synced() >= 1
+                && exec(
+                    lab.node_netns(0).unwrap(),
+                    &["nft", "list", "set", "bridge", "nftpol", "veths"],
+                )
+                .matches("\"veth")
+                .count()
+                    == 2
+        },
+    );
+    let claimed = arp_claim(&lab, &mallory, &teller);
+    let genuine = arp_claim(&lab, &teller, &teller);
+    println!("with the agent: the node holds {claimed:?} for teller after mallory's claim, {genuine:?} after teller's own ARP");
+    assert_ne!(
+        claimed.as_deref(),
+        Some(mallory_mac.as_str()),
+        "the agent lets {}'s ARP claim to {} through\n{}",
+        mallory.name,
+        teller.ipv4,
+        agent.describe()
+    );
+    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    assert_eq!(
+        genuine.as_deref(),
+        Some(teller_mac.as_str()),
+        "teller's own ARP still passes"
+    );
 }
 
 #[test]

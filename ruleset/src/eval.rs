@@ -198,7 +198,11 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         }
         // A `Packet` is IP and carries no interface: these belong to the bridge guard table,
         // which policy evaluation does not walk.
-        Match::Arp | Match::IifnameInSet { .. } | Match::IifnameSourceInSet { .. } => false,
+        Match::Arp
+        | Match::ArpSender(_)
+        | Match::IifnameArpSenderInSet { .. }
+        | Match::IifnameInSet { .. }
+        | Match::IifnameSourceInSet { .. } => false,
     }
 }
 

@@ -12,13 +12,18 @@
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
-//! | `guard` | regular chain | ARP, and IP from the pod's own addresses, return; everything else is dropped |
+//! | `guard` | regular chain | ARP and IP from the pod's own addresses (and ARP probes) return; everything else is dropped |
+//!
+//! ARP is held to the same rule as IP: a pod announcing another pod's address (`arp saddr ip`)
+//! would poison the bridge's neighbour cache and receive that pod's traffic. IPv6 neighbour
+//! advertisements are not checked the same way: their target address is not a field nft 1.0.6
+//! can put in a typed concatenation.
 //!
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
 //! its pod is still enforced by address in `inet nftpol`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
 use crate::ir::{
@@ -91,7 +96,23 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         verdict,
         comment: Some(comment.to_string()),
     };
-    let mut guard = vec![rule(vec![Match::Arp], Verdict::Return, "ARP")];
+    let mut guard = vec![
+        rule(
+            vec![Match::IifnameArpSenderInSet { set: "src4".into() }],
+            Verdict::Return,
+            "ARP from the pod's own address",
+        ),
+        rule(
+            vec![Match::ArpSender(Ipv4Addr::UNSPECIFIED)],
+            Verdict::Return,
+            "ARP probe: address conflict detection",
+        ),
+        rule(
+            vec![Match::Arp],
+            Verdict::Drop,
+            "ARP claiming an address that is not the pod's",
+        ),
+    ];
     for family in Family::BOTH {
         guard.push(rule(
             vec![Match::IifnameSourceInSet {

@@ -2,7 +2,7 @@
 //! [`crate::render`] prints it as `nft -f` text; the agent turns it into a netlink batch.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
@@ -293,6 +293,10 @@ pub enum Match {
     },
     /// `ether type arp` (bridge tables).
     Arp,
+    /// `arp saddr ip 0.0.0.0` (bridge tables): the sender address of an ARP packet.
+    ArpSender(Ipv4Addr),
+    /// `iifname . arp saddr ip @set` (bridge tables).
+    IifnameArpSenderInSet { set: String },
     /// `iifname @set`.
     IifnameInSet { set: String },
     /// `iifname . ip saddr @set` (bridge tables).

@@ -131,6 +131,8 @@ fn match_text(m: &Match) -> String {
             format!("{} != @{set}", addr(*family, *field))
         }
         Match::Arp => "ether type arp".into(),
+        Match::ArpSender(addr) => format!("arp saddr ip {addr}"),
+        Match::IifnameArpSenderInSet { set } => format!("iifname . arp saddr ip @{set}"),
         Match::IifnameInSet { set } => format!("iifname @{set}"),
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))

@@ -106,6 +106,17 @@ impl Exprs {
         }
     }
 
+    /// `ether type arp`: what nft puts before any ARP field in a `bridge` table.
+    pub(super) fn arp(&mut self) {
+        self.push(Expr::Payload {
+            base: libc::NFT_PAYLOAD_LL_HEADER as u32,
+            offset: 12,
+            len: 2,
+            dreg: reg(0),
+        });
+        self.cmp(libc::NFT_CMP_EQ, ETHERTYPE_ARP.to_be_bytes().to_vec());
+    }
+
     pub(super) fn meta(&mut self, key: libc::c_int, dreg: u32) {
         self.push(Expr::Meta {
             key: key as u32,
@@ -170,6 +181,17 @@ pub(super) fn addr_payload(family: Family, field: AddrField, words: u32) -> Expr
         offset,
         len: addr_len(family),
         dreg: reg(words),
+    }
+}
+
+/// `arp saddr ip`: the sender protocol address of an Ethernet/IPv4 ARP packet, after the
+/// 8-byte fixed header and the 6-byte sender hardware address.
+pub(super) fn arp_sender(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+        offset: 14,
+        len: 4,
+        dreg,
     }
 }
 

@@ -20,8 +20,8 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY, CT_STATE_ESTABLISHED,
-    CT_STATE_RELATED, ETHERTYPE_ARP, IPPROTO_ICMPV6,
+    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY,
+    CT_STATE_ESTABLISHED, CT_STATE_RELATED, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -555,14 +555,17 @@ impl Plan {
                     }
                     exprs.push(lookup);
                 }
-                Match::Arp => {
-                    exprs.push(Expr::Payload {
-                        base: libc::NFT_PAYLOAD_LL_HEADER as u32,
-                        offset: 12,
-                        len: 2,
-                        dreg: reg(0),
-                    });
-                    exprs.cmp(libc::NFT_CMP_EQ, ETHERTYPE_ARP.to_be_bytes().to_vec());
+                Match::Arp => exprs.arp(),
+                Match::ArpSender(addr) => {
+                    exprs.arp();
+                    exprs.push(arp_sender(reg(0)));
+                    exprs.cmp(libc::NFT_CMP_EQ, addr.octets().to_vec());
+                }
+                Match::IifnameArpSenderInSet { set } => {
+                    exprs.arp();
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(arp_sender(reg(4)));
+                    exprs.push(self.lookup(set, &object, None)?);
                 }
                 Match::IifnameInSet { set } => {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
