@@ -214,11 +214,6 @@ impl Agent {
         self.mark().synced
     }
 
-    /// Lines that say the agent took a change of the cluster ([`Mark::taken`]).
-    pub fn seen(&self) -> usize {
-        self.mark().taken
-    }
-
     /// Where the log (in the text format) stands now, to wait for what a change brings.
     pub fn mark(&self) -> Mark {
         let mut mark = Mark::default();
