@@ -30,7 +30,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent::netlink::Writer;
-use integration::agents::{agent_binary, logs, wait_for, Agent};
+use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{Lab, Pod, Protocol, Target};
 use integration::netns;
 use integration::synthetic::{self, LARGE};
@@ -394,20 +394,14 @@ fn latency() {
                 )
             })
             .collect();
-        wait_for(
-            &mut agents,
-            "first `synced`",
-            Duration::from_secs(10),
-            |_, a| a.synced() > 0,
-        );
+        wait_synced(&mut agents, Duration::from_secs(10));
         let initial = agents[1].synced();
         let mut to_allow = Vec::new();
         let mut to_deny = Vec::new();
         let mut attempts = [0u32; 2];
         for i in 0..2 * samples {
             let allow = i % 2 == 0;
-            let before: Vec<(usize, usize)> =
-                agents.iter().map(|a| (a.synced(), a.seen())).collect();
+            let before = marks(&agents);
             let text = snapshot_text(allow);
             let flip = || {
                 thread::sleep(jitter.below(Duration::from_millis(poll_ms)));
@@ -429,17 +423,13 @@ fn latency() {
                 attempts[1] += seen.attempts;
             }
             // node-b's ruleset changes; node-a's does not, but it reads the snapshot too.
-            wait_for(
+            wait_change(
                 &mut agents,
-                "the agents to take the change",
+                &before,
+                &[false, true],
+                Delivery::Whole,
+                "the change",
                 Duration::from_secs(10),
-                |i, a| {
-                    if i == 1 {
-                        a.synced() > before[i].0
-                    } else {
-                        a.seen() > before[i].1
-                    }
-                },
             );
         }
         let errors: usize = agents.iter().map(Agent::errors).sum();

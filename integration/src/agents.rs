@@ -1,5 +1,7 @@
-//! `agent run` processes in lab nodes, for tests and benchmarks: start one per node, read
-//! its log, wait for it to sync, signal it. Failures panic: this is test support.
+//! `agent run` processes in lab nodes, for tests and benchmarks: start one per node, fed by a
+//! snapshot file or by the API stand-in ([`StandIn`]); read its log, wait until it took a
+//! change of the cluster, signal it; hold the kernel against `Tracer` ([`check_matrix`]).
+//! Failures panic: this is test support.
 
 #![allow(
     clippy::expect_used,
@@ -9,13 +11,23 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::lab::Lab;
+use ruleset::{Cluster, Compiler};
+
+use crate::apiserver::{ApiServer, Resource, Settings, Verb};
+use crate::lab::{compare_with_trace, Cell, Family, Lab, Protocol};
+use crate::objects;
+
+/// The agent's log filter: `info`, and for the API source the reconcile loop's debug line
+/// `applied a batch of changes objects=N`, which [`Delivery::Objects`] counts.
+const LOG_LEVEL: &str = "info";
+const API_LOG_LEVEL: &str = "info,agent::run=debug";
 
 /// The `agent` binary of this build: `<target>/<profile>/agent`, beside `labpod` (pass
 /// `env!("CARGO_BIN_EXE_labpod")`). The integration crate only has the agent's library as a
@@ -126,7 +138,7 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let source = [OsStr::new("--manifests"), snapshot.as_os_str()];
-        Agent::spawn(labpod, lab, index, node, &source, extra)
+        Agent::spawn(labpod, lab, index, node, LOG_LEVEL, &source, extra)
     }
 
     /// Starts `agent run --kubeconfig kubeconfig --node node` (the API source) in lab node
@@ -140,7 +152,7 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
-        Agent::spawn(labpod, lab, index, node, &source, extra)
+        Agent::spawn(labpod, lab, index, node, API_LOG_LEVEL, &source, extra)
     }
 
     fn spawn(
@@ -148,6 +160,7 @@ impl Agent {
         lab: &Lab,
         index: usize,
         node: &str,
+        log_level: &str,
         source: &[&OsStr],
         extra: &[&str],
     ) -> Agent {
@@ -155,7 +168,7 @@ impl Agent {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .arg(agent_binary(labpod))
-            .args(["--log-level", "info", "run"])
+            .args(["--log-level", log_level, "run"])
             .args(source)
             .args(["--node", node])
             .args(extra)
@@ -196,27 +209,39 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
-    /// Lines that say the agent synced (an error line naming the word does not count).
+    /// `synced` lines of the reconcile loop (not the veth follower's, nor error lines).
     pub fn synced(&self) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| l.contains("synced") && !l.contains("ERROR"))
-            .count()
+        self.mark().synced
     }
 
-    /// Lines that say the agent read a changed snapshot: `synced`, or, when the node's ruleset
-    /// came out the same, the agent's `the cluster changed; this node's ruleset did not`.
-    pub fn seen(&self) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| {
-                (l.contains("synced") || l.contains("ruleset did not")) && !l.contains("ERROR")
-            })
-            .count()
+    /// Where the log (in the text format) stands now, to wait for what a change brings.
+    pub fn mark(&self) -> Mark {
+        let mut mark = Mark::default();
+        for line in self.lines().iter().filter(|l| !l.contains("ERROR")) {
+            if line.contains("synced") && !line.contains("veths") {
+                mark.synced += 1;
+                mark.taken += 1;
+            } else if line.contains("ruleset did not") {
+                mark.taken += 1;
+            } else if line.contains("applied a batch of changes") {
+                mark.batches += 1;
+                mark.objects += line
+                    .split_once("objects=")
+                    .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .expect("`applied a batch` names its objects");
+            }
+        }
+        mark
     }
 
     pub fn errors(&self) -> usize {
-        self.lines().iter().filter(|l| l.contains("ERROR")).count()
+        self.count("ERROR")
+    }
+
+    /// Lines that contain `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(text)).count()
     }
 
     /// None while it runs.
@@ -310,5 +335,239 @@ pub fn wait_for(
             panic!("no {what} within {timeout:?}\n{}", logs(agents));
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ------------------------------------------------------------------------- taking a change
+
+/// Waits for every agent's first `synced`.
+pub fn wait_synced(agents: &mut [Agent], timeout: Duration) -> Duration {
+    wait_for(agents, "`synced` at start", timeout, |_, a| a.synced() > 0)
+}
+
+/// Counts from an agent's log at one moment ([`Agent::mark`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    /// `synced` lines of the reconcile loop.
+    pub synced: usize,
+    /// Changes of the cluster taken: `synced`, or, when the node's ruleset came out the same,
+    /// the agent's `the cluster changed; this node's ruleset did not`.
+    pub taken: usize,
+    /// Batches of API changes applied (the API source's debug lines), and the objects in them.
+    pub batches: usize,
+    pub objects: usize,
+}
+
+pub fn marks(agents: &[Agent]) -> Vec<Mark> {
+    agents.iter().map(Agent::mark).collect()
+}
+
+/// How a change of the cluster reaches the agents, and so what shows they took all of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// In one piece (a snapshot file replaced whole): one more change taken.
+    Whole,
+    /// As this many object writes through the API, which an agent may take in several
+    /// batches: batches applied that hold at least as many objects, and every one of them
+    /// taken (synced, or the ruleset found the same).
+    Objects(usize),
+}
+
+/// Waits until every agent took a change made after `before` was marked: each one whose node's
+/// ruleset changes (`changed[i]`) has also logged one more `synced`.
+pub fn wait_change(
+    agents: &mut [Agent],
+    before: &[Mark],
+    changed: &[bool],
+    delivery: Delivery,
+    what: &str,
+    timeout: Duration,
+) -> Duration {
+    wait_for(
+        agents,
+        &format!("the agents to take {what} ({delivery:?}; rulesets change: {changed:?})"),
+        timeout,
+        |i, a| {
+            let (now, then) = (a.mark(), before[i]);
+            let synced = !changed[i] || now.synced > then.synced;
+            let whole = match delivery {
+                Delivery::Whole => now.taken > then.taken,
+                Delivery::Objects(n) => {
+                    now.objects >= then.objects + n
+                        && now.taken - then.taken >= now.batches - then.batches
+                }
+            };
+            synced && whole
+        },
+    )
+}
+
+/// Whether node `nodes[i]`'s policy table differs between `old` and `new`: then its agent
+/// must write. (It may also write when only its anti-spoofing table changes.)
+pub fn rulesets_changed(nodes: &[&str], old: &Cluster, new: &Cluster) -> Vec<bool> {
+    nodes
+        .iter()
+        .map(|node| {
+            let old = Compiler::new(old.clone(), node);
+            let new = Compiler::new(new.clone(), node);
+            !ruleset::diff(old.table(), new.table()).is_empty()
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------ kernel vs Tracer
+
+/// A lab with `cluster`'s pods on `nodes`, serving `services` besides their containerPorts,
+/// for a cluster whose rulesets compile without complaint.
+pub fn lab_for(
+    labpod: &Path,
+    cluster: &Cluster,
+    nodes: &[&str],
+    services: &[(Protocol, u16)],
+) -> Lab {
+    assert_enforceable(cluster, nodes, "the lab's cluster");
+    let ports: Vec<u16> = services.iter().map(|(_, port)| *port).collect();
+    Lab::for_cluster(labpod, cluster, nodes, &ports).expect("lab")
+}
+
+/// `cluster` compiles without diagnostics for every one of `nodes`: nothing in it is left
+/// unenforced, so the kernel can be held to `Tracer` or to the spec on every cell.
+pub fn assert_enforceable(cluster: &Cluster, nodes: &[&str], what: &str) {
+    for node in nodes {
+        let compiler = Compiler::new(cluster.clone(), node);
+        assert!(
+            compiler.diagnostics().is_empty(),
+            "{what}: {node}: {:?}",
+            compiler.diagnostics()
+        );
+    }
+}
+
+/// Probes `services` over IPv4 between every two lab pods that `cluster` holds and asserts
+/// that the kernel allows exactly what `Tracer` says of `cluster`; returns the cells and
+/// Tracer's verdicts on them.
+pub fn check_matrix(
+    lab: &Lab,
+    agents: &mut [Agent],
+    services: &[(Protocol, u16)],
+    step: &str,
+    cluster: &Cluster,
+    since: Instant,
+) -> (Vec<Cell>, Vec<bool>) {
+    let started = Instant::now();
+    let present: Vec<usize> = (0..lab.pods().len())
+        .filter(|&i| {
+            let (namespace, name) = lab.pods()[i].name.split_once('/').expect("namespace/name");
+            cluster.pod(namespace, name).is_some()
+        })
+        .collect();
+    let cells = if present.len() == lab.pods().len() {
+        let cells = lab.matrix(services, &[Family::V4]).expect("matrix");
+        let pods = present.len();
+        assert_eq!(cells.len(), pods * (pods - 1) * services.len());
+        cells
+    } else {
+        lab.matrix_among(&present, services, &[Family::V4])
+            .expect("matrix")
+    };
+    let comparison = compare_with_trace(lab, &cells, cluster).expect("trace the cells");
+    let allowed = comparison.traces.iter().filter(|t| t.allowed).count();
+    println!(
+        "  {step}: {} cells checked among {} pods ({allowed} allowed, {} denied; probes failing by {:?}), {} disagreements; matrix in {:?}, at {:?}",
+        cells.len(),
+        present.len(),
+        cells.len() - allowed,
+        comparison.failures,
+        comparison.disagreements.len(),
+        started.elapsed(),
+        since.elapsed()
+    );
+    assert!(
+        comparison.disagreements.is_empty(),
+        "{step}: the kernel and Tracer disagree on {} of {} cells:\n{}\n\n{}",
+        comparison.disagreements.len(),
+        cells.len(),
+        comparison.disagreements.join("\n\n"),
+        logs(agents)
+    );
+    let verdicts = comparison.traces.iter().map(|t| t.allowed).collect();
+    (cells, verdicts)
+}
+
+// ------------------------------------------------------------------------------ stand-in
+
+/// The API stand-in on a runtime thread of its own, listening in a lab node's namespace on
+/// that node's wire address (so agents on every node reach it), with a kubeconfig for them;
+/// and the cluster it holds, as the model.
+pub struct StandIn {
+    pub server: ApiServer,
+    /// The stand-in's runtime, for its async calls (`restart`).
+    pub runtime: tokio::runtime::Handle,
+    /// Ends the runtime's thread when dropped, after the server.
+    _stop: tokio::sync::oneshot::Sender<()>,
+    pub cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl StandIn {
+    /// Starts the stand-in in lab node `node`'s namespace, holding every object of `cluster`.
+    pub fn start(lab: &Lab, node: usize, cluster: &Cluster) -> StandIn {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        thread::spawn(move || {
+            let _ = runtime.block_on(stopped);
+        });
+        let netns = PathBuf::from("/run/netns").join(lab.node_netns(node).expect("node"));
+        let addr = SocketAddr::new(IpAddr::V4(lab.node_ipv4(node).expect("node")), 0);
+        let server = handle
+            .block_on(ApiServer::start_in(Settings::default(), Some(&netns), addr))
+            .expect("the stand-in starts in the node's namespace");
+        let dir = tempfile::tempdir().expect("scratch dir");
+        server
+            .write_kubeconfig(&dir.path().join("kubeconfig"))
+            .expect("kubeconfig");
+        let mut stand_in = StandIn {
+            server,
+            runtime: handle,
+            _stop: stop,
+            cluster: Cluster::new(),
+            dir,
+        };
+        stand_in.publish(cluster);
+        stand_in
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// Makes the stand-in hold `next`: the puts and deletes of the objects that differ.
+    /// Returns how many writes that took.
+    pub fn publish(&mut self, next: &Cluster) -> usize {
+        let writes = objects::changes(&self.cluster, next);
+        for write in &writes {
+            write.to(&self.server);
+        }
+        self.cluster = next.clone();
+        writes.len()
+    }
+
+    /// Edits the model and writes what changed; returns how many writes that took.
+    pub fn change(&mut self, edit: impl FnOnce(&mut Cluster)) -> usize {
+        let mut next = self.cluster.clone();
+        edit(&mut next);
+        self.publish(&next)
+    }
+
+    /// Requests of `verb` served so far, over all resources.
+    pub fn requests(&self, verb: Verb) -> usize {
+        Resource::ALL
+            .into_iter()
+            .map(|r| self.server.requests(r, verb))
+            .sum()
     }
 }

@@ -282,8 +282,18 @@ impl Lab {
         self.nodes.get(index).map(String::as_str)
     }
 
+    /// Node `index`'s IPv4 address on the wire, which every other node reaches.
+    pub fn node_ipv4(&self, index: usize) -> Option<Ipv4Addr> {
+        self.nodes.get(index).map(|_| wire_ipv4(index))
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// The pod named `namespace/name`.
+    pub fn pod(&self, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.name == name)
     }
 
     /// Adds a pod on node `node` with addresses 10.244.<node+1>.<host> and
@@ -600,12 +610,18 @@ impl Drop for Lab {
     }
 }
 
+/// Node `node`'s underlay address on the wire.
+fn wire_ipv4(node: usize) -> Ipv4Addr {
+    // A lab has at most 200 nodes.
+    Ipv4Addr::new(192, 168, 100, u8::try_from(node + 1).unwrap_or(u8::MAX))
+}
+
 /// Node `i`'s underlay, bridge and VXLAN devices, as Flannel's VXLAN backend makes them.
 fn node_links(i: usize) -> Vec<String> {
     let n = i + 1;
     vec![
         "link set lo up".into(),
-        format!("addr add 192.168.100.{n}/24 dev eth0"),
+        format!("addr add {}/24 dev eth0", wire_ipv4(i)),
         format!("addr add fd00:100::{n}/64 dev eth0 nodad"),
         "link set eth0 up".into(),
         // A MAC of its own: a bridge without one takes its lowest port's, so adding a pod can
@@ -619,8 +635,9 @@ fn node_links(i: usize) -> Vec<String> {
         format!("addr add fd00:10:244:{n}::1/64 dev cni0 nodad"),
         "link set cni0 up".into(),
         format!(
-            "link add flannel.1 address {} type vxlan id 1 local 192.168.100.{n} dev eth0 dstport 8472 nolearning",
-            vtep_mac(i, Family::V4)
+            "link add flannel.1 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+            vtep_mac(i, Family::V4),
+            wire_ipv4(i)
         ),
         format!("addr add 10.244.{n}.0/32 dev flannel.1"),
         "link set flannel.1 up".into(),
@@ -655,8 +672,9 @@ fn flannel_fdb(j: usize) -> Vec<String> {
     let n = j + 1;
     vec![
         format!(
-            "fdb add {} dev flannel.1 dst 192.168.100.{n}",
-            vtep_mac(j, Family::V4)
+            "fdb add {} dev flannel.1 dst {}",
+            vtep_mac(j, Family::V4),
+            wire_ipv4(j)
         ),
         format!(
             "fdb add {} dev flannel-v6.1 dst fd00:100::{n}",

@@ -1,6 +1,7 @@
 //! nftpol's test bench: synthetic clusters for benchmarks, the tests under `tests/` that
-//! load real rulesets into throwaway network namespaces, and a stand-in API server
-//! (`apiserver`, fed through `objects`) that the agent's Kubernetes source lists and watches.
+//! load real rulesets into throwaway network namespaces (`lab`) and run real agents in them
+//! (`agents`, `probers`), and a stand-in API server (`apiserver`, fed through `objects`) that
+//! the agent's Kubernetes source lists and watches.
 
 #![forbid(unsafe_code)]
 
@@ -9,4 +10,5 @@ pub mod apiserver;
 pub mod lab;
 pub mod netns;
 pub mod objects;
+pub mod probers;
 pub mod synthetic;

@@ -7,16 +7,19 @@
 //! spread over the lab's two nodes, dual-stack, serving TCP and UDP 80 and 81 under the
 //! container port names serve-<port>-<tcp|udp>, and `web` (TCP 80 on a and b, TCP 81 on c)
 //!
-//! per scenario step: edit the cluster -> write the snapshot (rename) -> wait until both agents
-//!   read it -> probe every pod from every pod, itself included, on TCP/UDP 80/81, IPv4 and IPv6
-//!   -> every cell must be what the oracle says
+//! per scenario step: edit the cluster -> hand it to the agents' source:
+//!     snapshot  write the snapshot file (rename); both agents poll it
+//!     API       put and delete the objects that changed in the API stand-in; both agents watch it
+//!   -> wait until both agents took all of it -> probe every pod from every pod, itself included,
+//!   on TCP/UDP 80/81, IPv4 and IPv6 -> every cell must be what the oracle says
 //! ```
 //!
-//! Scenarios are split over two tests, each with its own lab and agents, so that they run side
-//! by side. A failing cell names the scenario, step, source, destination, service and family,
-//! with the oracle's verdict, what the probe saw and the agents' logs; every scenario runs
-//! before the test fails. Where `Tracer` (the compiler's reading) disagrees with the kernel,
-//! that is reported and fails the test too.
+//! Each source runs every scenario; the scenarios are split over two tests per source, each
+//! with its own lab and agents, so that they run side by side. A failing cell names the
+//! source, scenario, step, source and destination pods, service and family, with the oracle's
+//! verdict, what the probe saw and the agents' logs; every scenario runs before the test
+//! fails. Where `Tracer` (the compiler's reading) disagrees with the kernel, that is reported
+//! and fails the test too.
 
 #![allow(
     clippy::expect_used,
@@ -36,18 +39,22 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration::agents::{agent_binary, logs, wait_for, Agent};
+use integration::agents::{
+    agent_binary, assert_enforceable, logs, marks, rulesets_changed, wait_change, wait_synced,
+    Agent, Delivery, StandIn,
+};
+use integration::apiserver::Resource;
 use integration::lab::{compare_with_trace, Cell, Family, Lab, Protocol};
-use integration::netns;
+use integration::{netns, objects};
 use ruleset::model::{
     ContainerPort, IpBlock, LabelSelector, Labels, Namespace, NetworkPolicy, Peer, Pod, PolicyPort,
     PolicyRule, PortRef, SelectorRequirement,
 };
-use ruleset::{Cluster, Compiler};
-use serde_json::{json, Value};
+use ruleset::Cluster;
+use serde_json::json;
 
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
-/// Node `i` of the lab is `NODES[i]` to the snapshot.
+/// Node `i` of the lab is `NODES[i]` to the cluster.
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const POD_NAMES: [&str; 3] = ["a", "b", "c"];
@@ -63,7 +70,7 @@ const POLL_MS: &str = "50";
 
 // ------------------------------------------------------------------------------------ model
 
-/// The cluster as the oracle and the snapshot both see it.
+/// The cluster as the oracle and the agents both see it.
 #[derive(Clone, Debug)]
 struct State {
     namespaces: Vec<Namespace>,
@@ -207,138 +214,6 @@ impl State {
             self.policies.clone(),
         )
     }
-
-    /// The snapshot the agents read: one `kind: List` in JSON (YAML reads JSON).
-    fn snapshot(&self) -> String {
-        let items: Vec<Value> = self
-            .namespaces
-            .iter()
-            .map(namespace_json)
-            .chain(self.pods.iter().map(pod_json))
-            .chain(self.policies.iter().map(policy_json))
-            .collect();
-        let list = json!({ "apiVersion": "v1", "kind": "List", "items": items });
-        serde_json::to_string_pretty(&list).unwrap()
-    }
-}
-
-fn namespace_json(ns: &Namespace) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": { "name": ns.name, "labels": ns.labels },
-    })
-}
-
-fn pod_json(pod: &Pod) -> Value {
-    let ports: Vec<Value> = pod
-        .ports
-        .iter()
-        .map(|p| json!({ "name": p.name, "containerPort": p.port, "protocol": p.protocol }))
-        .collect();
-    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({ "ip": ip })).collect();
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "namespace": pod.namespace, "name": pod.name, "labels": pod.labels },
-        "spec": {
-            "nodeName": pod.node,
-            "containers": [{ "name": "labpod", "image": "labpod", "ports": ports }],
-        },
-        "status": { "phase": pod.phase, "podIP": pod.ips[0], "podIPs": ips },
-    })
-}
-
-fn selector_json(selector: &LabelSelector) -> Value {
-    let mut out = serde_json::Map::new();
-    if !selector.match_labels.is_empty() {
-        out.insert("matchLabels".into(), json!(selector.match_labels));
-    }
-    if !selector.match_expressions.is_empty() {
-        let exprs: Vec<Value> = selector
-            .match_expressions
-            .iter()
-            .map(|e| json!({ "key": e.key, "operator": e.operator, "values": e.values }))
-            .collect();
-        out.insert("matchExpressions".into(), json!(exprs));
-    }
-    Value::Object(out)
-}
-
-fn rule_json(rule: &PolicyRule, peers_key: &str) -> Value {
-    let mut out = serde_json::Map::new();
-    if !rule.peers.is_empty() {
-        let peers: Vec<Value> = rule
-            .peers
-            .iter()
-            .map(|peer| {
-                let mut p = serde_json::Map::new();
-                if let Some(s) = &peer.pod_selector {
-                    p.insert("podSelector".into(), selector_json(s));
-                }
-                if let Some(s) = &peer.namespace_selector {
-                    p.insert("namespaceSelector".into(), selector_json(s));
-                }
-                if let Some(block) = &peer.ip_block {
-                    p.insert(
-                        "ipBlock".into(),
-                        json!({ "cidr": block.cidr, "except": block.except }),
-                    );
-                }
-                Value::Object(p)
-            })
-            .collect();
-        out.insert(peers_key.into(), json!(peers));
-    }
-    if !rule.ports.is_empty() {
-        let ports: Vec<Value> = rule
-            .ports
-            .iter()
-            .map(|port| {
-                let mut p = serde_json::Map::new();
-                if let Some(protocol) = &port.protocol {
-                    p.insert("protocol".into(), json!(protocol));
-                }
-                match &port.port {
-                    Some(PortRef::Number(n)) => p.insert("port".into(), json!(n)),
-                    Some(PortRef::Name(name)) => p.insert("port".into(), json!(name)),
-                    None => None,
-                };
-                if let Some(end) = port.end_port {
-                    p.insert("endPort".into(), json!(end));
-                }
-                Value::Object(p)
-            })
-            .collect();
-        out.insert("ports".into(), json!(ports));
-    }
-    Value::Object(out)
-}
-
-fn policy_json(policy: &NetworkPolicy) -> Value {
-    let mut spec = serde_json::Map::new();
-    spec.insert("podSelector".into(), selector_json(&policy.pod_selector));
-    if !policy.policy_types.is_empty() {
-        spec.insert("policyTypes".into(), json!(policy.policy_types));
-    }
-    if !policy.ingress.is_empty() {
-        let rules: Vec<Value> = policy
-            .ingress
-            .iter()
-            .map(|r| rule_json(r, "from"))
-            .collect();
-        spec.insert("ingress".into(), json!(rules));
-    }
-    if !policy.egress.is_empty() {
-        let rules: Vec<Value> = policy.egress.iter().map(|r| rule_json(r, "to")).collect();
-        spec.insert("egress".into(), json!(rules));
-    }
-    json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": { "namespace": policy.namespace, "name": policy.name },
-        "spec": spec,
-    })
 }
 
 // ------------------------------------------------------------------- policy building blocks
@@ -964,16 +839,115 @@ fn port_block_and_change_scenarios() -> Vec<Scenario> {
 
 // ------------------------------------------------------------------------------------ runner
 
-/// Writes `text` beside `path` and renames it over `path`, so an agent never reads half of it.
-fn replace_by_rename(path: &Path, text: &str) {
+/// How the cluster reaches the agents.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// A snapshot file (`--manifests`), replaced whole by rename at each step.
+    Snapshot,
+    /// The API stand-in (`--kubeconfig`) in node-a's namespace: at each step, the puts and
+    /// deletes of the objects that changed.
+    Api,
+}
+
+/// A source, running.
+enum Feed {
+    Snapshot {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    },
+    Api(StandIn),
+}
+
+impl Feed {
+    /// Starts `source` holding `cluster`.
+    fn start(source: Source, lab: &Lab, cluster: &Cluster) -> Feed {
+        match source {
+            Source::Snapshot => {
+                let dir = tempfile::tempdir().expect("scratch dir");
+                let path = dir.path().join("snapshot.json");
+                write_snapshot(&path, cluster);
+                Feed::Snapshot { path, _dir: dir }
+            }
+            Source::Api => {
+                assert_reads_back(cluster);
+                Feed::Api(StandIn::start(lab, 0, cluster))
+            }
+        }
+    }
+
+    /// The agent of lab node `node`, on this source.
+    fn start_agent(&self, lab: &Lab, node: usize) -> Agent {
+        let labpod = Path::new(LABPOD);
+        match self {
+            Feed::Snapshot { path, .. } => Agent::start(
+                labpod,
+                lab,
+                node,
+                NODES[node],
+                path,
+                &["--poll-ms", POLL_MS],
+            ),
+            Feed::Api(api) => {
+                Agent::start_api(labpod, lab, node, NODES[node], &api.kubeconfig(), &[])
+            }
+        }
+    }
+
+    /// Hands `next` to the agents; returns how it reaches them.
+    fn publish(&mut self, next: &Cluster) -> Delivery {
+        match self {
+            Feed::Snapshot { path, .. } => {
+                write_snapshot(path, next);
+                Delivery::Whole
+            }
+            Feed::Api(api) => {
+                assert_reads_back(next);
+                Delivery::Objects(api.publish(next))
+            }
+        }
+    }
+}
+
+/// Writes `cluster`'s objects as the snapshot, one `kind: List` in JSON (YAML reads JSON), by
+/// rename so that an agent never reads half of it; it must read back as `cluster`.
+fn write_snapshot(path: &Path, cluster: &Cluster) {
+    let items: Vec<_> = objects::all(cluster).collect();
+    let list = json!({ "apiVersion": "v1", "kind": "List", "items": items });
     let new = path.with_extension("json.new");
-    fs::write(&new, text).expect("write new snapshot");
+    fs::write(&new, serde_json::to_string_pretty(&list).unwrap()).expect("write new snapshot");
     fs::rename(&new, path).expect("rename over the snapshot");
+    let loaded = agent::manifests::load(path).expect("the snapshot loads");
+    assert_same(&loaded, cluster, "the snapshot");
+}
+
+/// The objects the stand-in serves for `cluster`, converted as the agent's API source
+/// converts them, must read back as `cluster`.
+fn assert_reads_back(cluster: &Cluster) {
+    let mut read = Cluster::new();
+    for object in objects::all(cluster) {
+        match Resource::of(&object).expect("a served kind") {
+            Resource::Namespaces => {
+                read.apply_namespace(agent::convert::namespace(
+                    serde_json::from_value(object).expect("a Namespace"),
+                ));
+            }
+            Resource::Pods => {
+                read.apply_pod(agent::convert::pod(
+                    serde_json::from_value(object).expect("a Pod"),
+                ));
+            }
+            Resource::NetworkPolicies => {
+                read.apply_policy(agent::convert::network_policy(
+                    serde_json::from_value(object).expect("a NetworkPolicy"),
+                ));
+            }
+        }
+    }
+    assert_same(&read, cluster, "the API objects");
 }
 
 /// What the agents read must be the cluster the oracle judges.
-fn assert_loads_as(path: &Path, expected: &Cluster) {
-    let loaded = agent::manifests::load(path).expect("the snapshot loads");
+fn assert_same(read: &Cluster, expected: &Cluster, what: &str) {
     let pods = |c: &Cluster| c.pods().cloned().collect::<Vec<_>>();
     let policies = |c: &Cluster| c.policies().cloned().collect::<Vec<_>>();
     let namespaces = |c: &Cluster| {
@@ -981,17 +955,17 @@ fn assert_loads_as(path: &Path, expected: &Cluster) {
             .map(|n| (n.to_string(), c.namespace_labels(n).clone()))
             .collect::<Vec<_>>()
     };
+    assert_eq!(pods(read), pods(expected), "pods as the agents read {what}");
     assert_eq!(
-        pods(&loaded),
-        pods(expected),
-        "pods as the agent reads them"
-    );
-    assert_eq!(
-        policies(&loaded),
+        policies(read),
         policies(expected),
-        "policies as the agent reads them"
+        "policies as the agents read {what}"
     );
-    assert_eq!(namespaces(&loaded), namespaces(expected));
+    assert_eq!(
+        namespaces(read),
+        namespaces(expected),
+        "namespaces as the agents read {what}"
+    );
 }
 
 /// One cell where the kernel did not do what the oracle says.
@@ -1012,47 +986,36 @@ struct Totals {
 }
 
 struct Run {
-    /// Before the lab: fields drop in order, and the agents must be gone before the lab's
-    /// namespaces are.
+    source: Source,
+    /// Before the feed and the lab: fields drop in order, and the agents must be gone before
+    /// the lab's namespaces are.
     agents: Vec<Agent>,
+    feed: Feed,
     lab: Lab,
-    snapshot: PathBuf,
-    /// The cluster the agents last read.
+    /// The cluster the agents last took.
     current: Cluster,
     totals: Totals,
 }
 
 impl Run {
-    /// Lab of the base cluster, a snapshot of it and one synced agent per node.
-    fn start(scratch: &tempfile::TempDir) -> Run {
+    /// Lab of the base cluster, `source` holding it and one synced agent per node on it.
+    fn start(source: Source) -> Run {
         let base = State::base();
         let cluster = base.cluster();
         let lab = Lab::for_cluster(LABPOD, &cluster, &NODES, &[]).expect("lab");
         for pod in &base.pods {
             check_lab_pod(&lab, pod);
         }
-        let snapshot = scratch.path().join("snapshot.json");
-        replace_by_rename(&snapshot, &base.snapshot());
-        assert_loads_as(&snapshot, &cluster);
+        let feed = Feed::start(source, &lab, &cluster);
         let mut agents: Vec<Agent> = (0..NODES.len())
-            .map(|i| {
-                Agent::start(
-                    Path::new(LABPOD),
-                    &lab,
-                    i,
-                    NODES[i],
-                    &snapshot,
-                    &["--poll-ms", POLL_MS],
-                )
-            })
+            .map(|i| feed.start_agent(&lab, i))
             .collect();
-        wait_for(&mut agents, "`synced` at start", SYNC_TIMEOUT, |_, a| {
-            a.synced() > 0
-        });
+        wait_synced(&mut agents, SYNC_TIMEOUT);
         Run {
+            source,
             agents,
+            feed,
             lab,
-            snapshot,
             current: cluster,
             totals: Totals::default(),
         }
@@ -1082,40 +1045,23 @@ impl Run {
         indices
     }
 
-    /// Writes `state` as the snapshot and waits until both agents have read it.
-    fn publish(&mut self, state: &State, what: &str) {
+    /// Hands `state` to the agents and waits until both took all of it.
+    fn publish(&mut self, state: &State, what: &str) -> Delivery {
         let next = state.cluster();
-        let changed: Vec<bool> = NODES
-            .iter()
-            .map(|node| {
-                let old = Compiler::new(self.current.clone(), node);
-                let new = Compiler::new(next.clone(), node);
-                assert!(
-                    new.diagnostics().is_empty(),
-                    "{what}: {node}: {:?}",
-                    new.diagnostics()
-                );
-                !ruleset::diff(old.table(), new.table()).is_empty()
-            })
-            .collect();
-        let before: Vec<(usize, usize)> =
-            self.agents.iter().map(|a| (a.synced(), a.seen())).collect();
-        replace_by_rename(&self.snapshot, &state.snapshot());
-        assert_loads_as(&self.snapshot, &next);
-        // An agent whose ruleset changes must sync; the other says it saw the change.
-        wait_for(
+        assert_enforceable(&next, &NODES, what);
+        let changed = rulesets_changed(&NODES, &self.current, &next);
+        let before = marks(&self.agents);
+        let delivery = self.feed.publish(&next);
+        wait_change(
             &mut self.agents,
-            &format!("the agents to take the snapshot of {what} (ruleset changes: {changed:?})"),
+            &before,
+            &changed,
+            delivery,
+            what,
             SYNC_TIMEOUT,
-            |i, a| {
-                if changed[i] {
-                    a.synced() > before[i].0
-                } else {
-                    a.seen() > before[i].1
-                }
-            },
         );
         self.current = next;
+        delivery
     }
 
     /// Probes every cell among `state`'s pods and holds each against the oracle.
@@ -1154,7 +1100,8 @@ impl Run {
         }
         if !wrong.is_empty() {
             eprintln!(
-                "\nCONFORMANCE FAILURE in {scenario}: {} of {} cells disagree with the oracle:\n  {}\n{}\n",
+                "\nCONFORMANCE FAILURE ({:?} source) in {scenario}: {} of {} cells disagree with the oracle:\n  {}\n{}\n",
+                self.source,
                 wrong.len(),
                 cells.len(),
                 wrong.join("\n  "),
@@ -1185,15 +1132,58 @@ impl Run {
             let label = format!("{} / step {} ({what})", scenario.name, k + 1);
             let pods = self.lab_pods(&state);
             let started = Instant::now();
-            self.publish(&state, &label);
+            let delivery = self.publish(&state, &label);
             let took = started.elapsed();
             let line = self.check(&label, &state, &pods);
             self.totals.steps += 1;
             println!(
-                "  {label}: agents took it in {:.2} s; {line}",
+                "  [{:?}] {label}: agents took it ({delivery:?}) in {:.2} s; {line}",
+                self.source,
                 took.as_secs_f64()
             );
         }
+    }
+
+    /// Prints the summary; what failed, if anything, with the agents' logs.
+    fn verdict(&mut self, test: &str, started: Instant) -> Option<String> {
+        let t = &self.totals;
+        let source = self.source;
+        println!(
+            "{test}: {source:?} source, {} scenarios, {} steps, {} cells checked (IPv4 {}, IPv6 {}; {} allowed), {} disagreements, {} Tracer disagreements, done at {:.1} s",
+            t.scenarios,
+            t.steps,
+            t.cells[0] + t.cells[1],
+            t.cells[0],
+            t.cells[1],
+            t.allowed,
+            t.disagreements.len(),
+            t.tracer.len(),
+            started.elapsed().as_secs_f64()
+        );
+        if t.disagreements.is_empty() && t.tracer.is_empty() {
+            return None;
+        }
+        let failing: std::collections::BTreeSet<&str> = t
+            .disagreements
+            .iter()
+            .map(|d| d.scenario.as_str())
+            .collect();
+        let shown: Vec<String> = t
+            .disagreements
+            .iter()
+            .take(100)
+            .map(|d| format!("{}: {}", d.scenario, d.text))
+            .collect();
+        let text = format!(
+            "{source:?} source: {} cells disagree with the oracle; steps with disagreements: {}\n  {}\nthe cells (first 100):\n  {}\nTracer and the kernel disagree on {} cells:\n  {}",
+            t.disagreements.len(),
+            failing.len(),
+            failing.iter().copied().collect::<Vec<_>>().join("\n  "),
+            shown.join("\n  "),
+            t.tracer.len(),
+            t.tracer.join("\n  "),
+        );
+        Some(format!("{text}\n{}", logs(&mut self.agents)))
     }
 }
 
@@ -1249,63 +1239,41 @@ fn describe_cell(lab: &Lab, cell: &Cell) -> String {
     )
 }
 
-/// Runs `scenarios` on a lab of its own, prints the summary and fails on any disagreement.
+/// Runs `scenarios` once per source, side by side, each on a lab of its own with its own
+/// agents; prints the summaries and fails on any disagreement of either.
 fn conformance(test: &str, scenarios: &[Scenario]) {
     if netns::skip_unless_root(test) {
         return;
     }
     let started = Instant::now();
     agent_binary(Path::new(LABPOD));
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let mut run = Run::start(&scratch);
-    println!(
-        "{test}: lab of {} pods on {} nodes, agents synced, at {:.1} s",
-        run.lab.pods().len(),
-        NODES.len(),
-        started.elapsed().as_secs_f64()
-    );
-    for scenario in scenarios {
-        run.run(scenario);
+    let runs: Vec<std::thread::Result<Run>> = std::thread::scope(|s| {
+        let handles: Vec<_> = [Source::Snapshot, Source::Api]
+            .into_iter()
+            .map(|source| {
+                s.spawn(move || {
+                    let mut run = Run::start(source);
+                    println!(
+                        "{test}: lab of {} pods on {} nodes, agents on the {source:?} source synced, at {:.1} s",
+                        run.lab.pods().len(),
+                        NODES.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    for scenario in scenarios {
+                        run.run(scenario);
+                    }
+                    run
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut failures = Vec::new();
+    for run in runs {
+        let mut run = run.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        failures.extend(run.verdict(test, started));
     }
-    let t = &run.totals;
-    let failing: std::collections::BTreeSet<&str> = t
-        .disagreements
-        .iter()
-        .map(|d| d.scenario.as_str())
-        .collect();
-    println!(
-        "{test}: {} scenarios, {} steps, {} cells checked (IPv4 {}, IPv6 {}; {} allowed), {} disagreements, {} Tracer disagreements, in {:.1} s",
-        t.scenarios,
-        t.steps,
-        t.cells[0] + t.cells[1],
-        t.cells[0],
-        t.cells[1],
-        t.allowed,
-        t.disagreements.len(),
-        t.tracer.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let shown: Vec<String> = t
-        .disagreements
-        .iter()
-        .take(100)
-        .map(|d| format!("{}: {}", d.scenario, d.text))
-        .collect();
-    assert!(
-        t.disagreements.is_empty(),
-        "{} cells disagree with the oracle; steps with disagreements: {}\n  {}\nthe cells (first 100):\n  {}\n{}",
-        t.disagreements.len(),
-        failing.len(),
-        failing.iter().copied().collect::<Vec<_>>().join("\n  "),
-        shown.join("\n  "),
-        logs(&mut run.agents)
-    );
-    assert!(
-        t.tracer.is_empty(),
-        "Tracer and the kernel disagree on {} cells:\n{}",
-        t.tracer.len(),
-        t.tracer.join("\n")
-    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]
