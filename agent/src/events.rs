@@ -191,8 +191,16 @@ pub struct Findings {
     /// Each current finding, and whether it went to the recorder. A finding that goes away
     /// and comes back is reported again.
     current: BTreeMap<Finding, bool>,
-    /// Whether the cluster changed since [`Findings::due`] last looked.
-    changed: bool,
+    /// What changed since [`Findings::due`] last looked: the findings themselves (all are
+    /// looked at), or pods in these namespaces (a policy's reporter depends only on the pods
+    /// of its own namespace).
+    changed: Changed,
+}
+
+#[derive(Debug, Default)]
+struct Changed {
+    all: bool,
+    namespaces: BTreeSet<String>,
 }
 
 impl Findings {
@@ -218,12 +226,13 @@ impl Findings {
                 new.insert(false);
             }
         }
-        self.changed = true;
+        self.changed.all = true;
     }
 
-    /// Pods changed: the node that reports a policy may be another one now.
-    pub fn pods_changed(&mut self) {
-        self.changed = true;
+    /// Pods of these namespaces changed: the node that reports a policy there may be another
+    /// one now.
+    pub fn pods_changed(&mut self, namespaces: impl IntoIterator<Item = String>) {
+        self.changed.namespaces.extend(namespaces);
     }
 
     /// How many fields of policies cannot be enforced as written.
@@ -236,16 +245,14 @@ impl Findings {
     }
 
     /// The findings this node reports and has not reported yet, now marked as reported.
-    /// Nothing unless the cluster changed since the last call, so calling it every tick
-    /// costs nothing in a quiet cluster.
+    /// Only those whose policy or pods changed since the last call are looked at, so calling
+    /// it every tick costs nothing in a quiet cluster.
     pub fn due(&mut self, compiler: &Compiler) -> Vec<Finding> {
-        if !std::mem::take(&mut self.changed) {
-            return Vec::new();
-        }
+        let changed = std::mem::take(&mut self.changed);
         let mut elected: HashMap<(String, String), bool> = HashMap::new();
         let mut due = Vec::new();
         for (finding, reported) in &mut self.current {
-            if *reported {
+            if *reported || !(changed.all || changed.namespaces.contains(&finding.namespace)) {
                 continue;
             }
             let here = *elected
@@ -666,7 +673,7 @@ mod tests {
         // The same finding after a resync or a pod change: nothing new.
         findings.update(&c);
         assert!(findings.due(&c).is_empty());
-        findings.pods_changed();
+        findings.pods_changed(["shop".to_string()]);
         assert!(findings.due(&c).is_empty());
         // A second problem: only it is due.
         policy.ingress[0].peers.push(Peer::default());
@@ -689,7 +696,10 @@ mod tests {
         assert!(other.due(&b).is_empty());
         let moved = vec![pod("web-0", "node-b", "web", "10.1.0.1")];
         let b = compiler("node-b", moved, vec![broken("web", "web")]);
-        other.pods_changed();
+        // Pods of another namespace changed: not looked at again.
+        other.pods_changed(["billing".to_string()]);
+        assert!(other.due(&b).is_empty());
+        other.pods_changed(["shop".to_string()]);
         assert_eq!(other.due(&b).len(), 1);
     }
 

@@ -263,6 +263,7 @@ async fn from_api(
         }
         let objects = batch.len();
         let policy_or_namespace = !batch.pods_only();
+        let pod_namespaces = batch.pod_namespaces();
         let started = Instant::now();
         batch.apply(&mut compiler);
         if policy_or_namespace {
@@ -270,7 +271,7 @@ async fn from_api(
             findings.update(&compiler);
             kernel.health.set_unenforceable(findings.len());
         } else {
-            findings.pods_changed();
+            findings.pods_changed(pod_namespaces);
         }
         kernel.count_objects(&compiler);
         tracing::debug!(
