@@ -46,7 +46,8 @@ pub enum Command {
 /// transaction, then polls the snapshot and applies only what changed. A snapshot that does not
 /// load leaves the last good rules in force. Tables changed or removed by anyone else are put
 /// back within seconds. On SIGTERM or SIGINT the agent exits and the rules stay. Needs
-/// CAP_NET_ADMIN.
+/// CAP_NET_ADMIN. A policy field it cannot enforce is logged once; from the API, one node also
+/// records it as a Warning Event (reason Unenforceable) on the policy.
 #[derive(Args)]
 #[command(after_help = "Example:\n  \
     agent run --manifests /etc/nftpol/snapshot.yaml --node \"$(hostname)\"")]

@@ -72,6 +72,7 @@ pub fn network_policy(policy: net::NetworkPolicy) -> NetworkPolicy {
             .namespace
             .unwrap_or_else(|| "default".into()),
         name: policy.metadata.name.unwrap_or_default(),
+        uid: policy.metadata.uid,
         pod_selector: spec.pod_selector.map(selector).unwrap_or_default(),
         policy_types: spec.policy_types.unwrap_or_default(),
         ingress: spec

@@ -33,6 +33,11 @@ pub fn report(compiler: &Compiler) {
     for d in compiler.diagnostics() {
         tracing::warn!("{d}");
     }
+    summary(compiler);
+}
+
+/// What was compiled for the node, in one line (a warning when it has no pod).
+pub fn summary(compiler: &Compiler) {
     let node = compiler.node();
     let local = compiler.local_pods().count();
     if local == 0 {

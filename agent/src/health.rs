@@ -55,6 +55,32 @@ impl SyncKind {
     }
 }
 
+/// What became of an Event the agent meant to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// A new Event.
+    Created,
+    /// A count more on the series of the same finding's recent Event.
+    Aggregated,
+    /// The API server refused it or did not answer.
+    Failed,
+    /// Not sent: too many were waiting.
+    Dropped,
+}
+
+impl EventOutcome {
+    const ALL: [EventOutcome; 4] = [Self::Created, Self::Aggregated, Self::Failed, Self::Dropped];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Aggregated => "aggregated",
+            Self::Failed => "failed",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
 /// Upper bounds of the sync duration histogram, in seconds: 100 µs to 10 s.
 const BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -115,6 +141,8 @@ struct State {
     objects: BTreeMap<&'static str, u64>,
     local_pods: u64,
     kernel: KernelCounts,
+    unenforceable: u64,
+    events: [u64; EventOutcome::ALL.len()],
 }
 
 /// The agent's health, shared by the loop (which writes) and the HTTP server (which reads).
@@ -140,6 +168,8 @@ impl Health {
                 objects: BTreeMap::new(),
                 local_pods: 0,
                 kernel: KernelCounts::default(),
+                unenforceable: 0,
+                events: [0; EventOutcome::ALL.len()],
             })),
             stale_after,
         }
@@ -174,6 +204,16 @@ impl Health {
     /// How many pods on this node the ruleset enforces.
     pub fn set_local_pods(&self, n: usize) {
         self.lock().local_pods = n as u64;
+    }
+
+    /// How many fields of policies the agent cannot enforce as written.
+    pub fn set_unenforceable(&self, n: usize) {
+        self.lock().unenforceable = n as u64;
+    }
+
+    /// An Event about an unenforceable policy was recorded, or not.
+    pub fn record_event(&self, outcome: EventOutcome) {
+        self.lock().events[outcome as usize] += 1;
     }
 
     /// What the agent's tables hold in the kernel after the last successful sync.
@@ -326,6 +366,11 @@ impl Health {
                 s.local_pods,
             ),
             (
+                "nftpol_unenforceable_fields",
+                "Fields of NetworkPolicies the agent cannot enforce as written; the pods they select stay isolated.",
+                s.unenforceable,
+            ),
+            (
                 "nftpol_kernel_rules",
                 "Rules in the agent's tables.",
                 s.kernel.rules,
@@ -349,6 +394,21 @@ impl Health {
         for (name, help, value) in gauges {
             family(&mut out, name, "gauge", help);
             sample(&mut out, name, &[], value);
+        }
+        family(
+            &mut out,
+            "nftpol_events_total",
+            "counter",
+            "Kubernetes Events about unenforceable policies, by result: created, aggregated into \
+             a recent one's series, failed (refused or unanswered), dropped (too many waiting).",
+        );
+        for outcome in EventOutcome::ALL {
+            sample(
+                &mut out,
+                "nftpol_events_total",
+                &[("result", outcome.label())],
+                s.events[outcome as usize],
+            );
         }
         family(
             &mut out,
@@ -525,6 +585,25 @@ mod tests {
             "nftpol_syncs_total{kind=\"delta\",result=\"ok\"} 2",
             "nftpol_syncs_total{kind=\"delta\",result=\"error\"} 1",
             "nftpol_sync_failures_total 1",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
+        }
+    }
+
+    #[test]
+    fn events_and_unenforceable_fields_are_counted() {
+        let health = Health::new(Duration::from_secs(3));
+        health.record_event(EventOutcome::Created);
+        health.record_event(EventOutcome::Failed);
+        health.record_event(EventOutcome::Failed);
+        health.set_unenforceable(3);
+        let m = health.metrics();
+        for line in [
+            "nftpol_events_total{result=\"created\"} 1",
+            "nftpol_events_total{result=\"aggregated\"} 0",
+            "nftpol_events_total{result=\"failed\"} 2",
+            "nftpol_events_total{result=\"dropped\"} 0",
+            "nftpol_unenforceable_fields 3",
         ] {
             assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
         }

@@ -543,6 +543,14 @@ impl Batch {
         self.namespaces.is_empty() && self.policies.is_empty()
     }
 
+    /// The namespaces of the pods the batch changes.
+    pub fn pod_namespaces(&self) -> BTreeSet<String> {
+        self.pods
+            .keys()
+            .map(|(namespace, _)| namespace.clone())
+            .collect()
+    }
+
     /// Number of objects the batch touches.
     pub fn len(&self) -> usize {
         self.pods.len() + self.namespaces.len() + self.policies.len()

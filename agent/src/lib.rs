@@ -6,6 +6,7 @@
 //!                                          -> diff -> netlink::Writer -> kernel (run)
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
 //! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
+//! Compiler::diagnostics -> events::Findings -> log once; API: events::Recorder -> Events
 //! the loop's syncs and counts -> health::Health -> /healthz, /readyz, /metrics (HTTP)
 //!                                                -> notify (systemd READY=1, WATCHDOG=1)
 //! ```
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod convert;
 pub mod dump;
+pub mod events;
 pub mod health;
 pub mod kube_source;
 pub mod manifests;

@@ -6,6 +6,8 @@
 //! every second: veth discovery -> guard (bridge table) ----------------------------+-> diff
 //!     against what is installed -> one transaction for both tables -> Health, sd_notify
 //! every second: nf_tables generation moved? -> fingerprint our tables -> restore if changed
+//! after a change: Findings (unenforceable fields) -> logged once; from the API, every second:
+//!     those this node reports -> Recorder (queue, never waits) -> Kubernetes Events
 //! ```
 //! Nothing is written before the first complete state (all three lists, or a snapshot that
 //! loads). The first sync replaces any tables of ours in one transaction; later ones write the
@@ -23,6 +25,7 @@ use ruleset::{diff, Compiler, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::RunArgs;
+use crate::events::{Findings, Recorder};
 use crate::health::{self, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
 use crate::netlink::{Change, WriteError, Writer};
@@ -146,6 +149,7 @@ async fn from_snapshot(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen: Option<manifests::Fingerprint> = None;
     let mut compiler: Option<Compiler> = None;
+    let mut findings = Findings::default();
     let mut unreadable_reported = false;
     loop {
         tokio::select! {
@@ -178,7 +182,9 @@ async fn from_snapshot(
             }
         };
         let next = Compiler::with_options(cluster, &args.node, options.clone());
-        dump::report(&next);
+        dump::summary(&next);
+        findings.update(&next);
+        kernel.health.set_unenforceable(findings.len());
         kernel.count_objects(&next);
         match kernel.sync(&next, false) {
             Synced::Written | Synced::Unchanged => {}
@@ -198,7 +204,9 @@ async fn from_api(
     mut signals: Signals,
 ) -> anyhow::Result<()> {
     let client = kube_source::client(args.kubeconfig.as_deref()).await?;
-    let mut source = Source::start(client);
+    let mut source = Source::start(client.clone());
+    let mut recorder = Recorder::start(client, &args.node, kernel.health.clone());
+    let mut findings = Findings::default();
     let mut ticker = tokio::time::interval(CHECK_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -225,15 +233,19 @@ async fn from_api(
         millis = started.elapsed().as_millis() as u64,
         "initial lists complete"
     );
-    dump::report(&compiler);
+    dump::summary(&compiler);
+    findings.update(&compiler);
+    kernel.health.set_unenforceable(findings.len());
     kernel.count_objects(&compiler);
     kernel.sync(&compiler, false);
+    recorder.record(findings.due(&compiler));
 
     loop {
         let first = tokio::select! {
             () = signals.any() => return Ok(()),
             _ = ticker.tick() => {
                 kernel.tick(Some(&compiler));
+                recorder.record(findings.due(&compiler));
                 continue;
             }
             update = source.recv() => match update {
@@ -251,10 +263,15 @@ async fn from_api(
         }
         let objects = batch.len();
         let policy_or_namespace = !batch.pods_only();
+        let pod_namespaces = batch.pod_namespaces();
         let started = Instant::now();
         batch.apply(&mut compiler);
         if policy_or_namespace {
-            dump::report(&compiler);
+            dump::summary(&compiler);
+            findings.update(&compiler);
+            kernel.health.set_unenforceable(findings.len());
+        } else {
+            findings.pods_changed(pod_namespaces);
         }
         kernel.count_objects(&compiler);
         tracing::debug!(

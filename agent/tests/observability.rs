@@ -202,7 +202,7 @@ fn probes_and_metrics_over_http() {
                         "namespaces",
                         "networkpolicies",
                     ],
-                    "result" => &["ok", "error"],
+                    "result" => &["ok", "error", "created", "aggregated", "failed", "dropped"],
                     "le" => &[],
                     "version" => &[env!("CARGO_PKG_VERSION")],
                     other => panic!("unexpected label {other} in {line:?}"),

@@ -586,6 +586,7 @@ fn connrate() {
     cluster.apply_policy(NetworkPolicy {
         namespace: "ns-0050".into(),
         name: "egress-to-team-api".into(),
+        uid: None,
         pod_selector: selector(&[]),
         policy_types: vec!["Egress".into()],
         ingress: vec![],

@@ -7,10 +7,13 @@
 //!   GET .../pods?limit&continue          -> PodList page, metadata.resourceVersion, continue
 //!   GET .../pods?watch=true&resourceVersion=N -> chunked JSON lines: history after N, then live
 //!                                              events and BOOKMARKs; N compacted -> ERROR 410
+//!   POST  /apis/events.k8s.io/v1/namespaces/NS/events       -> validated, stored (or refused)
+//!   PATCH /apis/events.k8s.io/v1/namespaces/NS/events/NAME  -> JSON merge patch (a series)
 //! ```
 //!
 //! Tests steer it: compact the history (the next watch from an old version gets 410 Expired),
-//! drop every connection mid-stream, stop and restart on the same port, count requests.
+//! drop every connection mid-stream, stop and restart on the same port, count requests, read
+//! the Events recorded, refuse them with a status of their choice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -118,6 +121,22 @@ struct State {
     connections: BTreeMap<u64, AbortHandle>,
     requests: BTreeMap<(Resource, Verb), usize>,
     next_id: u64,
+    /// events.k8s.io/v1 Events, in order of creation.
+    events: Vec<Value>,
+    event_writes: EventWrites,
+    /// When set, every Event request gets this status.
+    refuse_events: Option<StatusCode>,
+}
+
+/// Event requests served so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventWrites {
+    /// POSTs that created an Event.
+    pub created: usize,
+    /// PATCHes applied to one.
+    pub patched: usize,
+    /// Requests answered with an error: refused on purpose, invalid, or about a missing Event.
+    pub failed: usize,
 }
 
 struct Watch {
@@ -328,6 +347,21 @@ impl ApiServer {
     pub fn resource_version(&self) -> u64 {
         lock(&self.state).rv
     }
+
+    /// Every Event recorded, in order of creation, as patched since.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.state).events.clone()
+    }
+
+    pub fn event_writes(&self) -> EventWrites {
+        lock(&self.state).event_writes
+    }
+
+    /// From now on, answers every Event request with `status` (403 as without RBAC, 500, ...);
+    /// `None` serves them again.
+    pub fn refuse_events(&self, status: Option<StatusCode>) {
+        lock(&self.state).refuse_events = status;
+    }
 }
 
 impl Drop for ApiServer {
@@ -341,16 +375,7 @@ impl Drop for ApiServer {
 fn bind(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = match netns {
         None => std::net::TcpListener::bind(addr)?,
-        Some(path) => {
-            let path = path.to_path_buf();
-            std::thread::spawn(move || {
-                let namespace = std::fs::File::open(&path)?;
-                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                std::net::TcpListener::bind(addr)
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("the thread binding in the namespace panicked"))??
-        }
+        Some(path) => crate::netns::inside(path, || std::net::TcpListener::bind(addr))?,
     };
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
@@ -430,7 +455,7 @@ async fn accept(listener: TcpListener, state: Arc<Mutex<State>>) {
         let connection = tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let state = Arc::clone(&served);
-                async move { Ok::<_, Infallible>(handle(&state, &request)) }
+                async move { Ok::<_, Infallible>(respond(&state, request).await) }
             });
             // A client that goes away mid-stream is no error of the server's.
             let _ = hyper::server::conn::http1::Builder::new()
@@ -443,6 +468,191 @@ async fn accept(listener: TcpListener, state: Arc<Mutex<State>>) {
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+async fn respond(state: &Arc<Mutex<State>>, request: Request<Incoming>) -> Response<Body> {
+    match event_route(request.uri().path()) {
+        Some((namespace, name)) => {
+            let (parts, body) = request.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let mut state = lock(state);
+            let response = event_request(&mut state, &parts, &namespace, name.as_deref(), &body);
+            match response.status() {
+                StatusCode::CREATED => state.event_writes.created += 1,
+                StatusCode::OK => state.event_writes.patched += 1,
+                _ => state.event_writes.failed += 1,
+            }
+            response
+        }
+        None => handle(state, &request),
+    }
+}
+
+/// The namespace, and the name if any, of an events.k8s.io/v1 Event path.
+fn event_route(path: &str) -> Option<(String, Option<String>)> {
+    let rest = path.strip_prefix("/apis/events.k8s.io/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    let name = match rest {
+        "events" => None,
+        _ => Some(rest.strip_prefix("events/")?.to_string()),
+    };
+    Some((namespace.to_string(), name))
+}
+
+/// POST (create) or PATCH (JSON merge patch) of an Event, checked as the API server checks
+/// an events.k8s.io/v1 Event.
+fn event_request(
+    state: &mut State,
+    request: &hyper::http::request::Parts,
+    namespace: &str,
+    name: Option<&str>,
+    body: &[u8],
+) -> Response<Body> {
+    if let Some(code) = state.refuse_events {
+        let reason = code
+            .canonical_reason()
+            .unwrap_or("Refused")
+            .replace(' ', "");
+        return status(code, &reason, "refused by the test");
+    }
+    let Ok(sent) = serde_json::from_slice::<Value>(body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let at = |event: &Value, namespace: &str, name: &str| {
+        event["metadata"]["namespace"] == namespace && event["metadata"]["name"] == name
+    };
+    match (&request.method, name) {
+        (&hyper::Method::POST, None) => {
+            let mut event = sent;
+            if let Err(problem) = check_event(&event, namespace, false) {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &problem);
+            }
+            let name = event["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if state.events.iter().any(|e| at(e, namespace, &name)) {
+                return status(StatusCode::CONFLICT, "AlreadyExists", &name);
+            }
+            state.next_id += 1;
+            event["metadata"]["uid"] = json!(format!("event-{}", state.next_id));
+            event["metadata"]["resourceVersion"] = json!(state.next_id.to_string());
+            state.events.push(event.clone());
+            json_response(
+                StatusCode::CREATED,
+                Full::new(Bytes::from(event.to_string())).boxed(),
+            )
+        }
+        (&hyper::Method::PATCH, Some(name)) => {
+            let merge = request
+                .headers
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|t| t == "application/merge-patch+json");
+            if !merge {
+                return status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "only application/merge-patch+json",
+                );
+            }
+            let Some(event) = state.events.iter_mut().find(|e| at(e, namespace, name)) else {
+                return status(StatusCode::NOT_FOUND, "NotFound", name);
+            };
+            let mut patched = event.clone();
+            merge_patch(&mut patched, &sent);
+            if let Err(problem) = check_event(&patched, namespace, true) {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &problem);
+            }
+            *event = patched.clone();
+            json_response(
+                StatusCode::OK,
+                Full::new(Bytes::from(patched.to_string())).boxed(),
+            )
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "events: POST to the collection, PATCH to an event",
+        ),
+    }
+}
+
+/// What the API server requires of an events.k8s.io/v1 Event; `existing` once created.
+fn check_event(event: &Value, namespace: &str, existing: bool) -> Result<(), String> {
+    let text = |field: &str| event[field].as_str().unwrap_or_default();
+    let required_short = [
+        "reason",
+        "action",
+        "reportingController",
+        "reportingInstance",
+    ];
+    for field in required_short {
+        if text(field).is_empty() || text(field).len() > 128 {
+            return Err(format!("{field}: required, at most 128 bytes"));
+        }
+    }
+    if !text("reportingController").contains('/') {
+        return Err("reportingController: a qualified name, domain/name".into());
+    }
+    if text("note").len() > 1024 {
+        return Err("note: at most 1024 bytes".into());
+    }
+    if !matches!(text("type"), "Normal" | "Warning") {
+        return Err("type: Normal or Warning".into());
+    }
+    if text("eventTime").is_empty() {
+        return Err("eventTime: required".into());
+    }
+    if event["metadata"]["namespace"] != namespace {
+        return Err("metadata.namespace: does not match the request's".into());
+    }
+    let name = event["metadata"]["name"].as_str().unwrap_or_default();
+    if name.is_empty() || name.len() > 253 {
+        return Err("metadata.name: required, at most 253 bytes".into());
+    }
+    if event["regarding"]["kind"].as_str().is_none()
+        || event["regarding"]["name"].as_str().is_none()
+    {
+        return Err("regarding: kind and name required".into());
+    }
+    match event.get("series").filter(|s| !s.is_null()) {
+        Some(_) if !existing => Err("series: not on a new event".into()),
+        Some(series)
+            if series["count"].as_i64().unwrap_or(0) < 2
+                || series["lastObservedTime"].as_str().is_none() =>
+        {
+            Err("series: count of at least 2 and lastObservedTime".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(object) = target {
+        for (key, value) in fields {
+            if value.is_null() {
+                object.remove(key);
+            } else {
+                merge_patch(object.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
 
 fn handle(state: &Arc<Mutex<State>>, request: &Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();

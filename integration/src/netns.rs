@@ -1,6 +1,7 @@
 //! Throwaway network namespaces for tests that need the real kernel.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Whether this process runs as root (needed for network namespaces and nf_tables).
@@ -23,6 +24,24 @@ pub fn skip_unless_root(test: &str) -> bool {
     }
     eprintln!("\n!!!!! SKIPPED {test}: needs root for network namespaces and nf_tables !!!!!\n");
     true
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `netns` (a
+/// `/run/netns/<name>` path): sockets it makes stay in that namespace.
+pub fn inside<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let namespace = std::fs::File::open(netns)?;
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                f()
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("the thread in the network namespace panicked"))?
+    })
 }
 
 /// Runs `nft -c -f -` on `text` in a fresh network namespace that vanishes with the process:

@@ -113,10 +113,14 @@ pub fn network_policy(policy: &NetworkPolicy) -> Value {
             })
             .collect()
     };
+    let mut metadata = json!({"name": policy.name, "namespace": policy.namespace});
+    if let Some(uid) = &policy.uid {
+        metadata["uid"] = json!(uid);
+    }
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": policy.name, "namespace": policy.namespace},
+        "metadata": metadata,
         "spec": {
             "podSelector": selector(&policy.pod_selector),
             "policyTypes": policy.policy_types,

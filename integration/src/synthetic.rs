@@ -117,6 +117,7 @@ fn policies(shape: &Shape, i: usize) -> Vec<NetworkPolicy> {
     let make = |name: &str, select: LabelSelector, types: &[&str], ingress, egress| NetworkPolicy {
         namespace: namespace.clone(),
         name: name.into(),
+        uid: None,
         pod_selector: select,
         policy_types: types.iter().map(|t| t.to_string()).collect(),
         ingress,

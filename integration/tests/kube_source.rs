@@ -167,6 +167,7 @@ fn allow_web(namespace: &str) -> NetworkPolicy {
     NetworkPolicy {
         namespace: namespace.into(),
         name: "web-from-team".into(),
+        uid: None,
         pod_selector: LabelSelector {
             match_labels: labels(&[("app", "web")]),
             ..LabelSelector::default()

@@ -65,6 +65,9 @@ pub struct ContainerPort {
 pub struct NetworkPolicy {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid` when the API server gave one. No effect on enforcement: it names the
+    /// object in the Events the agent records about it (`kubectl describe` matches on it).
+    pub uid: Option<String>,
     pub pod_selector: LabelSelector,
     /// As written; empty means "absent" and is defaulted as the API server does.
     pub policy_types: Vec<String>,

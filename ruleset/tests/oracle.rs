@@ -433,6 +433,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 .map(|(i, d)| NetworkPolicy {
                     namespace: NAMESPACES[d.namespace % namespace_count].to_string(),
                     name: format!("p{i}"),
+                    uid: None,
                     pod_selector: d.pod_selector,
                     policy_types: d.policy_types,
                     ingress: d.ingress,
