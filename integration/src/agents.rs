@@ -10,8 +10,8 @@
 )]
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -492,6 +492,25 @@ pub fn check_matrix(
     );
     let verdicts = comparison.traces.iter().map(|t| t.allowed).collect();
     (cells, verdicts)
+}
+
+// ------------------------------------------------------------------------------ health
+
+/// GET `path` from the agent's health endpoint at `addr` inside lab namespace `netns` (a
+/// name under `/run/netns`): the whole HTTP/1.1 response, status line first.
+pub fn http_get_in(netns: &str, addr: &str, path: &str) -> std::io::Result<String> {
+    let netns = PathBuf::from("/run/netns").join(netns);
+    crate::netns::inside(&netns, || {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
 }
 
 // ------------------------------------------------------------------------------ stand-in

@@ -12,14 +12,12 @@
     reason = "a test fails by panicking"
 )]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use integration::agents::{logs, wait_for, Agent, StandIn};
+use integration::agents::{http_get_in, logs, wait_for, Agent, StandIn};
 use integration::apiserver::EventWrites;
 use integration::lab::Lab;
 use integration::{netns, objects};
@@ -32,7 +30,7 @@ use serde_json::Value;
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
 const NODE: &str = "node-a";
 /// Where the agent serves /metrics, inside its node's namespace.
-const HEALTH: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9743);
+const HEALTH: &str = "127.0.0.1:9743";
 /// An upper bound for waiting, never a measure of speed.
 const WAIT: Duration = Duration::from_secs(30);
 /// After the agent handled a change, long enough for it to have offered its findings (once a
@@ -156,19 +154,7 @@ impl World {
 
     /// The agent's /metrics, read inside its node's namespace.
     fn metrics(&self) -> String {
-        let netns = PathBuf::from("/run/netns").join(self.lab.node_netns(0).unwrap());
-        netns::inside(&netns, || {
-            let mut stream = TcpStream::connect(HEALTH)?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                stream,
-                "GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .expect("GET /metrics")
+        http_get_in(self.lab.node_netns(0).unwrap(), HEALTH, "/metrics").expect("GET /metrics")
     }
 
     /// The Events created and patched so far, and that none was refused.
