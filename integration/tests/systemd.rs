@@ -7,7 +7,7 @@
 //! Checked: systemd holds the unit in `activating` while the API server cannot be reached
 //! (READY=1 waits for the first sync) and calls it active once the ruleset is in place; the
 //! sandboxed agent enforces the policies (the matrix against `Tracer`, node-b's agent run
-//! plainly); its watchdog pings reach systemd, so a short watchdog never kills it; `systemctl
+//! plainly); a short watchdog never kills it; `systemctl
 //! stop` ends it cleanly with the rules left in force; `systemctl start` brings it back.
 
 #![allow(
@@ -354,17 +354,8 @@ fn the_packaged_unit_runs_under_systemd() {
     let (cells, _) = check_matrix(&lab, &mut others, &SERVICES, "under systemd", &cluster, t0);
     println!("{test}: {} cells as Tracer says", cells.len());
 
-    // Watchdog pings arrive: systemd's record of the last one moves, and after more than
-    // twice the watchdog's timeout the same process still runs.
-    let ping = || systemd.show("WatchdogTimestampMonotonic");
-    let first = ping();
-    thread::sleep(Duration::from_millis(1500));
-    assert_ne!(
-        ping(),
-        first,
-        "no watchdog ping in 1.5 s\n{}",
-        systemd.describe()
-    );
+    // With a 3 s watchdog, the same process still runs after more than twice that: systemd
+    // kills a unit whose pings stop.
     if let Some(rest) = (2 * WATCHDOG).checked_sub(active_at.elapsed()) {
         thread::sleep(rest + Duration::from_millis(500));
     }
