@@ -35,6 +35,9 @@ use crate::{dump, manifests, node, veth};
 /// How often the agent looks for new veths, checks that its tables are as it left them and
 /// tells systemd it is alive.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A watchdog ping may go this much early, so that a tick's jitter never stretches the
+/// interval between two pings past half the timeout.
+const PING_SLACK: Duration = Duration::from_millis(20);
 /// How long a burst of API events is gathered into one transaction. A lone change waits this
 /// long at most; a deploy of 1,000 pods becomes a handful of transactions, not 1,000.
 const COALESCE: Duration = Duration::from_millis(10);
@@ -72,6 +75,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         health,
         notifier: Notifier::from_env(),
         last_check: Instant::now(),
+        last_ping: Instant::now(),
         ready: false,
         retry: None,
     };
@@ -145,7 +149,8 @@ async fn from_snapshot(
     kernel: &mut Kernel,
     mut signals: Signals,
 ) -> anyhow::Result<()> {
-    let mut ticker = tokio::time::interval(Duration::from_millis(args.poll_ms.max(10)));
+    let mut ticker =
+        tokio::time::interval(kernel.tick_period(Duration::from_millis(args.poll_ms.max(10))));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen: Option<manifests::Fingerprint> = None;
     let mut compiler: Option<Compiler> = None;
@@ -207,7 +212,7 @@ async fn from_api(
     let mut source = Source::start(client.clone());
     let mut recorder = Recorder::start(client, &args.node, kernel.health.clone());
     let mut findings = Findings::default();
-    let mut ticker = tokio::time::interval(CHECK_EVERY);
+    let mut ticker = tokio::time::interval(kernel.tick_period(CHECK_EVERY));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut mirror = Mirror::new();
@@ -297,6 +302,8 @@ struct Kernel {
     health: Health,
     notifier: Notifier,
     last_check: Instant,
+    /// When systemd last heard WATCHDOG=1.
+    last_ping: Instant,
     /// Whether a sync has landed since start-up (readiness).
     ready: bool,
     /// After a failed sync: when to try again, and the wait after that.
@@ -327,6 +334,15 @@ fn read_baseline(writer: &mut Writer) -> Result<Baseline, WriteError> {
     })
 }
 
+/// How often the loop ticks: `wanted`, or every `watchdog` interval (half systemd's timeout)
+/// when that is shorter, so a `WatchdogSec=` under two seconds is still honoured; never more
+/// often than every 10 ms.
+fn tick_period(wanted: Duration, watchdog: Option<Duration>) -> Duration {
+    watchdog
+        .map_or(wanted, |interval| wanted.min(interval))
+        .max(Duration::from_millis(10))
+}
+
 /// What a sync did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Synced {
@@ -338,8 +354,13 @@ enum Synced {
 }
 
 impl Kernel {
-    /// The once-a-tick work: liveness, a due retry, and every second the veths, the tables'
-    /// integrity and the systemd watchdog.
+    /// How often to call [`Kernel::tick`]: see [`tick_period`].
+    fn tick_period(&self, wanted: Duration) -> Duration {
+        tick_period(wanted, self.notifier.watchdog_interval())
+    }
+
+    /// The once-a-tick work: liveness, a due retry, the systemd watchdog when due, and every
+    /// second the veths and the tables' integrity.
     fn tick(&mut self, compiler: Option<&Compiler>) {
         self.health.beat();
         if let (Some(compiler), Some((at, _))) = (compiler, self.retry) {
@@ -347,15 +368,18 @@ impl Kernel {
                 self.sync(compiler, true);
             }
         }
+        if let Some(interval) = self.notifier.watchdog_interval() {
+            if self.last_ping.elapsed() >= interval.saturating_sub(PING_SLACK) {
+                self.last_ping = Instant::now();
+                if let Err(err) = self.notifier.watchdog() {
+                    tracing::warn!(%err, "sd_notify WATCHDOG");
+                }
+            }
+        }
         if self.last_check.elapsed() < CHECK_EVERY {
             return;
         }
         self.last_check = Instant::now();
-        if self.notifier.watchdog_interval().is_some() {
-            if let Err(err) = self.notifier.watchdog() {
-                tracing::warn!(%err, "sd_notify WATCHDOG");
-            }
-        }
         if let Some(compiler) = compiler {
             if self.installed.is_some() && self.retry.is_none() {
                 self.follow_veths(compiler);
@@ -663,5 +687,23 @@ impl Guards {
         }
         self.warned.retain(|id| missing.contains(id));
         guard_table(compiler.node(), &pods)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_ticks_often_enough_for_a_short_watchdog() {
+        let ms = Duration::from_millis;
+        // No watchdog, or a long one: the source's own period.
+        assert_eq!(tick_period(ms(200), None), ms(200));
+        assert_eq!(tick_period(CHECK_EVERY, Some(ms(15_000))), CHECK_EVERY);
+        // WatchdogSec=1s: pings every 500 ms, so the API source's 1 s tick must shorten.
+        assert_eq!(tick_period(CHECK_EVERY, Some(ms(500))), ms(500));
+        assert_eq!(tick_period(ms(200), Some(ms(500))), ms(200));
+        // A silly WATCHDOG_USEC never makes the loop spin.
+        assert_eq!(tick_period(CHECK_EVERY, Some(Duration::ZERO)), ms(10));
     }
 }
