@@ -43,9 +43,7 @@ pub fn agent_binary(labpod: &Path) -> PathBuf {
             let profile_dir = labpod.parent().expect("labpod has a directory");
             let target_dir = profile_dir.parent().expect("the profile has a target dir");
             let bin = profile_dir.join("agent");
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("integration/ is in the workspace");
+            let workspace = crate::workspace();
             let sources = [
                 "agent/src",
                 "ruleset/src",

@@ -12,3 +12,17 @@ pub mod netns;
 pub mod objects;
 pub mod probers;
 pub mod synthetic;
+
+use std::path::Path;
+
+/// The workspace's root directory (where `packaging/`, `agent/` and `integration/` are).
+pub fn workspace() -> &'static Path {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // integration/ is a member of the workspace, so it always has a parent.
+    manifest_dir.parent().unwrap_or(manifest_dir)
+}
+
+/// A text file's contents; a missing or unreadable file fails the test, naming the path.
+pub fn read_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

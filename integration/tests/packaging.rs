@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use integration::agents::agent_binary;
+use integration::{read_text, workspace};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -26,19 +27,8 @@ const UNIT: &str = "nftpol-agent.service";
 /// Where the unit, the README and the Dockerfile put the binary.
 const INSTALLED_BINARY: &str = "/usr/local/bin/agent";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace holds integration/")
-        .to_path_buf()
-}
-
 fn packaging(path: &str) -> PathBuf {
-    repo().join("packaging").join(path)
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    workspace().join("packaging").join(path)
 }
 
 // ---- systemd ---------------------------------------------------------------------------------
@@ -80,7 +70,7 @@ fn systemd_analyze_verify_accepts_the_unit() {
         eprintln!("\n!!!!! SKIPPED systemd_analyze_verify_accepts_the_unit: systemd-analyze is not installed (scripts/setup.sh installs it as root) !!!!!\n");
         return;
     }
-    let unit = read(&packaging(&format!("systemd/{UNIT}")));
+    let unit = read_text(&packaging(&format!("systemd/{UNIT}")));
     assert!(unit.contains(&format!("ExecStart={INSTALLED_BINARY} ")));
     // verify checks that ExecStart's binary exists: point it at this build's agent.
     let agent = agent_binary(Path::new(LABPOD));
@@ -108,7 +98,7 @@ fn systemd_analyze_verify_accepts_the_unit() {
 
 #[test]
 fn the_unit_keeps_its_privileges_and_hardening() {
-    let settings = unit_settings(&read(&packaging(&format!("systemd/{UNIT}"))));
+    let settings = unit_settings(&read_text(&packaging(&format!("systemd/{UNIT}"))));
     let one = |key: &str| -> &str {
         match setting(&settings, key)[..] {
             [value] => value,
@@ -150,7 +140,7 @@ fn the_unit_keeps_its_privileges_and_hardening() {
         .iter()
         .map(|v| v.split_once('=').unwrap().0)
         .collect();
-    let env_file = read(&packaging("systemd/nftpol-agent.env"));
+    let env_file = read_text(&packaging("systemd/nftpol-agent.env"));
     let mut seen = BTreeSet::new();
     for line in env_file.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
@@ -190,7 +180,7 @@ fn manifests() -> Vec<(String, Value)> {
     let mut docs = Vec::new();
     for file in files {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        for doc in serde_yaml_ng::Deserializer::from_str(&read(&file)) {
+        for doc in serde_yaml_ng::Deserializer::from_str(&read_text(&file)) {
             let value = <Value as serde::Deserialize>::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             docs.push((name.clone(), value));
@@ -423,7 +413,7 @@ fn the_daemon_set_runs_the_agent_on_every_node_with_what_it_needs() {
 
 #[test]
 fn the_dockerfile_copies_files_that_exist_and_runs_the_agent() {
-    let dockerfile = read(&packaging("Dockerfile"));
+    let dockerfile = read_text(&packaging("Dockerfile"));
     let mut copied = 0;
     for line in dockerfile.lines().map(str::trim) {
         let Some(rest) = line.strip_prefix("COPY ") else {
@@ -436,7 +426,7 @@ fn the_dockerfile_copies_files_that_exist_and_runs_the_agent() {
         // Sources are relative to the build context, the repository root.
         for source in &words[..words.len() - 1] {
             assert!(
-                repo().join(source).exists(),
+                workspace().join(source).exists(),
                 "COPY {source}: not in the repository"
             );
             copied += 1;
@@ -487,13 +477,13 @@ fn parse_agent(args: &[String]) -> agent::cli::RunArgs {
 /// API as its source and the health endpoint where the probes look.
 #[test]
 fn the_unit_and_the_daemon_set_pass_flags_the_agent_accepts() {
-    let settings = unit_settings(&read(&packaging(&format!("systemd/{UNIT}"))));
+    let settings = unit_settings(&read_text(&packaging(&format!("systemd/{UNIT}"))));
     let mut vars: BTreeMap<String, String> = setting(&settings, "Environment")
         .iter()
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.replace("%H", "node-a")))
         .collect();
-    for line in read(&packaging("systemd/nftpol-agent.env")).lines() {
+    for line in read_text(&packaging("systemd/nftpol-agent.env")).lines() {
         let line = line.trim();
         if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
             vars.insert(k.to_owned(), v.to_owned());

@@ -17,7 +17,7 @@
 )]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use integration::agents::{
 };
 use integration::lab::{Lab, Protocol};
 use integration::netns;
+use integration::{read_text, workspace};
 use ruleset::Cluster;
 
 const LABPOD: &str = env!("CARGO_BIN_EXE_labpod");
@@ -100,9 +101,9 @@ impl Systemd {
     fn boot(netns: &str, node: &str, kubeconfig: &Path) -> Systemd {
         let stage = tempfile::tempdir().expect("stage");
         let put = |name: &str, text: &str| fs::write(stage.path().join(name), text).unwrap();
-        let packaging = repo().join("packaging/systemd");
-        put(UNIT, &read(&packaging.join(UNIT)));
-        let env = read(&packaging.join("nftpol-agent.env"));
+        let packaging = workspace().join("packaging/systemd");
+        put(UNIT, &read_text(&packaging.join(UNIT)));
+        let env = read_text(&packaging.join("nftpol-agent.env"));
         put("nftpol-agent.env", &format!("{env}\nNODE_NAME={node}\n"));
         put("test.conf", DROP_IN);
         put("nftpol-idle.target", IDLE_TARGET);
@@ -231,17 +232,6 @@ impl Drop for Systemd {
     }
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace holds integration/")
-        .to_path_buf()
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 /// Both of the agent's tables in `netns`, without counters; `None` when it has none.
 fn ruleset(netns: &str) -> Option<String> {
     let mut text = String::new();
@@ -289,7 +279,7 @@ fn the_packaged_unit_runs_under_systemd() {
     );
     let t0 = Instant::now();
     let cluster: Cluster =
-        agent::manifests::load(&repo().join("integration/examples/three-tier.yaml"))
+        agent::manifests::load(&workspace().join("integration/examples/three-tier.yaml"))
             .expect("three-tier example");
     let lab: Lab = lab_for(Path::new(LABPOD), &cluster, &NODES, &SERVICES);
     let mut api = StandIn::start(&lab, 0, &cluster);
