@@ -11,13 +11,13 @@ pub type Labels = BTreeMap<String, String>;
 /// The label every namespace carries (the API server sets it since Kubernetes 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -53,7 +53,7 @@ impl Pod {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ContainerPort {
     pub name: Option<String>,
     /// `TCP` (the API default), `UDP` or `SCTP`.
@@ -61,7 +61,7 @@ pub struct ContainerPort {
     pub port: i32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NetworkPolicy {
     pub namespace: String,
     pub name: String,
@@ -77,26 +77,26 @@ pub struct NetworkPolicy {
 
 /// One entry of `spec.ingress` (peers are its `from`) or `spec.egress` (peers are its `to`).
 /// An empty peer list means every address; an empty port list means every port.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyRule {
     pub peers: Vec<Peer>,
     pub ports: Vec<PolicyPort>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Peer {
     pub pod_selector: Option<LabelSelector>,
     pub namespace_selector: Option<LabelSelector>,
     pub ip_block: Option<IpBlock>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IpBlock {
     pub cidr: String,
     pub except: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyPort {
     /// `None` means TCP.
     pub protocol: Option<String>,
@@ -104,19 +104,19 @@ pub struct PolicyPort {
     pub end_port: Option<i32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PortRef {
     Number(i32),
     Name(String),
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LabelSelector {
     pub match_labels: Labels,
     pub match_expressions: Vec<SelectorRequirement>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SelectorRequirement {
     pub key: String,
     pub operator: String,
