@@ -245,9 +245,9 @@ impl Cluster {
 /// A namespace's labels as the index keeps them: with `kubernetes.io/metadata.name`, which the
 /// API server sets on every namespace, filled in when absent.
 pub fn with_name_label(name: &str, mut labels: Labels) -> Labels {
-    labels
-        .entry(NAMESPACE_NAME_LABEL.to_string())
-        .or_insert_with(|| name.to_string());
+    if !labels.contains_key(NAMESPACE_NAME_LABEL) {
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+    }
     labels
 }
 
