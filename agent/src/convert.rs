@@ -14,7 +14,7 @@ use ruleset::model::{
 pub fn namespace(ns: core::Namespace) -> Namespace {
     Namespace {
         name: ns.metadata.name.unwrap_or_default(),
-        labels: ns.metadata.labels.unwrap_or_default(),
+        labels: ns.metadata.labels.unwrap_or_default().into(),
     }
 }
 
@@ -56,7 +56,7 @@ pub fn pod(pod: core::Pod) -> Pod {
         namespace,
         name,
         node: spec.node_name,
-        labels: pod.metadata.labels.unwrap_or_default(),
+        labels: pod.metadata.labels.unwrap_or_default().into(),
         ips,
         host_network: spec.host_network.unwrap_or(false),
         phase: status.phase,
@@ -124,7 +124,7 @@ fn rule(
 
 fn selector(s: meta::LabelSelector) -> LabelSelector {
     LabelSelector {
-        match_labels: s.match_labels.unwrap_or_default(),
+        match_labels: s.match_labels.unwrap_or_default().into(),
         match_expressions: s
             .match_expressions
             .unwrap_or_default()

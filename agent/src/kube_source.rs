@@ -13,8 +13,10 @@
 //! whatever is not in it is deleted. An object that does not deserialize or convert is logged
 //! and skipped; it never fails the page it came in.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
@@ -115,7 +117,10 @@ pub enum Update {
 /// Every object of one kind, at one resourceVersion.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listing {
+    /// Objects new or changed since the watch last sent them (all of them on a first list).
     pub objects: ListedObjects,
+    /// Objects listed as the watch last sent them: whatever was known of them stays.
+    pub unchanged: BTreeSet<Key>,
     /// Objects that exist but could not be read: whatever was known of them stays.
     pub unreadable: BTreeSet<Key>,
 }
@@ -141,9 +146,11 @@ impl Listing {
 pub trait Watched:
     k8s_openapi::Resource + DeserializeOwned + Clone + Debug + Send + Sync + 'static
 {
-    type Model: Clone + Debug + Send + Sync + 'static;
+    type Model: Clone + Debug + Hash + Send + Sync + 'static;
     const WATCHED: Kind;
     fn convert(self) -> Self::Model;
+    /// `namespace/name` as the cluster index keys the model.
+    fn key(model: &Self::Model) -> Key;
     fn apply(model: Self::Model) -> Update;
     fn delete(key: Key) -> Update;
     fn listed(models: Vec<Self::Model>) -> ListedObjects;
@@ -154,6 +161,9 @@ impl Watched for core::Pod {
     const WATCHED: Kind = Kind::Pod;
     fn convert(self) -> Pod {
         convert::pod(self)
+    }
+    fn key(pod: &Pod) -> Key {
+        (pod.namespace.clone(), pod.name.clone())
     }
     fn apply(model: Pod) -> Update {
         Update::ApplyPod(model)
@@ -172,6 +182,9 @@ impl Watched for core::Namespace {
     fn convert(self) -> Namespace {
         convert::namespace(self)
     }
+    fn key(ns: &Namespace) -> Key {
+        (String::new(), ns.name.clone())
+    }
     fn apply(model: Namespace) -> Update {
         Update::ApplyNamespace(model)
     }
@@ -188,6 +201,9 @@ impl Watched for net::NetworkPolicy {
     const WATCHED: Kind = Kind::NetworkPolicy;
     fn convert(self) -> NetworkPolicy {
         convert::network_policy(self)
+    }
+    fn key(policy: &NetworkPolicy) -> Key {
+        (policy.namespace.clone(), policy.name.clone())
     }
     fn apply(model: NetworkPolicy) -> Update {
         Update::ApplyPolicy(model)
@@ -375,33 +391,20 @@ impl Drop for Source {
 async fn watch<K: Watched>(client: Client, config: watcher::Config, tx: mpsc::Sender<Update>) {
     let api: Api<Entry<K>> = Api::all(client);
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-    // Objects of a list in progress, held until it is complete.
-    let mut listing: Option<(Vec<K::Model>, BTreeSet<Key>)> = None;
+    let mut lister = Lister::<K>::new();
     while let Some(event) = events.next().await {
         let update = match event {
             Ok(Event::Init) => {
-                listing = Some(Default::default());
+                lister.init();
                 None
             }
             Ok(Event::InitApply(entry)) => {
-                let (models, unreadable) = listing.get_or_insert_with(Default::default);
-                let key = entry.key();
-                match entry.into_model() {
-                    Some(model) => models.push(model),
-                    None => unreadable.extend(key),
-                }
+                lister.init_apply(entry);
                 None
             }
-            Ok(Event::InitDone) => {
-                let (models, unreadable) = listing.take().unwrap_or_default();
-                tracing::info!(kind = K::KIND, objects = models.len(), "listed");
-                Some(Update::Listed(Listing {
-                    objects: K::listed(models),
-                    unreadable,
-                }))
-            }
-            Ok(Event::Apply(entry)) => entry.into_model().map(K::apply),
-            Ok(Event::Delete(entry)) => entry.key().map(K::delete),
+            Ok(Event::InitDone) => Some(lister.init_done()),
+            Ok(Event::Apply(entry)) => lister.apply(entry),
+            Ok(Event::Delete(entry)) => lister.delete(&entry),
             Err(err) => {
                 tracing::warn!(kind = K::KIND, %err, "watch interrupted; the last state stays, reconnecting");
                 Some(Update::Interrupted {
@@ -415,6 +418,109 @@ async fn watch<K: Watched>(client: Client, config: watcher::Config, tx: mpsc::Se
                 return;
             }
         }
+    }
+}
+
+/// One watch's list in progress, and a fingerprint of each object as the watch last sent it,
+/// so that a relist (after 410 Gone or a reconnect) passes an object unchanged since by key
+/// instead of sending a second copy of the whole cluster to the reconcile loop.
+struct Lister<K: Watched> {
+    /// Random keys: whoever writes an object cannot aim for a collision.
+    hasher: RandomState,
+    /// Fingerprint of the model last sent, by fingerprint of its key. Two keys that collide
+    /// only cost a full copy of one of them at the next relist.
+    sent: HashMap<u64, u64>,
+    /// Objects of a list in progress, held until it is complete.
+    listing: Option<PendingList<K>>,
+}
+
+struct PendingList<K: Watched> {
+    changed: Vec<K::Model>,
+    unchanged: BTreeSet<Key>,
+    unreadable: BTreeSet<Key>,
+    /// `Lister::sent` once this list is complete (what it does not hold is deleted).
+    sent: HashMap<u64, u64>,
+}
+
+impl<K: Watched> Default for PendingList<K> {
+    fn default() -> Self {
+        Self {
+            changed: Vec::new(),
+            unchanged: BTreeSet::new(),
+            unreadable: BTreeSet::new(),
+            sent: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Watched> Lister<K> {
+    fn new() -> Self {
+        Self {
+            hasher: RandomState::new(),
+            sent: HashMap::new(),
+            listing: None,
+        }
+    }
+
+    fn init(&mut self) {
+        self.listing = Some(PendingList::default());
+    }
+
+    fn init_apply(&mut self, entry: Entry<K>) {
+        let listing = self.listing.get_or_insert_with(PendingList::default);
+        let entry_key = entry.key();
+        match entry.into_model() {
+            Some(model) => {
+                let key = K::key(&model);
+                let at = self.hasher.hash_one(&key);
+                let fingerprint = self.hasher.hash_one(&model);
+                listing.sent.insert(at, fingerprint);
+                if self.sent.get(&at) == Some(&fingerprint) {
+                    listing.unchanged.insert(key);
+                } else {
+                    listing.changed.push(model);
+                }
+            }
+            None => {
+                // The receiver keeps what it had, which is what was sent.
+                if let Some(key) = entry_key {
+                    let at = self.hasher.hash_one(&key);
+                    if let Some(&fingerprint) = self.sent.get(&at) {
+                        listing.sent.insert(at, fingerprint);
+                    }
+                    listing.unreadable.insert(key);
+                }
+            }
+        }
+    }
+
+    fn init_done(&mut self) -> Update {
+        let listing = self.listing.take().unwrap_or_default();
+        tracing::info!(
+            kind = K::KIND,
+            objects = listing.changed.len() + listing.unchanged.len(),
+            changed = listing.changed.len(),
+            "listed"
+        );
+        self.sent = listing.sent;
+        Update::Listed(Listing {
+            objects: K::listed(listing.changed),
+            unchanged: listing.unchanged,
+            unreadable: listing.unreadable,
+        })
+    }
+
+    fn apply(&mut self, entry: Entry<K>) -> Option<Update> {
+        let model = entry.into_model()?;
+        let at = self.hasher.hash_one(K::key(&model));
+        self.sent.insert(at, self.hasher.hash_one(&model));
+        Some(K::apply(model))
+    }
+
+    fn delete(&mut self, entry: &Entry<K>) -> Option<Update> {
+        let key = entry.key()?;
+        self.sent.remove(&self.hasher.hash_one(&key));
+        Some(K::delete(key))
     }
 }
 
@@ -499,15 +605,20 @@ impl Batch {
             }
             Update::Listed(Listing {
                 objects,
+                unchanged,
                 unreadable,
             }) => match objects {
                 ListedObjects::Pods(pods) => {
                     let known = current
                         .pods()
                         .map(|p| (p.namespace.clone(), p.name.clone()));
-                    relist(&mut self.pods, known, &unreadable, pods, |p| {
-                        (p.namespace.clone(), p.name.clone())
-                    });
+                    relist(
+                        &mut self.pods,
+                        known,
+                        [&unchanged, &unreadable],
+                        pods,
+                        |p| (p.namespace.clone(), p.name.clone()),
+                    );
                 }
                 ListedObjects::Namespaces(namespaces) => {
                     let mut pending = std::mem::take(&mut self.namespaces)
@@ -517,9 +628,13 @@ impl Batch {
                     let known = current
                         .namespace_names()
                         .map(|name| (String::new(), name.to_string()));
-                    relist(&mut pending, known, &unreadable, namespaces, |ns| {
-                        (String::new(), ns.name.clone())
-                    });
+                    relist(
+                        &mut pending,
+                        known,
+                        [&unchanged, &unreadable],
+                        namespaces,
+                        |ns| (String::new(), ns.name.clone()),
+                    );
                     self.namespaces = pending
                         .into_iter()
                         .map(|((_, name), ns)| (name, ns))
@@ -529,9 +644,13 @@ impl Batch {
                     let known = current
                         .policies()
                         .map(|p| (p.namespace.clone(), p.name.clone()));
-                    relist(&mut self.policies, known, &unreadable, policies, |p| {
-                        (p.namespace.clone(), p.name.clone())
-                    });
+                    relist(
+                        &mut self.policies,
+                        known,
+                        [&unchanged, &unreadable],
+                        policies,
+                        |p| (p.namespace.clone(), p.name.clone()),
+                    );
                 }
             },
             Update::Interrupted { .. } => {}
@@ -642,18 +761,18 @@ impl Batch {
 }
 
 /// Puts a complete listing into `pending`: every listed object applied, every other known or
-/// pending one deleted, except those that exist but could not be read.
+/// pending one deleted, except those in `kept` (listed unchanged, or unreadable).
 fn relist<T>(
     pending: &mut BTreeMap<Key, Option<T>>,
     known: impl Iterator<Item = Key>,
-    unreadable: &BTreeSet<Key>,
+    kept: [&BTreeSet<Key>; 2],
     listed: Vec<T>,
     key: impl Fn(&T) -> Key,
 ) {
     let listed: BTreeMap<Key, T> = listed.into_iter().map(|t| (key(&t), t)).collect();
     let gone: Vec<Key> = known
         .chain(pending.keys().cloned())
-        .filter(|k| !listed.contains_key(k) && !unreadable.contains(k))
+        .filter(|k| !listed.contains_key(k) && !kept.iter().any(|set| set.contains(k)))
         .collect();
     for k in gone {
         pending.insert(k, None);
@@ -684,6 +803,7 @@ mod tests {
     fn listed_pods(pods: Vec<Pod>) -> Update {
         Update::Listed(Listing {
             objects: ListedObjects::Pods(pods),
+            unchanged: BTreeSet::new(),
             unreadable: BTreeSet::new(),
         })
     }
@@ -709,11 +829,13 @@ mod tests {
         mirror.apply(listed_pods(vec![pod("a", "10.0.0.1", "web")]));
         mirror.apply(Update::Listed(Listing {
             objects: ListedObjects::Namespaces(vec![]),
+            unchanged: BTreeSet::new(),
             unreadable: BTreeSet::new(),
         }));
         assert!(!mirror.ready());
         mirror.apply(Update::Listed(Listing {
             objects: ListedObjects::Policies(vec![]),
+            unchanged: BTreeSet::new(),
             unreadable: BTreeSet::new(),
         }));
         assert!(mirror.ready());
@@ -729,6 +851,7 @@ mod tests {
         unreadable.insert(("shop".to_string(), "c".to_string()));
         mirror.apply(Update::Listed(Listing {
             objects: ListedObjects::Pods(vec![pod("a", "10.0.0.2", "web")]),
+            unchanged: BTreeSet::new(),
             unreadable,
         }));
         let names: Vec<_> = mirror.cluster().pods().map(|p| p.name.as_str()).collect();
@@ -817,11 +940,120 @@ mod tests {
                     name: "shop".into(),
                     labels: Labels::new(),
                 }]),
+                unchanged: BTreeSet::new(),
                 unreadable: BTreeSet::new(),
             }),
             compiler.cluster(),
         );
         batch.drop_no_ops(compiler.cluster());
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn relist_keeps_what_is_listed_unchanged_and_deletes_the_rest() {
+        let mut mirror = Mirror::new();
+        for name in ["a", "b", "c"] {
+            mirror.apply(Update::ApplyPod(pod(name, "10.0.0.1", "web")));
+        }
+        mirror.apply(Update::Listed(Listing {
+            objects: ListedObjects::Pods(vec![pod("d", "10.0.0.4", "db")]),
+            unchanged: [("shop".to_string(), "a".to_string())].into(),
+            unreadable: [("shop".to_string(), "c".to_string())].into(),
+        }));
+        let names: Vec<_> = mirror.cluster().pods().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "c", "d"]);
+        assert_eq!(
+            mirror.cluster().pod("shop", "a"),
+            Some(&pod("a", "10.0.0.1", "web"))
+        );
+    }
+
+    /// A Pod as the API server sends it.
+    fn pod_json(name: &str, ip: &str, app: &str) -> Entry<core::Pod> {
+        Entry::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        }))
+    }
+
+    /// The changed pods' names and the unchanged ones' of a listing.
+    fn split(update: Update) -> (Vec<String>, Vec<String>) {
+        let Update::Listed(Listing {
+            objects: ListedObjects::Pods(changed),
+            unchanged,
+            unreadable,
+        }) = update
+        else {
+            panic!("not a pod listing: {update:?}");
+        };
+        assert!(unreadable.is_empty());
+        (
+            changed.into_iter().map(|p| p.name).collect(),
+            unchanged.into_iter().map(|(_, name)| name).collect(),
+        )
+    }
+
+    fn list(lister: &mut Lister<core::Pod>, pods: &[(&str, &str, &str)]) -> Update {
+        lister.init();
+        for (name, ip, app) in pods {
+            lister.init_apply(pod_json(name, ip, app));
+        }
+        lister.init_done()
+    }
+
+    #[test]
+    fn a_relist_sends_only_what_changed_since_the_watch_sent_it() {
+        let mut lister = Lister::<core::Pod>::new();
+        let first = list(
+            &mut lister,
+            &[("a", "10.0.0.1", "web"), ("b", "10.0.0.2", "web")],
+        );
+        assert_eq!(split(first), (vec!["a".into(), "b".into()], vec![]));
+
+        // Watched changes count as sent: b's new labels, and c, which is then deleted.
+        assert!(lister.apply(pod_json("b", "10.0.0.2", "db")).is_some());
+        assert!(lister.apply(pod_json("c", "10.0.0.3", "web")).is_some());
+        assert_eq!(
+            lister.delete(&pod_json("c", "10.0.0.3", "web")),
+            Some(Update::DeletePod {
+                namespace: "shop".into(),
+                name: "c".into()
+            })
+        );
+
+        let relist = list(
+            &mut lister,
+            &[
+                ("a", "10.0.0.1", "web"),
+                ("b", "10.0.0.2", "db"),
+                ("c", "10.0.0.3", "web"),
+                ("d", "10.0.0.4", "web"),
+            ],
+        );
+        assert_eq!(
+            split(relist),
+            (vec!["c".into(), "d".into()], vec!["a".into(), "b".into()])
+        );
+
+        // A changed address is sent whole, and so is an object left out of a list after.
+        let moved = list(
+            &mut lister,
+            &[("a", "10.0.0.9", "web"), ("c", "10.0.0.3", "web")],
+        );
+        assert_eq!(split(moved), (vec!["a".into()], vec!["c".into()]));
+        let again = list(
+            &mut lister,
+            &[
+                ("a", "10.0.0.9", "web"),
+                ("b", "10.0.0.2", "db"),
+                ("c", "10.0.0.3", "web"),
+            ],
+        );
+        assert_eq!(
+            split(again),
+            (vec!["b".into()], vec!["a".into(), "c".into()])
+        );
     }
 }

@@ -19,19 +19,20 @@
     reason = "a benchmark whose fixture is wrong should stop loudly"
 )]
 
-use std::fs::{self, File};
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{Lab, Pod, Protocol, Target};
+use integration::measure::{
+    enter_netns, env_or, loadavg, pct, summary, until_allowed, until_denied, wants, Jitter,
+    CONNECT_TIMEOUT, GAP, STAGGER,
+};
 use integration::netns;
 use integration::synthetic::{self, LARGE};
 use ruleset::ir::{Table, TABLE_NAME};
@@ -46,12 +47,6 @@ fn main() {
     if netns::skip_unless_root("bench lab") {
         return;
     }
-    // `cargo bench` passes `--bench`; any other word picks a part.
-    let parts: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wants = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
     println!("load average at start: {}", loadavg());
     if wants("latency") {
         latency();
@@ -62,76 +57,10 @@ fn main() {
     println!("load average at end: {}", loadavg());
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// Moves the calling thread into lab namespace `name`; the rest of the process stays put.
-fn enter_netns(name: &str) {
-    let ns = File::open(Path::new("/run/netns").join(name)).expect("namespace file");
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-/// Nearest-rank percentile of sorted `values`.
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn summary(values: &[f64], unit: &str) -> String {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    format!(
-        "n {}, min {:.1}, p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1} {unit}",
-        v.len(),
-        v[0],
-        pct(&v, 0.5),
-        pct(&v, 0.9),
-        pct(&v, 0.99),
-        v[v.len() - 1]
-    )
-}
-
-/// xorshift64: rename moments spread over the agent's poll period without a crate.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new() -> Jitter {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
-        Jitter(seed | 1)
-    }
-
-    /// Uniform in `[0, max)`.
-    fn below(&mut self, max: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        max.mul_f64((self.0 >> 11) as f64 / (1u64 << 53) as f64)
-    }
-}
-
 // ---------------------------------------------------------------------------------- latency
 
 /// Node `i` of the lab is `NODES[i]` to the snapshot.
 const NODES: [&str; 2] = ["node-a", "node-b"];
-/// A denied connect is given up after this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(25);
-/// Probers waiting for an allow start a connect this often between them: one every
-/// CONNECT_TIMEOUT / STAGGER.
-const STAGGER: u32 = 5;
-/// Pause between connects that went through.
-const GAP: Duration = Duration::from_millis(1);
 
 const SNAPSHOT: &str = "apiVersion: v1
 kind: Namespace
@@ -225,122 +154,6 @@ fn replace_by_rename(path: &Path, text: &str) {
     let new = path.with_extension("yaml.new");
     fs::write(&new, text).expect("write new snapshot");
     fs::rename(&new, path).expect("rename over the snapshot");
-}
-
-/// Reads the server's reply to its end within CONNECT_TIMEOUT: whether it came. Reading to
-/// the end lets the server close first, so the client keeps no TIME_WAIT socket (its
-/// ephemeral ports would run out over thousands of probes). The rulesets filter every packet
-/// of the client's direction, not only the first: a deny that lands between the SYN and the
-/// client's ACK stops the exchange here, with the connect already done.
-fn exchange(mut stream: TcpStream) -> bool {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let mut buf = [0u8; 64];
-    let mut replied = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return false;
-        }
-        match stream.read(&mut buf) {
-            Ok(0) => return replied,
-            Ok(_) => replied = true,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// What one sample saw: when the new verdict showed, and how many connects it took.
-struct Seen {
-    at: Instant,
-    attempts: u32,
-}
-
-/// Deny -> allow: STAGGER threads in `netns` connect back to back, each attempt given up after
-/// CONNECT_TIMEOUT, their starts spread evenly; the first connect that completes is the
-/// moment. A SYN the old ruleset dropped is not resent within the timeout, so a completed
-/// connect was sent after the kernel changed: the figure is late by at most the spacing of
-/// attempts (CONNECT_TIMEOUT / STAGGER) plus one round trip.
-fn until_allowed(netns: &str, dst: SocketAddr, flip: impl FnOnce() -> Instant) -> (Seen, Instant) {
-    let done = AtomicBool::new(false);
-    let first: Mutex<Option<Instant>> = Mutex::new(None);
-    let attempts = Mutex::new(0u32);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    let t0 = thread::scope(|s| {
-        for i in 0..STAGGER {
-            let (done, first, attempts) = (&done, &first, &attempts);
-            s.spawn(move || {
-                enter_netns(netns);
-                thread::sleep(CONNECT_TIMEOUT * i / STAGGER);
-                let mut mine = 0;
-                while !done.load(Ordering::Relaxed) && Instant::now() < give_up {
-                    mine += 1;
-                    match TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT) {
-                        Ok(stream) => {
-                            let at = Instant::now();
-                            let mut slot = first.lock().unwrap();
-                            *slot = Some(slot.map_or(at, |f| f.min(at)));
-                            done.store(true, Ordering::Relaxed);
-                            drop(slot);
-                            exchange(stream);
-                        }
-                        // Refused or unreachable come back at once: do not spin.
-                        Err(_) => thread::sleep(GAP),
-                    }
-                }
-                *attempts.lock().unwrap() += mine;
-            });
-        }
-        // Every prober is in its loop before the change.
-        thread::sleep(CONNECT_TIMEOUT * 2);
-        flip()
-    });
-    let at = first
-        .into_inner()
-        .unwrap()
-        .expect("no connection went through within 10 s of allowing it");
-    let attempts = attempts.into_inner().unwrap();
-    (Seen { at, attempts }, t0)
-}
-
-/// Allow -> deny: one thread in `netns` connects, reads the reply and closes, GAP apart; the
-/// moment is the start of the first probe whose connect or reply does not complete within
-/// CONNECT_TIMEOUT, confirmed by the next one failing too (a lone timeout under load is not
-/// taken for the change). The timeouts themselves are not counted; the figure is late by at
-/// most one probe (a connect and reply, well under a millisecond here, plus GAP).
-fn until_denied(netns: &str, dst: SocketAddr, flip: impl FnOnce() -> Instant) -> (Seen, Instant) {
-    let flipped: Mutex<Option<Instant>> = Mutex::new(None);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    thread::scope(|s| {
-        let prober = s.spawn(|| {
-            enter_netns(netns);
-            let mut pending: Option<Instant> = None;
-            let mut attempts = 0;
-            while Instant::now() < give_up {
-                let start = Instant::now();
-                attempts += 1;
-                let done = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)
-                    .map(exchange)
-                    .unwrap_or(false);
-                if done {
-                    pending = None;
-                    thread::sleep(GAP);
-                } else {
-                    let t0 = *flipped.lock().unwrap();
-                    match (pending, t0) {
-                        // A probe started before the rename is not taken for the change.
-                        (Some(at), Some(t0)) if at >= t0 => return Seen { at, attempts },
-                        _ => pending = Some(start),
-                    }
-                }
-            }
-            panic!("connections still went through 10 s after denying them");
-        });
-        // The prober sees connections go through before the change.
-        thread::sleep(CONNECT_TIMEOUT * 2);
-        let t0 = flip();
-        *flipped.lock().unwrap() = Some(t0);
-        (prober.join().expect("prober"), t0)
-    })
 }
 
 /// The agent's `micros=` figure from a `synced` log line.

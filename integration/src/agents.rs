@@ -212,16 +212,27 @@ impl Agent {
         self.mark().synced
     }
 
+    /// The `synced` lines of the reconcile loop, in order: the `n`th one logged is the
+    /// (`n` + 1)th counted by [`Agent::mark`].
+    pub fn synced_lines(&self) -> Vec<String> {
+        self.lines().into_iter().filter(|l| is_synced(l)).collect()
+    }
+
+    /// The API source's `applied a batch of changes` lines, in order ([`Mark::batches`]).
+    pub fn batch_lines(&self) -> Vec<String> {
+        self.lines().into_iter().filter(|l| is_batch(l)).collect()
+    }
+
     /// Where the log (in the text format) stands now, to wait for what a change brings.
     pub fn mark(&self) -> Mark {
         let mut mark = Mark::default();
         for line in self.lines().iter().filter(|l| !l.contains("ERROR")) {
-            if line.contains("synced") && !line.contains("veths") {
+            if is_synced(line) {
                 mark.synced += 1;
                 mark.taken += 1;
             } else if line.contains("ruleset did not") {
                 mark.taken += 1;
-            } else if line.contains("applied a batch of changes") {
+            } else if is_batch(line) {
                 mark.batches += 1;
                 mark.objects += line
                     .split_once("objects=")
@@ -287,6 +298,15 @@ impl Agent {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A `synced` line of the reconcile loop (not the veth follower's, nor an error line).
+fn is_synced(line: &str) -> bool {
+    line.contains("synced") && !line.contains("veths") && !line.contains("ERROR")
+}
+
+fn is_batch(line: &str) -> bool {
+    line.contains("applied a batch of changes") && !line.contains("ERROR")
 }
 
 impl Drop for Agent {

@@ -1,6 +1,7 @@
 //! The cluster index: every namespace with its labels, pods and policies, plus an address index.
 //! Each mutation reports whether anything changed so callers skip no-op recompiles.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -9,8 +10,60 @@ use crate::model::{Labels, Namespace, NetworkPolicy, Pod, NAMESPACE_NAME_LABEL};
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     namespaces: BTreeMap<String, NamespaceState>,
-    /// Enforceable pods by address, as (namespace, name).
-    by_ip: HashMap<IpAddr, BTreeSet<(String, String)>>,
+    /// Enforceable pods by address.
+    by_ip: HashMap<IpAddr, Owners>,
+}
+
+/// A pod's (namespace, name).
+type PodKey = (String, String);
+
+/// The enforceable pods holding one address. Almost every address has one owner, kept inline:
+/// a set per address would cost a B-tree node (over 500 bytes) for each of 150,000 pods.
+#[derive(Clone, Debug)]
+enum Owners {
+    One(PodKey),
+    /// Two or more, in (namespace, name) order.
+    Many(BTreeSet<PodKey>),
+}
+
+impl Owners {
+    fn insert(&mut self, key: PodKey) {
+        match self {
+            Owners::One(one) if *one == key => {}
+            Owners::One(one) => {
+                let one = std::mem::take(one);
+                *self = Owners::Many(BTreeSet::from([one, key]));
+            }
+            Owners::Many(many) => {
+                many.insert(key);
+            }
+        }
+    }
+
+    /// Removes `key`; whether no owner is left.
+    fn remove(&mut self, key: &PodKey) -> bool {
+        match self {
+            Owners::One(one) => one == key,
+            Owners::Many(many) => {
+                many.remove(key);
+                if many.len() == 1 {
+                    if let Some(last) = many.pop_first() {
+                        *self = Owners::One(last);
+                    }
+                    return false;
+                }
+                many.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &PodKey> {
+        let (one, many) = match self {
+            Owners::One(one) => (Some(one), None),
+            Owners::Many(many) => (None, Some(many)),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -118,24 +171,25 @@ impl Cluster {
             .is_some_and(|state| state.policies.remove(name).is_some())
     }
 
-    fn index(by_ip: &mut HashMap<IpAddr, BTreeSet<(String, String)>>, pod: &Pod) {
+    fn index(by_ip: &mut HashMap<IpAddr, Owners>, pod: &Pod) {
         if pod.is_enforceable() {
             for ip in &pod.ips {
-                by_ip
-                    .entry(*ip)
-                    .or_default()
-                    .insert((pod.namespace.clone(), pod.name.clone()));
+                let key = (pod.namespace.clone(), pod.name.clone());
+                match by_ip.entry(*ip) {
+                    Entry::Occupied(mut owners) => owners.get_mut().insert(key),
+                    Entry::Vacant(slot) => {
+                        slot.insert(Owners::One(key));
+                    }
+                }
             }
         }
     }
 
-    fn unindex(by_ip: &mut HashMap<IpAddr, BTreeSet<(String, String)>>, pod: &Pod) {
+    fn unindex(by_ip: &mut HashMap<IpAddr, Owners>, pod: &Pod) {
+        let key = (pod.namespace.clone(), pod.name.clone());
         for ip in &pod.ips {
-            if let Some(keys) = by_ip.get_mut(ip) {
-                keys.remove(&(pod.namespace.clone(), pod.name.clone()));
-                if keys.is_empty() {
-                    by_ip.remove(ip);
-                }
+            if by_ip.get_mut(ip).is_some_and(|owners| owners.remove(&key)) {
+                by_ip.remove(ip);
             }
         }
     }
@@ -183,7 +237,7 @@ impl Cluster {
         self.by_ip
             .get(&ip)
             .into_iter()
-            .flatten()
+            .flat_map(Owners::iter)
             .filter_map(|(ns, name)| self.pod(ns, name))
     }
 }
@@ -191,9 +245,9 @@ impl Cluster {
 /// A namespace's labels as the index keeps them: with `kubernetes.io/metadata.name`, which the
 /// API server sets on every namespace, filled in when absent.
 pub fn with_name_label(name: &str, mut labels: Labels) -> Labels {
-    labels
-        .entry(NAMESPACE_NAME_LABEL.to_string())
-        .or_insert_with(|| name.to_string());
+    if !labels.contains_key(NAMESPACE_NAME_LABEL) {
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+    }
     labels
 }
 
@@ -252,5 +306,40 @@ mod tests {
             .map(|p| p.name.as_str())
             .collect();
         assert_eq!(owners, ["b"]);
+    }
+
+    fn owners(c: &Cluster, ip: &str) -> Vec<String> {
+        c.pods_with_ip(ip.parse().unwrap())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn owners_of_an_address_come_in_name_order_as_they_come_and_go() {
+        let mut c = Cluster::new();
+        for name in ["c", "a", "b"] {
+            c.apply_pod(pod(name, "10.0.0.1"));
+        }
+        // Applying an owner again adds no second entry.
+        c.apply_pod(pod("a", "10.0.0.1"));
+        assert_eq!(owners(&c, "10.0.0.1"), ["a", "b", "c"]);
+        c.delete_pod("ns", "b");
+        assert_eq!(owners(&c, "10.0.0.1"), ["a", "c"]);
+        c.delete_pod("ns", "a");
+        assert_eq!(owners(&c, "10.0.0.1"), ["c"]);
+        // A finished pod on the address was never indexed: deleting it removes nobody.
+        c.apply_pod(Pod {
+            phase: Some("Succeeded".into()),
+            ..pod("d", "10.0.0.1")
+        });
+        assert_eq!(owners(&c, "10.0.0.1"), ["c"]);
+        c.delete_pod("ns", "d");
+        assert_eq!(owners(&c, "10.0.0.1"), ["c"]);
+        c.apply_pod(pod("e", "10.0.0.1"));
+        assert_eq!(owners(&c, "10.0.0.1"), ["c", "e"]);
+        c.delete_pod("ns", "c");
+        c.delete_pod("ns", "e");
+        assert!(owners(&c, "10.0.0.1").is_empty());
+        assert!(c.by_ip.is_empty());
     }
 }

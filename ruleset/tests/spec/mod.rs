@@ -100,9 +100,9 @@ impl<'a> World<'a> {
             .get(namespace)
             .map(|l| (*l).clone())
             .unwrap_or_default();
-        labels
-            .entry(NAME_LABEL.to_string())
-            .or_insert_with(|| namespace.to_string());
+        if !labels.contains_key(NAME_LABEL) {
+            labels.insert(NAME_LABEL.to_string(), namespace.to_string());
+        }
         labels
     }
 
