@@ -77,10 +77,25 @@ pub struct RunArgs {
     /// in place. Off by default.
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub isolate_unprogrammed: Vec<ipnet::IpNet>,
+    /// The bits of the conntrack mark holding the ruleset epoch, for the established-
+    /// connection fast path: one contiguous run of at least two bits, 0 to turn it off. The
+    /// other bits of the mark are left as they are.
+    #[arg(long, value_name = "MASK", default_value = "0xff000000", value_parser = parse_ct_mark_bits)]
+    pub ct_mark_bits: ruleset::epoch::CtMarkBits,
     /// Where to answer /healthz, /readyz and /metrics over HTTP: ADDRESS:PORT, `[V6]:PORT` or
     /// V6:PORT (the last colon starts the port). Loopback by default.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9743", value_parser = parse_health_addr)]
     pub health_addr: SocketAddr,
+}
+
+/// A mask in hexadecimal (`0x...`) or decimal.
+fn parse_ct_mark_bits(s: &str) -> Result<ruleset::epoch::CtMarkBits, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    let mask = parsed.map_err(|_| format!("{s:?} is not a 32-bit mask (e.g. 0xff000000)"))?;
+    ruleset::epoch::CtMarkBits::new(mask)
 }
 
 /// `ADDRESS:PORT`, with or without brackets around an IPv6 address: Kubernetes' `status.hostIP`
