@@ -193,6 +193,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ct_mark_bits_take_hex_or_decimal_and_refuse_what_cannot_hold_epochs() {
+        let mask = |s: &str| parse_ct_mark_bits(s).map(|b| b.mask());
+        assert_eq!(mask("0xff000000"), Ok(0xff00_0000));
+        assert_eq!(mask("0X0000FF00"), Ok(0x0000_ff00));
+        assert_eq!(mask("48"), Ok(0x30));
+        assert_eq!(mask("0"), Ok(0));
+        for bad in ["0x01000000", "0xf0f00000", "0x1ffffffff", "-1", "top", ""] {
+            assert!(parse_ct_mark_bits(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn health_addr_takes_v4_and_v6_with_or_without_brackets() {
         let ok = |s: &str| parse_health_addr(s).map(|a| a.to_string());
         assert_eq!(ok("127.0.0.1:9743").as_deref(), Ok("127.0.0.1:9743"));
