@@ -77,10 +77,25 @@ pub struct RunArgs {
     /// in place. Off by default.
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub isolate_unprogrammed: Vec<ipnet::IpNet>,
+    /// The bits of the conntrack mark holding the ruleset epoch, for the established-
+    /// connection fast path: one contiguous run of at least two bits, 0 to turn it off. The
+    /// other bits of the mark are left as they are.
+    #[arg(long, value_name = "MASK", default_value = "0xff000000", value_parser = parse_ct_mark_bits)]
+    pub ct_mark_bits: ruleset::epoch::CtMarkBits,
     /// Where to answer /healthz, /readyz and /metrics over HTTP: ADDRESS:PORT, `[V6]:PORT` or
     /// V6:PORT (the last colon starts the port). Loopback by default.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9743", value_parser = parse_health_addr)]
     pub health_addr: SocketAddr,
+}
+
+/// A mask in hexadecimal (`0x...`) or decimal.
+fn parse_ct_mark_bits(s: &str) -> Result<ruleset::epoch::CtMarkBits, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    let mask = parsed.map_err(|_| format!("{s:?} is not a 32-bit mask (e.g. 0xff000000)"))?;
+    ruleset::epoch::CtMarkBits::new(mask)
 }
 
 /// `ADDRESS:PORT`, with or without brackets around an IPv6 address: Kubernetes' `status.hostIP`
@@ -176,6 +191,18 @@ impl From<ProtocolArg> for ruleset::ir::Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ct_mark_bits_take_hex_or_decimal_and_refuse_what_cannot_hold_epochs() {
+        let mask = |s: &str| parse_ct_mark_bits(s).map(|b| b.mask());
+        assert_eq!(mask("0xff000000"), Ok(0xff00_0000));
+        assert_eq!(mask("0X0000FF00"), Ok(0x0000_ff00));
+        assert_eq!(mask("48"), Ok(0x30));
+        assert_eq!(mask("0"), Ok(0));
+        for bad in ["0x01000000", "0xf0f00000", "0x1ffffffff", "-1", "top", ""] {
+            assert!(parse_ct_mark_bits(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn health_addr_takes_v4_and_v6_with_or_without_brackets() {

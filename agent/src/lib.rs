@@ -4,6 +4,7 @@
 //! manifests (file or directory) -> Cluster -> ruleset::Compiler -> nft text (dump-ruleset)
 //!                                          -> ruleset::Tracer   -> verdict and why (trace)
 //!                                          -> diff -> netlink::Writer -> kernel (run)
+//! sync that changes the table -> next ruleset epoch -> conntrack: clear it from marks first
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
 //! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
 //! Compiler::diagnostics -> events::Findings -> log once; API: events::Recorder -> Events
@@ -12,6 +13,7 @@
 //! ```
 
 pub mod cli;
+pub mod conntrack;
 pub mod convert;
 pub mod dump;
 pub mod events;

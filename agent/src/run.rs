@@ -5,6 +5,8 @@
 //! or: snapshot changed? -> load -> Compiler (from scratch) -----------------------+
 //! every second: veth discovery -> guard (bridge table) ----------------------------+-> diff
 //!     against what is installed -> one transaction for both tables -> Health, sd_notify
+//!     (a policy change: the next ruleset epoch, cleared from conntrack marks first; after a
+//!     whole table: fast path on once conntrack holds no epoch, see `ruleset::epoch`)
 //! every second: nf_tables generation moved? -> fingerprint our tables -> restore if changed
 //! after a change: Findings (unenforceable fields) -> logged once; from the API, every second:
 //!     those this node reports -> Recorder (queue, never waits) -> Kubernetes Events
@@ -19,12 +21,14 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ruleset::epoch::{self, Epoch};
 use ruleset::guard::{guard_table, GuardedPod};
 use ruleset::ir::{IfName, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::RunArgs;
+use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
 use crate::health::{self, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
@@ -55,7 +59,16 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let options = Options {
         isolate_unprogrammed: args.isolate_unprogrammed.clone(),
+        epoch: Epoch::first(args.ct_mark_bits),
     };
+    if args.ct_mark_bits.is_off() {
+        tracing::info!("established-connection fast path off: every packet is evaluated");
+    } else {
+        tracing::info!(
+            bits = format!("{:#010x}", args.ct_mark_bits.mask()),
+            "established connections skip evaluation until the next change; ruleset epoch in these ct mark bits"
+        );
+    }
     if !options.isolate_unprogrammed.is_empty() {
         tracing::info!(
             cidrs = ?options.isolate_unprogrammed,
@@ -78,6 +91,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         last_ping: Instant::now(),
         ready: false,
         retry: None,
+        epoch: options.epoch,
     };
     let result = match &args.manifests {
         Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
@@ -308,6 +322,8 @@ struct Kernel {
     ready: bool,
     /// After a failed sync: when to try again, and the wait after that.
     retry: Option<(Instant, Duration)>,
+    /// The ruleset epoch of the installed table.
+    epoch: Epoch,
 }
 
 /// What the agent last put in the kernel.
@@ -382,6 +398,7 @@ impl Kernel {
         self.last_check = Instant::now();
         if let Some(compiler) = compiler {
             if self.installed.is_some() && self.retry.is_none() {
+                self.enable_fast_path();
                 self.follow_veths(compiler);
                 self.restore_if_changed(compiler);
             }
@@ -404,17 +421,37 @@ impl Kernel {
     fn sync(&mut self, compiler: &Compiler, full: bool) -> Synced {
         let guard = self.guards.table(compiler);
         let started = Instant::now();
-        let policy = compiler.table();
+        let mut policy = compiler.table().clone();
+        // A change of the policy table moves to the next epoch, so no connection skips the
+        // new rules; a whole table (start-up, or one changed behind our back) comes without
+        // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
+        let changed = match self.installed.as_ref().filter(|_| !full) {
+            None => None,
+            Some(prev) => {
+                epoch::apply(&mut policy, self.epoch);
+                Some((
+                    !diff(&prev.policy, &policy).is_empty(),
+                    !diff(&prev.guard, &guard).is_empty(),
+                ))
+            }
+        };
+        let next = match changed {
+            None => self.epoch.next().without_fast_path(),
+            Some((false, false)) => {
+                tracing::info!("the cluster changed; this node's ruleset did not");
+                return Synced::Unchanged;
+            }
+            Some((false, true)) => self.epoch,
+            Some((true, _)) => self.free_next_epoch(),
+        };
+        epoch::apply(&mut policy, next);
+        let policy = &policy;
         let whole = [Change::Replace(policy), Change::Replace(&guard)];
         let (kind, attempt) = match self.installed.as_ref().filter(|_| !full) {
             None => (SyncKind::Full, self.writer.commit(&whole)),
             Some(prev) => {
                 let policy_delta = diff(&prev.policy, policy);
                 let guard_delta = diff(&prev.guard, &guard);
-                if policy_delta.is_empty() && guard_delta.is_empty() {
-                    tracing::info!("the cluster changed; this node's ruleset did not");
-                    return Synced::Unchanged;
-                }
                 let changes: Vec<Change> = [
                     (TableFamily::Inet, &policy_delta),
                     (TableFamily::Bridge, &guard_delta),
@@ -465,7 +502,9 @@ impl Kernel {
                     guard,
                     baseline,
                 });
+                self.epoch = next;
                 self.retry = None;
+                self.enable_fast_path();
                 if !self.ready {
                     self.ready = true;
                     self.health.mark_ready();
@@ -483,6 +522,67 @@ impl Kernel {
                 self.retry = Some((Instant::now() + wait, wait));
                 Synced::Failed
             }
+        }
+    }
+
+    /// The epoch after the current one, cleared from every connection's mark first. Nothing
+    /// stamps that value until the transaction installing it: the rules in force stamp the
+    /// current one. When the clearing fails, the new epoch comes without the fast path.
+    fn free_next_epoch(&mut self) -> Epoch {
+        let next = self.epoch.next();
+        if next.bits().is_off() {
+            return next;
+        }
+        match conntrack::clear(next.bits().mask(), Which::Value(next.mark())) {
+            Ok(cleared) => {
+                if cleared > 0 {
+                    tracing::debug!(
+                        cleared,
+                        epoch = next.value(),
+                        "epoch cleared from conntrack marks"
+                    );
+                }
+                next
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot clear the next epoch from conntrack marks; fast path off until that works");
+                next.without_fast_path()
+            }
+        }
+    }
+
+    /// Turns the fast path on for the installed epoch once every connection's epoch bits are
+    /// cleared: a mark left from an earlier run or an earlier cycle of epochs could otherwise
+    /// carry it. Marks stamped meanwhile come from the rules in force, so they may stay
+    /// trusted; the transaction replaces only the epoch's rules.
+    fn enable_fast_path(&mut self) {
+        if self.epoch.fast_path() || self.epoch.bits().is_off() {
+            return;
+        }
+        let Some(installed) = self.installed.as_mut() else {
+            return;
+        };
+        if let Err(err) = conntrack::clear(self.epoch.bits().mask(), Which::Any) {
+            tracing::warn!(%err, "cannot clear epochs from conntrack marks; fast path off, retrying");
+            return;
+        }
+        let on = self.epoch.with_fast_path();
+        let mut policy = installed.policy.clone();
+        epoch::apply(&mut policy, on);
+        let delta = diff(&installed.policy, &policy);
+        let change = Change::Delta {
+            family: TableFamily::Inet,
+            table: TABLE_NAME,
+            delta: &delta,
+        };
+        match self.writer.commit(&[change]) {
+            Ok(_) => {
+                tracing::info!(epoch = on.value(), "established-connection fast path on");
+                installed.policy = policy;
+                installed.baseline = read_baseline(&mut self.writer).ok();
+                self.epoch = on;
+            }
+            Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
         }
     }
 

@@ -5,8 +5,11 @@
 //!   TCP 80, added or removed), and the time from just before the rename until real
 //!   connections see the new verdict is taken, at `--poll-ms` 200 (the default) and 20.
 //! - `connrate`: new TCP connections per second from a pod on one node to a pod on another,
-//!   with the 150,000-pod synthetic cluster's rulesets in both nodes versus no table at all,
-//!   alternating, in rounds.
+//!   with the 150,000-pod synthetic cluster's rulesets in both nodes versus without, in rounds
+//!   rotating six modes: nftpol alone, nftpol without its established-connection fast path,
+//!   conntrack only, bare (no table), and the node's own networking tables (Flannel- and
+//!   kube-proxy-like, `lab::networking_tables`) without and with nftpol. A real node without a
+//!   policy agent is the last but one: conntrack on, NAT and filter chains in place.
 //!
 //! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
 //! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
@@ -28,13 +31,14 @@ use std::time::{Duration, Instant};
 
 use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
-use integration::lab::{Lab, Pod, Protocol, Target};
+use integration::lab::{networking_tables, Lab, Pod, Protocol, Target, NETWORKING_TABLES_DELETE};
 use integration::measure::{
     enter_netns, env_or, loadavg, pct, summary, until_allowed, until_denied, wants, Jitter,
     CONNECT_TIMEOUT, GAP, STAGGER,
 };
 use integration::netns;
 use integration::synthetic::{self, LARGE};
+use ruleset::epoch::{self, CtMarkBits, Epoch};
 use ruleset::ir::{Table, TABLE_NAME};
 use ruleset::model::{
     ContainerPort, LabelSelector, NetworkPolicy, Peer, PolicyPort, PolicyRule, PortRef,
@@ -483,43 +487,76 @@ fn connrate() {
             took.as_secs_f64() * 1e3
         );
     }
-    check(true);
-    println!(
-        "  probes with the rules: client -> server {SERVER_PORT} reaches; client -> server 81 and intruder -> server {SERVER_PORT} do not (without: all reach)"
-    );
+    let setups: Vec<NodeSetup> = nodes
+        .iter()
+        .zip(&compilers)
+        .enumerate()
+        .map(|(i, (netns, c))| {
+            let mut slow = c.table().clone();
+            epoch::apply(&mut slow, Epoch::first(CtMarkBits::off()));
+            NodeSetup {
+                netns: netns.clone(),
+                rules: c.table().clone(),
+                slow,
+                networking: networking_tables(i, nodes.len()),
+            }
+        })
+        .collect();
+    drop(compilers);
+    for setup in &setups {
+        Mode::Rules.remove(setup);
+    }
+    for mode in Mode::ALL {
+        for setup in &setups {
+            mode.install(setup);
+        }
+        check(mode.has_rules());
+        for setup in &setups {
+            mode.remove(setup);
+        }
+    }
+    println!("  the same probes pass in every mode with nftpol, all reach in the others");
 
     println!(
-        "  {rounds} rounds of {seconds} s per mode, the order rotating each round; modes: the compiled rulesets in both nodes,"
+        "  {rounds} rounds of {seconds} s per mode, the order rotating each round; conntrack flushed in both nodes before each run;"
     );
+    println!("  modes:");
+    for mode in Mode::ALL {
+        println!("    {:<22} {}", mode.name(), mode.describe());
+    }
     println!(
-        "  conntrack only (table inet {CT_ONLY_TABLE}: the forward hook and the rulesets' two ct state rules, nothing else), no table"
+        "  each connection: connect, read the server's line to end of stream (the server closes first), close; no sysctl tuned"
     );
-    println!(
-        "  (no table in a namespace: no conntrack hooks there either); each connection: connect, read the server's line to end of"
-    );
-    println!("  stream (the server closes first), close; no sysctl tuned");
-    let mut current = Mode::Rules;
+    let mut current: Option<Mode> = None;
     for parallel in [1usize, 2] {
-        let mut rates: [Vec<f64>; 3] = Default::default();
-        let mut ratios = Vec::new();
+        let mut rates: [Vec<f64>; MODES] = Default::default();
+        let mut alone = Vec::new();
+        let mut on_node = Vec::new();
         for round in 0..rounds {
             let mut order = Mode::ALL;
-            order.rotate_left(round % Mode::ALL.len());
-            let mut this_round = [0.0; 3];
+            order.rotate_left(round % MODES);
+            let mut this_round = [0.0; MODES];
             for mode in order {
-                if mode != current {
-                    for (netns, c) in nodes.iter().zip(&compilers) {
-                        current.remove(netns);
-                        mode.install(netns, c.table());
+                if current != Some(mode) {
+                    for setup in &setups {
+                        if let Some(was) = current {
+                            was.remove(setup);
+                        }
+                        mode.install(setup);
                     }
-                    current = mode;
+                    current = Some(mode);
+                }
+                for setup in &setups {
+                    flush_conntrack(&setup.netns);
                 }
                 let rate = connrate_run(&client, &server, seconds, parallel);
                 this_round[mode as usize] = rate;
                 rates[mode as usize].push(rate);
             }
-            ratios.push(
-                this_round[Mode::Rules as usize] / this_round[Mode::NoTable as usize] * 100.0,
+            alone.push(this_round[Mode::Rules as usize] / this_round[Mode::Bare as usize] * 100.0);
+            on_node.push(
+                this_round[Mode::NetworkingRules as usize] / this_round[Mode::Networking as usize]
+                    * 100.0,
             );
         }
         let medians = rates.each_ref().map(|v| median(v));
@@ -529,7 +566,7 @@ fn connrate() {
         );
         for mode in Mode::ALL {
             println!(
-                "    {:<15} median {:>5.0}  (runs: {})",
+                "    {:<22} median {:>5.0}  (runs: {})",
                 mode.name(),
                 medians[mode as usize],
                 rates[mode as usize]
@@ -539,16 +576,30 @@ fn connrate() {
                     .join(" ")
             );
         }
-        println!(
-            "    rules / no table: {:.1}% of medians, {:.1}% median of rounds (per round: {} %); conntrack only / no table: {:.1}%",
-            medians[Mode::Rules as usize] / medians[Mode::NoTable as usize] * 100.0,
-            median(&ratios),
-            ratios
-                .iter()
+        let ratio = |a: Mode, b: Mode| medians[a as usize] / medians[b as usize] * 100.0;
+        let per_round = |v: &[f64]| {
+            v.iter()
                 .map(|r| format!("{r:.1}"))
                 .collect::<Vec<_>>()
-                .join(" "),
-            medians[Mode::Conntrack as usize] / medians[Mode::NoTable as usize] * 100.0,
+                .join(" ")
+        };
+        println!(
+            "    nftpol alone / bare: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
+            ratio(Mode::Rules, Mode::Bare),
+            median(&alone),
+            per_round(&alone)
+        );
+        println!(
+            "    flannel-like + nftpol / flannel-like: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
+            ratio(Mode::NetworkingRules, Mode::Networking),
+            median(&on_node),
+            per_round(&on_node)
+        );
+        println!(
+            "    nftpol with / without fast path: {:.1}%; conntrack only / bare: {:.1}%; flannel-like / bare: {:.1}%",
+            ratio(Mode::Rules, Mode::RulesNoFastPath),
+            ratio(Mode::Conntrack, Mode::Bare),
+            ratio(Mode::Networking, Mode::Bare),
         );
         println!(
             "    conntrack entries now: node-0 {}, node-1 {}",
@@ -556,8 +607,10 @@ fn connrate() {
             conntrack_count(&nodes[1])
         );
     }
-    for netns in &nodes {
-        current.remove(netns);
+    if let Some(was) = current {
+        for setup in &setups {
+            was.remove(setup);
+        }
     }
 }
 
@@ -568,52 +621,129 @@ fn median(values: &[f64]) -> f64 {
 }
 
 const CT_ONLY_TABLE: &str = "nftpol_ct_only";
+const MODES: usize = 6;
+
+/// What one node namespace gets in each mode.
+struct NodeSetup {
+    netns: String,
+    /// The compiled table, fast path on (epoch 1; conntrack is flushed before every run).
+    rules: Table,
+    /// The same without the epoch rules.
+    slow: Table,
+    /// `lab::networking_tables` for the node.
+    networking: String,
+}
+
+fn flush_conntrack(netns: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "conntrack", "-F"])
+        .output()
+        .expect("conntrack -F runs");
+    assert!(out.status.success(), "conntrack -F in {netns}: {out:?}");
+}
+
+fn nft_text(netns: &str, text: &str) {
+    let path = std::env::temp_dir().join(format!(
+        "nftpol-bench-lab-{}-{}.nft",
+        std::process::id(),
+        netns
+    ));
+    fs::write(&path, text).expect("write nft file");
+    ip_netns_exec(netns, &["nft", "-f", path.to_str().expect("utf-8 path")]);
+    let _ = fs::remove_file(&path);
+}
 
 /// What the node namespaces hold during a connrate run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Rules = 0,
-    Conntrack = 1,
-    NoTable = 2,
+    RulesNoFastPath = 1,
+    Conntrack = 2,
+    Bare = 3,
+    Networking = 4,
+    NetworkingRules = 5,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Rules, Mode::Conntrack, Mode::NoTable];
+    const ALL: [Mode; MODES] = [
+        Mode::Rules,
+        Mode::RulesNoFastPath,
+        Mode::Conntrack,
+        Mode::Bare,
+        Mode::Networking,
+        Mode::NetworkingRules,
+    ];
 
     fn name(self) -> &'static str {
         match self {
-            Mode::Rules => "rules",
+            Mode::Rules => "nftpol alone",
+            Mode::RulesNoFastPath => "nftpol, no fast path",
             Mode::Conntrack => "conntrack only",
-            Mode::NoTable => "no table",
+            Mode::Bare => "bare",
+            Mode::Networking => "flannel-like",
+            Mode::NetworkingRules => "flannel-like + nftpol",
         }
     }
 
-    fn install(self, netns: &str, table: &Table) {
+    fn describe(self) -> String {
+        match self {
+            Mode::Rules => "the compiled rulesets in both nodes, nothing else".into(),
+            Mode::RulesNoFastPath => {
+                "the same without the epoch rules: every packet evaluated in full".into()
+            }
+            Mode::Conntrack => format!(
+                "table inet {CT_ONLY_TABLE}: the forward hook and the rulesets' two ct state rules"
+            ),
+            Mode::Bare => "no table in the namespace: no conntrack hooks either".into(),
+            Mode::Networking => {
+                "Flannel's masquerade and kube-proxy's NAT and filter tables, as a node without a policy agent".into()
+            }
+            Mode::NetworkingRules => "those and the compiled rulesets".into(),
+        }
+    }
+
+    fn has_rules(self) -> bool {
+        matches!(
+            self,
+            Mode::Rules | Mode::RulesNoFastPath | Mode::NetworkingRules
+        )
+    }
+
+    fn install(self, setup: &NodeSetup) {
+        let netns = setup.netns.as_str();
         match self {
             Mode::Rules => {
-                install(netns, table);
+                install(netns, &setup.rules);
             }
-            Mode::Conntrack => {
-                let text = format!(
+            Mode::RulesNoFastPath => {
+                install(netns, &setup.slow);
+            }
+            Mode::Conntrack => nft_text(
+                netns,
+                &format!(
                     "table inet {CT_ONLY_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct state related accept\n\t\tct state established ct direction reply accept\n\t}}\n}}\n"
-                );
-                let path = std::env::temp_dir()
-                    .join(format!("nftpol-bench-lab-{}-ct.nft", std::process::id()));
-                fs::write(&path, text).expect("write nft file");
-                ip_netns_exec(netns, &["nft", "-f", path.to_str().expect("utf-8 path")]);
-                let _ = fs::remove_file(&path);
+                ),
+            ),
+            Mode::Bare => {}
+            Mode::Networking => nft_text(netns, &setup.networking),
+            Mode::NetworkingRules => {
+                nft_text(netns, &setup.networking);
+                install(netns, &setup.rules);
             }
-            Mode::NoTable => {}
         }
     }
 
-    fn remove(self, netns: &str) {
+    fn remove(self, setup: &NodeSetup) {
+        let netns = setup.netns.as_str();
+        if self.has_rules() {
+            ip_netns_exec(netns, &["nft", "delete", "table", "inet", TABLE_NAME]);
+        }
         match self {
-            Mode::Rules => ip_netns_exec(netns, &["nft", "delete", "table", "inet", TABLE_NAME]),
             Mode::Conntrack => {
-                ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE])
+                ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE]);
             }
-            Mode::NoTable => String::new(),
-        };
+            Mode::Networking | Mode::NetworkingRules => nft_text(netns, NETWORKING_TABLES_DELETE),
+            _ => {}
+        }
     }
 }

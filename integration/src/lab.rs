@@ -610,6 +610,202 @@ impl Drop for Lab {
     }
 }
 
+/// The tables of the node's own networking, with no policy agent: what Flannel (its
+/// masquerading of pod traffic leaving the cluster network) and kube-proxy in nftables mode
+/// (service DNAT, its filter checks on new connections, masquerading of marked packets) put in
+/// node `node`'s namespace, in their own tables, for both families, as `nft -f` text. The
+/// services (the API server on node 0's wire address, a DNS service with a pod on each
+/// node, one service without endpoints) are never the lab's pod-to-pod traffic: that crosses
+/// these tables as on a real node, tracked, and neither translated nor masqueraded.
+pub fn networking_tables(node: usize, nodes: usize) -> String {
+    let mut out = String::new();
+    for family in [Family::V4, Family::V6] {
+        let (nf, cluster, own, multicast, apiserver) = match family {
+            Family::V4 => (
+                "ip",
+                "10.244.0.0/16".to_string(),
+                format!("10.244.{}.0/24", node + 1),
+                "224.0.0.0/4",
+                "192.168.100.1",
+            ),
+            Family::V6 => (
+                "ip6",
+                "fd00:10:244::/56".to_string(),
+                format!("fd00:10:244:{}::/64", node + 1),
+                "ff00::/8",
+                "fd00:100::1",
+            ),
+        };
+        let flannel = format!("flannel-ipv{}", if family == Family::V4 { 4 } else { 6 });
+        out += &format!(
+            "table {nf} {flannel} {{
+	comment \"like Flannel's: masquerade pod traffic leaving the cluster network\"
+	chain postrtg {{
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark & 0x00004000 == 0x00004000 return
+		{nf} saddr {own} {nf} daddr {cluster} return
+		{nf} saddr {cluster} {nf} daddr {own} return
+		{nf} saddr != {cluster} {nf} daddr {own} return
+		{nf} saddr {cluster} {nf} daddr != {multicast} masquerade fully-random
+		{nf} saddr != {cluster} {nf} daddr {cluster} masquerade fully-random
+	}}
+	chain forward-pods {{
+		type filter hook forward priority filter; policy accept;
+		{nf} saddr {cluster} accept
+		{nf} daddr {cluster} accept
+	}}
+}}
+"
+        );
+        let service = |i: u8| match family {
+            Family::V4 => format!("10.96.0.{i}"),
+            Family::V6 => format!("fd00:10:96::{i:x}"),
+        };
+        let at = |addr: &str, port: u16| match family {
+            Family::V4 => format!("{addr}:{port}"),
+            Family::V6 => format!("[{addr}]:{port}"),
+        };
+        let addr_type = if family == Family::V4 {
+            "ipv4_addr"
+        } else {
+            "ipv6_addr"
+        };
+        let loopback = if family == Family::V4 {
+            "127.0.0.0/8"
+        } else {
+            "::1"
+        };
+        // The DNS service's endpoints: one address on each node's pod network, never a lab pod.
+        let dns: Vec<String> = (0..nodes.max(1))
+            .map(|i| match family {
+                Family::V4 => format!("10.244.{}.250", i + 1),
+                Family::V6 => format!("fd00:10:244:{}::fa", i + 1),
+            })
+            .collect();
+        let mut endpoints = String::new();
+        let mut services = String::new();
+        for (name, proto, port) in [("dns-tcp", "tcp", 53u16), ("dns-udp", "udp", 53)] {
+            let picks: Vec<String> = dns
+                .iter()
+                .enumerate()
+                .map(|(k, _)| format!("{k} : goto endpoint-{name}-{k}"))
+                .collect();
+            services += &format!(
+                "	chain service-{name} {{
+		{nf} daddr {} {proto} dport {port} {nf} saddr != {cluster} jump mark-for-masquerade
+		numgen random mod {} vmap {{ {} }}
+	}}
+",
+                service(10),
+                dns.len(),
+                picks.join(", ")
+            );
+            for (k, addr) in dns.iter().enumerate() {
+                endpoints += &format!(
+                    "	chain endpoint-{name}-{k} {{
+		{nf} saddr {addr} jump mark-for-masquerade
+		meta l4proto {proto} dnat to {}
+	}}
+",
+                    at(addr, port)
+                );
+            }
+        }
+        out += &format!(
+            "table {nf} kube-proxy {{
+	comment \"like kube-proxy's in nftables mode\"
+	set cluster-ips {{
+		type {addr_type}
+		elements = {{ {}, {}, {} }}
+	}}
+	chain reject-chain {{
+		reject
+	}}
+	map no-endpoint-services {{
+		type {addr_type} . inet_proto . inet_service : verdict
+		elements = {{ {} . tcp . 80 : goto reject-chain }}
+	}}
+	map service-nodeports {{
+		type inet_proto . inet_service : verdict
+	}}
+	chain mark-for-masquerade {{
+		meta mark set meta mark | 0x00004000
+	}}
+	chain masquerading {{
+		meta mark & 0x00004000 == 0x00000000 return
+		meta mark set meta mark ^ 0x00004000
+		masquerade fully-random
+	}}
+	chain service-kubernetes {{
+		{nf} daddr {} tcp dport 443 {nf} saddr != {cluster} jump mark-for-masquerade
+		goto endpoint-kubernetes
+	}}
+	chain endpoint-kubernetes {{
+		{nf} saddr {apiserver} jump mark-for-masquerade
+		meta l4proto tcp dnat to {}
+	}}
+{endpoints}{services}	map service-ips {{
+		type {addr_type} . inet_proto . inet_service : verdict
+		elements = {{ {} . tcp . 443 : goto service-kubernetes, {} . tcp . 53 : goto service-dns-tcp, {} . udp . 53 : goto service-dns-udp }}
+	}}
+	chain services {{
+		{nf} daddr . meta l4proto . th dport vmap @service-ips
+		fib daddr type local {nf} daddr != {loopback} meta l4proto . th dport vmap @service-nodeports
+	}}
+	chain service-endpoints-check {{
+		{nf} daddr . meta l4proto . th dport vmap @no-endpoint-services
+	}}
+	chain cluster-ips-check {{
+		{nf} daddr @cluster-ips reject comment \"no such port on a ClusterIP\"
+	}}
+	chain filter-forward {{
+		type filter hook forward priority -110; policy accept;
+		ct state new jump service-endpoints-check
+		ct state new jump cluster-ips-check
+	}}
+	chain filter-input {{
+		type filter hook input priority -110; policy accept;
+		ct state new jump service-endpoints-check
+	}}
+	chain filter-output {{
+		type filter hook output priority -110; policy accept;
+		ct state new jump service-endpoints-check
+	}}
+	chain nat-prerouting {{
+		type nat hook prerouting priority dstnat; policy accept;
+		jump services
+	}}
+	chain nat-output {{
+		type nat hook output priority -100; policy accept;
+		jump services
+	}}
+	chain nat-postrouting {{
+		type nat hook postrouting priority srcnat; policy accept;
+		jump masquerading
+	}}
+}}
+",
+            service(1),
+            service(10),
+            service(100),
+            service(100),
+            service(1),
+            at(apiserver, 6443),
+            service(1),
+            service(10),
+            service(10),
+        );
+    }
+    out
+}
+
+/// `nft` commands removing what [`networking_tables`] loads.
+pub const NETWORKING_TABLES_DELETE: &str = "delete table ip flannel-ipv4
+delete table ip6 flannel-ipv6
+delete table ip kube-proxy
+delete table ip6 kube-proxy
+";
+
 /// Node `node`'s underlay address on the wire.
 fn wire_ipv4(node: usize) -> Ipv4Addr {
     // A lab has at most 200 nodes.

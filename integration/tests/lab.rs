@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use integration::lab::{compare_with_trace, Family, Lab, Protocol, Target};
+use integration::lab::{compare_with_trace, networking_tables, Family, Lab, Protocol, Target};
 use integration::netns;
 use ruleset::Compiler;
 
@@ -167,4 +167,121 @@ fn check_example(name: &str, services: &[(Protocol, u16)], families: &[Family]) 
         disagreements.len(),
         disagreements.join("\n\n")
     );
+}
+
+/// A node as Flannel and kube-proxy leave it (`lab::networking_tables`): pods still reach each
+/// other across nodes in both families, and conntrack tracks those connections untranslated:
+/// pod-to-pod traffic is neither DNATed nor masqueraded.
+#[test]
+fn networking_tables_keep_pod_traffic_tracked_and_untranslated() {
+    if netns::skip_unless_root("networking_tables_keep_pod_traffic_tracked_and_untranslated") {
+        return;
+    }
+    let mut lab = Lab::new(LABPOD, 2).expect("lab");
+    let a = lab.add_pod(0, "a", 11).expect("pod");
+    let b = lab.add_pod(1, "b", 11).expect("pod");
+    for node in 0..2 {
+        lab.nft(node, &networking_tables(node, 2))
+            .expect("networking tables load");
+        let listed = node_exec(&lab, node, &["nft", "list", "tables"]);
+        for table in [
+            "ip flannel-ipv4",
+            "ip6 flannel-ipv6",
+            "ip kube-proxy",
+            "ip6 kube-proxy",
+        ] {
+            assert!(listed.contains(table), "{table} not loaded: {listed}");
+        }
+    }
+    let cells = lab
+        .matrix(&[(Protocol::Tcp, 80), (Protocol::Udp, 80)], &Family::BOTH)
+        .expect("matrix");
+    let failed: Vec<String> = cells
+        .iter()
+        .filter(|c| !c.outcome.ok)
+        .map(|c| lab.describe(c))
+        .collect();
+    assert!(failed.is_empty(), "unreachable:\n{}", failed.join("\n"));
+
+    for family in Family::BOTH {
+        let (from, to) = (a.addr(family), b.addr(family));
+        for node in 0..2 {
+            let entries = tracked(&lab, node, from, to);
+            assert!(
+                !entries.is_empty(),
+                "node {node} tracks no connection {from} -> {to}"
+            );
+            for e in &entries {
+                assert_eq!(
+                    (e.reply_src, e.reply_dst),
+                    (e.orig_dst, e.orig_src),
+                    "node {node}: {from} -> {to} translated: {}",
+                    e.line
+                );
+            }
+        }
+    }
+    println!(
+        "networking tables: {} cells reach; conntrack tracks pod-to-pod connections untranslated on both nodes, both families",
+        cells.len()
+    );
+}
+
+/// The addresses of one conntrack entry, as `conntrack -L` prints them.
+struct Tracked {
+    line: String,
+    orig_src: IpAddr,
+    orig_dst: IpAddr,
+    reply_src: IpAddr,
+    reply_dst: IpAddr,
+}
+
+/// The conntrack entries in node `node` whose original direction is `from` -> `to`.
+fn tracked(lab: &Lab, node: usize, from: IpAddr, to: IpAddr) -> Vec<Tracked> {
+    let family = if from.is_ipv4() { "ipv4" } else { "ipv6" };
+    let from_text = from.to_string();
+    let to_text = to.to_string();
+    let listing = node_exec(
+        lab,
+        node,
+        &[
+            "conntrack",
+            "-L",
+            "-f",
+            family,
+            "-s",
+            &from_text,
+            "-d",
+            &to_text,
+        ],
+    );
+    listing
+        .lines()
+        .filter_map(|line| {
+            let field = |key: &str, nth: usize| -> Option<IpAddr> {
+                line.split_whitespace()
+                    .filter_map(|w| w.strip_prefix(key))
+                    .nth(nth)?
+                    .parse()
+                    .ok()
+            };
+            Some(Tracked {
+                line: line.to_string(),
+                orig_src: field("src=", 0)?,
+                orig_dst: field("dst=", 0)?,
+                reply_src: field("src=", 1)?,
+                reply_dst: field("dst=", 1)?,
+            })
+        })
+        .collect()
+}
+
+fn node_exec(lab: &Lab, node: usize, command: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.node_netns(node).expect("node")])
+        .args(command)
+        .output()
+        .expect("ip netns exec runs");
+    assert!(out.status.success(), "{command:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

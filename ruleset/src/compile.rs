@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use crate::cluster::Cluster;
 use crate::diff::{diff, Delta};
+use crate::epoch::{self, Epoch};
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
     SetKey, Table, Verdict, ND_TYPES, TABLE_NAME,
@@ -35,6 +36,9 @@ pub struct Options {
     /// its rules are in place. Off (empty) by default, as upstream NetworkPolicy leaves pods
     /// that no policy selects open.
     pub isolate_unprogrammed: Vec<IpNet>,
+    /// The ruleset epoch stamped on allowed connections and, with its fast path on, trusted
+    /// for their later packets (see [`crate::epoch`]). Default: epoch 1 in the top byte.
+    pub epoch: Epoch,
 }
 
 /// The compiled ruleset of one node, kept up to date as the cluster changes.
@@ -600,7 +604,8 @@ fn build_chain(
     selecting: &[&ResolvedPolicy],
 ) -> (Chain, Vec<(String, SetDef)>) {
     let (field, allow, peers_word) = match direction {
-        Direction::Ingress => (AddrField::Source, Verdict::Accept, "from"),
+        // Ingress returns too: `forward` stamps the connection once both sides passed.
+        Direction::Ingress => (AddrField::Source, Verdict::Return, "from"),
         Direction::Egress => (AddrField::Destination, Verdict::Return, "to"),
     };
     let mut rules = Vec::new();
@@ -927,6 +932,8 @@ fn base_table(node: &str, options: &Options) -> Table {
             },
         );
     }
+    // The first rule of `forward` and its last: the epoch's.
+    epoch::apply(&mut table, options.epoch);
     table
 }
 

@@ -18,7 +18,8 @@ pub struct Packet {
 /// What connection tracking knows of the packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtState {
-    /// First packet of a connection, or a later one in the original direction.
+    /// First packet of a connection, or a later one in the original direction of a
+    /// connection no ruleset epoch has been stamped on: evaluated in full, as `trace` does.
     New,
     /// A reply in an established connection.
     Reply,
@@ -112,7 +113,7 @@ fn run(
             rule: rule.clone(),
         };
         match &rule.verdict {
-            Verdict::Accept => {
+            Verdict::Accept | Verdict::StampAccept { .. } => {
                 steps.push(step);
                 return Some(Decision::Accept);
             }
@@ -171,6 +172,9 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
     match m {
         Match::CtRelated => packet.ct == CtState::Related,
         Match::CtEstablishedReply => packet.ct == CtState::Reply,
+        // A new connection's mark holds no epoch (0 is never one): the fast path is for
+        // packets a full evaluation already let through.
+        Match::CtMarkEpoch { .. } => false,
         Match::Icmpv6Type(types) => {
             matches!(packet.l4, L4::Icmpv6 { kind } if types.contains(&kind))
                 && Family::of(&packet.src) == Family::V6

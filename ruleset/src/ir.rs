@@ -269,6 +269,9 @@ pub enum Match {
     CtRelated,
     /// `ct state established ct direction reply`: a reply in a tracked connection.
     CtEstablishedReply,
+    /// `ct state established ct direction original ct mark & mask == value`: a later packet
+    /// of a connection this ruleset already let through (see [`crate::epoch`]).
+    CtMarkEpoch { mask: u32, value: u32 },
     /// `icmpv6 type { ... }`, by type number.
     Icmpv6Type(Vec<u8>),
     /// `ip saddr @set` and friends; the family is the set's.
@@ -317,6 +320,12 @@ pub enum Verdict {
     },
     /// `jump <chain>`.
     Jump(String),
+    /// `ct mark set ct mark & ~mask | value accept`: accept, stamping the connection with the
+    /// ruleset epoch and keeping the mark's other bits.
+    StampAccept {
+        mask: u32,
+        value: u32,
+    },
 }
 
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.

@@ -22,7 +22,7 @@
 //! | `ingress4`/`ingress6` | verdict map, pod address -> `jump ing_*` | ingress dispatch of local, ingress-isolated pods |
 //! | `egress4`/`egress6` | verdict map, pod address -> `jump egr_*` | egress dispatch of local, egress-isolated pods |
 //! | `self4`/`self6` | set of `addr . addr` | a local pod reaching itself (hairpin) |
-//! | `ing_<ns>_<hash>` | regular chain | the ingress rules of every local pod sharing namespace, selecting policies and named-port numbers; allowed packets `accept`, the rest `drop` |
+//! | `ing_<ns>_<hash>` | regular chain | the ingress rules of every local pod sharing namespace, selecting policies and named-port numbers; allowed packets `return` (to `forward`, which stamps and accepts them), the rest `drop` |
 //! | `egr_<ns>_<hash>` | regular chain | likewise for egress; allowed packets `return` so ingress is checked next |
 //! | `pods4_<hash>`/`pods6_<hash>` | set of addresses | pods one pod peer (namespace scope + pod selector) selects, cluster-wide |
 //! | `cidr4_<hash>`/`cidr6_<hash>` | interval set | an ipBlock with its `except` already subtracted |
@@ -30,14 +30,17 @@
 //!
 //! Both base chains start with the same three rules: packets `related` to a tracked connection
 //! (ICMP errors) and replies (`established`, direction reply) are accepted, then IPv6 neighbour
-//! discovery. Every other packet, including later packets of an established connection in the
-//! original direction, is evaluated: when a policy change stops allowing a connection, the next
-//! packet is dropped.
+//! discovery. Every other packet is evaluated, with one shortcut in `forward` ([`epoch`]): its
+//! first rule accepts a later original-direction packet of an established connection whose ct
+//! mark carries the current ruleset epoch, which its last rule stamped when a full evaluation
+//! let the connection through. Every change of the table moves to a new epoch, so when a policy
+//! change stops allowing a connection, its next packet is evaluated again and dropped.
 //!
 //! In `forward`, after the self sets, the source address is looked up in `egress4/6` and the
 //! destination in `ingress4/6`. A connection needs both: the egress chain of a local source
 //! returns on allow, then the ingress chain of a local destination accepts or drops. Remote
-//! ends are checked by the agent on their own node. Traffic the node itself originates never
+//! ends are checked by the agent on their own node. A packet both sides let through reaches
+//! the end of `forward`, which stamps the epoch and accepts it. Traffic the node itself originates never
 //! passes `forward` (it leaves through `output`, which has no chain here), so the node always
 //! reaches its pods.
 //!
@@ -51,6 +54,7 @@
 pub mod cluster;
 pub mod compile;
 pub mod diff;
+pub mod epoch;
 pub mod eval;
 pub mod guard;
 pub mod ir;

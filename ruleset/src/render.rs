@@ -110,6 +110,9 @@ fn match_text(m: &Match) -> String {
     match m {
         Match::CtRelated => "ct state related".into(),
         Match::CtEstablishedReply => "ct state established ct direction reply".into(),
+        Match::CtMarkEpoch { mask, value } => format!(
+            "ct state established ct direction original ct mark & {mask:#010x} == {value:#010x}"
+        ),
         Match::Icmpv6Type(types) => {
             let names: Vec<String> = types.iter().map(|t| icmpv6_name(*t)).collect();
             format!("icmpv6 type {{ {} }}", names.join(", "))
@@ -147,6 +150,12 @@ fn verdict_text(v: &Verdict) -> String {
         Verdict::Return => "return".into(),
         Verdict::Vmap { family, field, map } => format!("{} vmap @{map}", addr(*family, *field)),
         Verdict::Jump(chain) => format!("jump {chain}"),
+        Verdict::StampAccept { mask, value } => {
+            format!(
+                "ct mark set ct mark & {:#010x} | {value:#010x} accept",
+                !mask
+            )
+        }
     }
 }
 

@@ -1,6 +1,10 @@
 //! Why is this connection allowed or denied? Compiles the rulesets of the nodes the connection
 //! touches and evaluates them; the answer comes from the IR, never from a second reading of the
 //! policies.
+//!
+//! The packet is evaluated as the first of a new connection: the established-connection fast
+//! path (see [`crate::epoch`]) never applies, so the answer is what the policies say now, which
+//! is also what an established connection gets at its next packet after any change.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -186,7 +190,7 @@ impl Tracer {
             match (dst_table, &dst_eval, &src_eval) {
                 (None, _, _) => Outcome::NotAPod,
                 (Some(table), Some(ev), _) | (Some(table), None, Some(ev)) => {
-                    let outcome = side(ev, table, "ingress", Verdict::Accept);
+                    let outcome = side(ev, table, "ingress", Verdict::Return);
                     let egress_dropped = matches!(egress, Outcome::Denied { .. });
                     if dst_eval.is_none() && egress_dropped && outcome == Outcome::NotIsolated {
                         Outcome::NotReached

@@ -1019,6 +1019,7 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
 
     let options = ruleset::Options {
         isolate_unprogrammed: vec!["10.244.1.0/24".parse().unwrap()],
+        ..ruleset::Options::default()
     };
     let mut compiler = Compiler::with_options(c.clone(), "n1", options.clone());
     for (src, dst, want, why) in [

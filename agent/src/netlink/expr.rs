@@ -10,6 +10,7 @@ pub(super) const IPPROTO_ICMPV6: u8 = 58;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
 pub(super) const CT_STATE_ESTABLISHED: u32 = 1 << 1;
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
+pub(super) const CT_DIRECTION_ORIGINAL: u8 = 0;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
 pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
 pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -26,17 +27,24 @@ pub(super) enum Expr {
         key: u32,
         dreg: u32,
     },
+    /// `ct <key> set` from a register.
+    CtSet {
+        key: u32,
+        sreg: u32,
+    },
     Payload {
         base: u32,
         offset: u32,
         len: u32,
         dreg: u32,
     },
-    /// `reg = (reg & mask) ^ xor`.
+    /// `reg = (reg & mask) ^ xor`. `boolean` sends the operation (`NFT_BITWISE_BOOL`)
+    /// explicitly, as nft does for a binary operation but not for a flag test.
     Bitwise {
         reg: u32,
         mask: Vec<u8>,
         xor: Vec<u8>,
+        boolean: bool,
     },
     Cmp {
         op: u32,
@@ -132,6 +140,21 @@ impl Exprs {
         });
     }
 
+    /// `ct mark & mask ^ xor` into register 1: the epoch bits alone (`xor` 0), or the mark
+    /// with them replaced (`mask` the other bits, `xor` the new value).
+    pub(super) fn ct_mark(&mut self, mask: u32, xor: u32) {
+        self.push(Expr::Ct {
+            key: libc::NFT_CT_MARK as u32,
+            dreg: reg(0),
+        });
+        self.push(Expr::Bitwise {
+            reg: reg(0),
+            mask: mask.to_ne_bytes().to_vec(),
+            xor: xor.to_ne_bytes().to_vec(),
+            boolean: true,
+        });
+    }
+
     /// `ct state <bit>`: the state word masked to the bit, compared with zero.
     pub(super) fn ct_state(&mut self, bit: u32) {
         self.push(Expr::Ct {
@@ -142,6 +165,7 @@ impl Exprs {
             reg: reg(0),
             mask: bit.to_ne_bytes().to_vec(),
             xor: vec![0; 4],
+            boolean: false,
         });
         self.push(Expr::Cmp {
             op: libc::NFT_CMP_NEQ as u32,

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use ruleset::epoch::{CtMarkBits, Epoch};
 use ruleset::guard::{guard_table, GuardedPod};
 use ruleset::ir::{IfName, Table};
 use ruleset::Compiler;
@@ -233,10 +234,18 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
             "10.244.1.0/24".parse().unwrap(),
             "fd00:10:244:1::/64".parse().unwrap(),
         ],
+        // Another bit field, an epoch past the first, and the stamp without the fast path.
+        epoch: Epoch::first(CtMarkBits::new(0x0000_ff00).unwrap())
+            .next()
+            .next()
+            .without_fast_path(),
     };
     let isolating = Compiler::with_options(cluster.clone(), "node-a", options);
     assert!(isolating.table().sets.contains_key("known6"));
     let mut failures = differences(isolating.table(), "isolation");
+    let mut fast = isolating.table().clone();
+    ruleset::epoch::apply(&mut fast, isolating.options().epoch.with_fast_path());
+    failures.extend(differences(&fast, "fast path in another bit field"));
     let pods: Vec<GuardedPod> = isolating
         .local_pods()
         .enumerate()

@@ -20,8 +20,8 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY,
-    CT_STATE_ESTABLISHED, CT_STATE_RELATED, IPPROTO_ICMPV6,
+    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_ORIGINAL,
+    CT_DIRECTION_REPLY, CT_STATE_ESTABLISHED, CT_STATE_RELATED, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -507,6 +507,16 @@ impl Plan {
                     });
                     exprs.cmp(libc::NFT_CMP_EQ, vec![CT_DIRECTION_REPLY]);
                 }
+                Match::CtMarkEpoch { mask, value } => {
+                    exprs.ct_state(CT_STATE_ESTABLISHED);
+                    exprs.push(Expr::Ct {
+                        key: libc::NFT_CT_DIRECTION as u32,
+                        dreg: reg(0),
+                    });
+                    exprs.cmp(libc::NFT_CMP_EQ, vec![CT_DIRECTION_ORIGINAL]);
+                    exprs.ct_mark(*mask, 0);
+                    exprs.cmp(libc::NFT_CMP_EQ, value.to_ne_bytes().to_vec());
+                }
                 Match::Icmpv6Type(types) => {
                     let mut types = types.clone();
                     types.sort_unstable();
@@ -621,6 +631,14 @@ impl Plan {
                 exprs.push(self.lookup(map, &object, verdict)?);
             }
             Verdict::Jump(target) => exprs.push(Expr::Jump(cstring(target, &object)?)),
+            Verdict::StampAccept { mask, value } => {
+                exprs.ct_mark(!mask, *value);
+                exprs.push(Expr::CtSet {
+                    key: libc::NFT_CT_MARK as u32,
+                    sreg: reg(0),
+                });
+                exprs.push(Expr::Verdict(libc::NF_ACCEPT));
+            }
         }
         let udata = match &rule.comment {
             Some(text) => comment(udata::COMMENT, text, true, &object)?,

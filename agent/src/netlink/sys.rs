@@ -190,6 +190,10 @@ enum Built {
 const ACK: u16 = libc::NLM_F_ACK as u16;
 /// `NFT_LOOKUP_F_INV`: the lookup matches when the key is absent.
 const NFT_LOOKUP_F_INV: u32 = 1;
+/// The bitwise operation attribute of libnftnl 1.1.6 on, which nftnl-sys's default bindings
+/// predate; the libnftnl linked here has it.
+const NFTNL_EXPR_BITWISE_OP: u32 = 6;
+const NFT_BITWISE_BOOL: u32 = 0;
 const CREATE: u16 = libc::NLM_F_CREATE as u16;
 const APPEND: u16 = libc::NLM_F_APPEND as u16;
 
@@ -535,6 +539,12 @@ fn expr_obj(expr: &Expr) -> Option<ExprObj> {
             e.u32(sys::NFTNL_EXPR_CT_DREG, *dreg);
             e
         }
+        Expr::CtSet { key, sreg } => {
+            let e = ExprObj::new(c"ct")?;
+            e.u32(sys::NFTNL_EXPR_CT_KEY, *key);
+            e.u32(sys::NFTNL_EXPR_CT_SREG, *sreg);
+            e
+        }
         Expr::Payload {
             base,
             offset,
@@ -548,13 +558,21 @@ fn expr_obj(expr: &Expr) -> Option<ExprObj> {
             e.u32(sys::NFTNL_EXPR_PAYLOAD_DREG, *dreg);
             e
         }
-        Expr::Bitwise { reg, mask, xor } => {
+        Expr::Bitwise {
+            reg,
+            mask,
+            xor,
+            boolean,
+        } => {
             let e = ExprObj::new(c"bitwise")?;
             e.u32(sys::NFTNL_EXPR_BITWISE_SREG, *reg);
             e.u32(sys::NFTNL_EXPR_BITWISE_DREG, *reg);
             e.u32(sys::NFTNL_EXPR_BITWISE_LEN, len32(mask)?);
             e.data(sys::NFTNL_EXPR_BITWISE_MASK, mask)?;
             e.data(sys::NFTNL_EXPR_BITWISE_XOR, xor)?;
+            if *boolean {
+                e.u32(NFTNL_EXPR_BITWISE_OP, NFT_BITWISE_BOOL);
+            }
             e
         }
         Expr::Cmp { op, reg, data } => {
