@@ -361,18 +361,13 @@ fn latency() {
     let server = lab.pod("bench/server").expect("server");
     let dst = SocketAddr::new(IpAddr::V4(server.ipv4), SERVER_PORT);
     let mut stand_in = StandIn::start(&lab, 0, &denied);
-    let mut agents: Vec<Agent> = (0..NODES.len())
-        .map(|i| {
-            Agent::start_api(
-                Path::new(LABPOD),
-                &lab,
-                i,
-                NODES[i],
-                &stand_in.kubeconfig(),
-                &["--health-addr", HEALTH],
-            )
-        })
-        .collect();
+    let mut agents = Agent::start_each_api(
+        Path::new(LABPOD),
+        &lab,
+        &NODES,
+        &stand_in.kubeconfig(),
+        &["--health-addr", HEALTH],
+    );
     wait_synced(&mut agents, Duration::from_secs(60));
     // The node whose ruleset the relabel changes: the server's.
     let node = changed.iter().position(|&c| c).expect("a ruleset changes");

@@ -199,18 +199,13 @@ fn latency() {
         let mut jitter = Jitter::new();
         fs::write(&snapshot, snapshot_text(false)).expect("reset snapshot");
         let poll = poll_ms.to_string();
-        let mut agents: Vec<Agent> = (0..NODES.len())
-            .map(|i| {
-                Agent::start(
-                    Path::new(LABPOD),
-                    &lab,
-                    i,
-                    NODES[i],
-                    &snapshot,
-                    &["--poll-ms", &poll],
-                )
-            })
-            .collect();
+        let mut agents = Agent::start_each(
+            Path::new(LABPOD),
+            &lab,
+            &NODES,
+            &snapshot,
+            &["--poll-ms", &poll],
+        );
         wait_synced(&mut agents, Duration::from_secs(10));
         let initial = agents[1].synced();
         let mut to_allow = Vec::new();

@@ -153,6 +153,32 @@ impl Agent {
         Agent::spawn(labpod, lab, index, node, API_LOG_LEVEL, &source, extra)
     }
 
+    /// [`Agent::start`] in every lab node, node `i` named `nodes[i]`.
+    pub fn start_each(
+        labpod: &Path,
+        lab: &Lab,
+        nodes: &[&str],
+        snapshot: &Path,
+        extra: &[&str],
+    ) -> Vec<Agent> {
+        (0..nodes.len())
+            .map(|i| Agent::start(labpod, lab, i, nodes[i], snapshot, extra))
+            .collect()
+    }
+
+    /// [`Agent::start_api`] in every lab node, node `i` named `nodes[i]`.
+    pub fn start_each_api(
+        labpod: &Path,
+        lab: &Lab,
+        nodes: &[&str],
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Vec<Agent> {
+        (0..nodes.len())
+            .map(|i| Agent::start_api(labpod, lab, i, nodes[i], kubeconfig, extra))
+            .collect()
+    }
+
     fn spawn(
         labpod: &Path,
         lab: &Lab,

@@ -158,9 +158,7 @@ fn setup(bridge_nf_off: bool) -> Setup {
 }
 
 fn start_agents(lab: &Lab, snapshot: &Path) -> Vec<Agent> {
-    (0..NODES.len())
-        .map(|i| Agent::start(Path::new(LABPOD), lab, i, NODES[i], snapshot, &[]))
-        .collect()
+    Agent::start_each(Path::new(LABPOD), lab, &NODES, snapshot, &[])
 }
 
 // ------------------------------------------------------------------------------------ tests

@@ -140,9 +140,7 @@ impl World {
 }
 
 fn start_agents(lab: &Lab, api: &StandIn) -> Vec<Agent> {
-    (0..NODES.len())
-        .map(|i| Agent::start_api(Path::new(LABPOD), lab, i, NODES[i], &api.kubeconfig(), &[]))
-        .collect()
+    Agent::start_each_api(Path::new(LABPOD), lab, &NODES, &api.kubeconfig(), &[])
 }
 
 /// An edit of the cluster the stand-in holds.

@@ -174,18 +174,13 @@ fn established_flow_survives_unrelated_changes_and_is_cut_by_a_deny_across_epoch
     let snapshot = scratch.path().join("snapshot.yaml");
     fs::write(&snapshot, &allowed).expect("write snapshot");
     let bits = format!("{BITS:#010x}");
-    let mut agents: Vec<Agent> = (0..NODES.len())
-        .map(|i| {
-            Agent::start(
-                Path::new(LABPOD),
-                &lab,
-                i,
-                NODES[i],
-                &snapshot,
-                &["--ct-mark-bits", &bits],
-            )
-        })
-        .collect();
+    let mut agents = Agent::start_each(
+        Path::new(LABPOD),
+        &lab,
+        &NODES,
+        &snapshot,
+        &["--ct-mark-bits", &bits],
+    );
     wait_synced(&mut agents, SYNC_TIMEOUT);
     wait_for(&mut agents, "the fast path on", SYNC_TIMEOUT, |_, a| {
         a.count("established-connection fast path on") > 0
