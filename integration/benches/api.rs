@@ -38,7 +38,7 @@ use integration::apiserver::{ApiServer, Resource};
 use integration::lab::Lab;
 use integration::measure::{
     cpu_time, env_or, loadavg, log_time_of_day, metric_sum, seconds_after, summary, time_of_day,
-    until_allowed, until_denied, wants, Jitter, Memory,
+    until_verdict, wants, Jitter, Memory,
 };
 use integration::netns;
 use integration::objects;
@@ -396,12 +396,7 @@ fn latency() {
             assert_eq!(stand_in.publish(next), 1, "one write: the client pod");
             t0
         };
-        let (seen, t0) = if allow {
-            until_allowed(&client.netns, dst, flip)
-        } else {
-            until_denied(&client.netns, dst, flip)
-        };
-        let ms = seen.at.saturating_duration_since(t0).as_secs_f64() * 1e3;
+        let (_, ms) = until_verdict(allow, &client.netns, dst, flip);
         if allow {
             to_allow.push(ms);
         } else {

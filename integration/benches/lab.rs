@@ -33,8 +33,8 @@ use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{networking_tables, Lab, Pod, Protocol, Target, NETWORKING_TABLES_DELETE};
 use integration::measure::{
-    enter_netns, env_or, loadavg, pct, summary, until_allowed, until_denied, wants, Jitter,
-    CONNECT_TIMEOUT, GAP, STAGGER,
+    enter_netns, env_or, loadavg, pct, summary, until_verdict, wants, Jitter, CONNECT_TIMEOUT, GAP,
+    STAGGER,
 };
 use integration::netns;
 use integration::synthetic::{self, LARGE};
@@ -221,12 +221,7 @@ fn latency() {
                 replace_by_rename(&snapshot, &text);
                 t0
             };
-            let (seen, t0) = if allow {
-                until_allowed(&client.netns, dst, flip)
-            } else {
-                until_denied(&client.netns, dst, flip)
-            };
-            let ms = seen.at.saturating_duration_since(t0).as_secs_f64() * 1e3;
+            let (seen, ms) = until_verdict(allow, &client.netns, dst, flip);
             if allow {
                 to_allow.push(ms);
                 attempts[0] += seen.attempts;

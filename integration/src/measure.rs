@@ -333,6 +333,23 @@ pub fn until_denied(
     })
 }
 
+/// [`until_allowed`] when `allowed`, else [`until_denied`]; with the milliseconds from the
+/// moment `flip` returned to the one the probes saw the new verdict.
+pub fn until_verdict(
+    allowed: bool,
+    netns: &str,
+    dst: SocketAddr,
+    flip: impl FnOnce() -> Instant,
+) -> (Seen, f64) {
+    let (seen, flipped) = if allowed {
+        until_allowed(netns, dst, flip)
+    } else {
+        until_denied(netns, dst, flip)
+    };
+    let ms = seen.at.saturating_duration_since(flipped).as_secs_f64() * 1e3;
+    (seen, ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
