@@ -425,14 +425,12 @@ impl Kernel {
         // A change of the policy table moves to the next epoch, so no connection skips the
         // new rules; a whole table (start-up, or one changed behind our back) comes without
         // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
+        // (Equality, not a diff: the delta is worked out once, below, for the epoch it carries.)
         let changed = match self.installed.as_ref().filter(|_| !full) {
             None => None,
             Some(prev) => {
                 epoch::apply(&mut policy, self.epoch);
-                Some((
-                    !diff(&prev.policy, &policy).is_empty(),
-                    !diff(&prev.guard, &guard).is_empty(),
-                ))
+                Some((prev.policy != policy, prev.guard != guard))
             }
         };
         let next = match changed {
