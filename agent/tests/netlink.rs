@@ -409,7 +409,7 @@ fn edge_cases() -> Table {
         )
     };
     let dispatch = rule(
-        vec![Match::CtEstablishedReply, Match::CtRelated],
+        vec![Match::CtReply, Match::CtRelated],
         Verdict::Vmap {
             family: Family::V6,
             field: AddrField::Destination,

@@ -14,7 +14,10 @@
 //! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
 //! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
 //! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
-//! seconds per run, default 3). Figures are printed; nothing is asserted about speed.
+//! seconds per run, default 3), `NFTPOL_LAB_MODES` (connrate modes to run, by key, comma
+//! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules`, all by default; a
+//! single mode run long is what a profiler wants). Figures are printed; nothing is asserted about
+//! speed.
 
 #![allow(
     clippy::expect_used,
@@ -39,7 +42,8 @@ use integration::measure::{
 use integration::netns;
 use integration::synthetic::{self, LARGE};
 use ruleset::epoch::{self, CtMarkBits, Epoch};
-use ruleset::ir::{Table, TABLE_NAME};
+use ruleset::guard::{guard_table, GuardedPod};
+use ruleset::ir::{IfName, Table, TABLE_NAME};
 use ruleset::model::{
     ContainerPort, LabelSelector, NetworkPolicy, Peer, PolicyPort, PolicyRule, PortRef,
 };
@@ -484,19 +488,32 @@ fn connrate() {
         .map(|(i, (netns, c))| {
             let mut slow = c.table().clone();
             epoch::apply(&mut slow, Epoch::first(CtMarkBits::off()));
+            let guarded: Vec<GuardedPod> = [&server, &client, &intruder]
+                .into_iter()
+                .filter(|p| p.node == i)
+                .map(|p| GuardedPod {
+                    veth: IfName::new(&p.veth()).expect("veth name"),
+                    ips: vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)],
+                })
+                .collect();
             NodeSetup {
                 netns: netns.clone(),
                 rules: c.table().clone(),
                 slow,
+                guard: guard_table(&format!("node-{i}"), &guarded),
                 networking: networking_tables(i, nodes.len()),
             }
         })
         .collect();
     drop(compilers);
     for setup in &setups {
-        Mode::Rules.remove(setup);
+        ip_netns_exec(
+            &setup.netns,
+            &["nft", "delete", "table", "inet", TABLE_NAME],
+        );
     }
-    for mode in Mode::ALL {
+    let modes = Mode::chosen();
+    for &mode in &modes {
         for setup in &setups {
             mode.install(setup);
         }
@@ -511,7 +528,7 @@ fn connrate() {
         "  {rounds} rounds of {seconds} s per mode, the order rotating each round; conntrack flushed in both nodes before each run;"
     );
     println!("  modes:");
-    for mode in Mode::ALL {
+    for &mode in &modes {
         println!("    {:<22} {}", mode.name(), mode.describe());
     }
     println!(
@@ -523,8 +540,8 @@ fn connrate() {
         let mut alone = Vec::new();
         let mut on_node = Vec::new();
         for round in 0..rounds {
-            let mut order = Mode::ALL;
-            order.rotate_left(round % MODES);
+            let mut order = modes.clone();
+            order.rotate_left(round % modes.len());
             let mut this_round = [0.0; MODES];
             for mode in order {
                 if current != Some(mode) {
@@ -549,12 +566,14 @@ fn connrate() {
                     * 100.0,
             );
         }
-        let medians = rates.each_ref().map(|v| median(v));
+        let medians = rates
+            .each_ref()
+            .map(|v| if v.is_empty() { f64::NAN } else { median(v) });
         println!(
             "\n  {parallel} client thread(s), connections per second (load average after: {}):",
             loadavg()
         );
-        for mode in Mode::ALL {
+        for &mode in &modes {
             println!(
                 "    {:<22} median {:>5.0}  (runs: {})",
                 mode.name(),
@@ -620,6 +639,9 @@ struct NodeSetup {
     rules: Table,
     /// The same without the epoch rules.
     slow: Table,
+    /// The anti-spoofing table `bridge nftpol` for the lab pods on the node, as the agent
+    /// installs it beside `rules`.
+    guard: Table,
     /// `lab::networking_tables` for the node.
     networking: String,
 }
@@ -664,6 +686,35 @@ impl Mode {
         Mode::NetworkingRules,
     ];
 
+    /// `NFTPOL_LAB_MODES`, or all of them.
+    fn chosen() -> Vec<Mode> {
+        let Ok(keys) = std::env::var("NFTPOL_LAB_MODES") else {
+            return Mode::ALL.to_vec();
+        };
+        let modes: Vec<Mode> = keys
+            .split(',')
+            .map(|key| {
+                Mode::ALL
+                    .into_iter()
+                    .find(|m| m.key() == key.trim())
+                    .unwrap_or_else(|| panic!("NFTPOL_LAB_MODES: no mode {key:?}"))
+            })
+            .collect();
+        assert!(!modes.is_empty(), "NFTPOL_LAB_MODES names no mode");
+        modes
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Rules => "rules",
+            Mode::RulesNoFastPath => "rules-slow",
+            Mode::Conntrack => "conntrack",
+            Mode::Bare => "bare",
+            Mode::Networking => "networking",
+            Mode::NetworkingRules => "networking-rules",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Rules => "nftpol alone",
@@ -677,7 +728,9 @@ impl Mode {
 
     fn describe(self) -> String {
         match self {
-            Mode::Rules => "the compiled rulesets in both nodes, nothing else".into(),
+            Mode::Rules => {
+                "the compiled rulesets and the lab pods' anti-spoofing guard in both nodes, nothing else".into()
+            }
             Mode::RulesNoFastPath => {
                 "the same without the epoch rules: every packet evaluated in full".into()
             }
@@ -704,14 +757,16 @@ impl Mode {
         match self {
             Mode::Rules => {
                 install(netns, &setup.rules);
+                install(netns, &setup.guard);
             }
             Mode::RulesNoFastPath => {
                 install(netns, &setup.slow);
+                install(netns, &setup.guard);
             }
             Mode::Conntrack => nft_text(
                 netns,
                 &format!(
-                    "table inet {CT_ONLY_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct state related accept\n\t\tct state established ct direction reply accept\n\t}}\n}}\n"
+                    "table inet {CT_ONLY_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct direction reply accept\n\t\tct state related accept\n\t}}\n}}\n"
                 ),
             ),
             Mode::Bare => {}
@@ -719,6 +774,7 @@ impl Mode {
             Mode::NetworkingRules => {
                 nft_text(netns, &setup.networking);
                 install(netns, &setup.rules);
+                install(netns, &setup.guard);
             }
         }
     }
@@ -727,6 +783,7 @@ impl Mode {
         let netns = setup.netns.as_str();
         if self.has_rules() {
             ip_netns_exec(netns, &["nft", "delete", "table", "inet", TABLE_NAME]);
+            ip_netns_exec(netns, &["nft", "delete", "table", "bridge", TABLE_NAME]);
         }
         match self {
             Mode::Conntrack => {

@@ -93,6 +93,11 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The host end of the pod's veth, on its node's `cni0`.
+    pub fn veth(&self) -> String {
+        format!("veth{:08x}", fnv1a(self.netns.as_bytes()))
+    }
+
     pub fn addr(&self, family: Family) -> IpAddr {
         match family {
             Family::V4 => IpAddr::V4(self.ipv4),
@@ -340,7 +345,7 @@ impl Lab {
             ipv6: v6(&format!("fd00:10:244:{subnet}::{host:x}"))?,
         };
         self.add_netns(&pod.netns)?;
-        let veth = format!("veth{:08x}", fnv1a(pod.netns.as_bytes()));
+        let veth = pod.veth();
         ip_batch(
             &node_ns,
             &[

@@ -795,14 +795,14 @@ fn base_table(node: &str, options: &Options) -> Table {
     let common = || {
         vec![
             rule(
+                vec![Match::CtReply],
+                Verdict::Accept,
+                "reply in an allowed connection",
+            ),
+            rule(
                 vec![Match::CtRelated],
                 Verdict::Accept,
                 "related to an allowed connection",
-            ),
-            rule(
-                vec![Match::CtEstablishedReply],
-                Verdict::Accept,
-                "reply in an allowed connection",
             ),
             rule(
                 vec![Match::Icmpv6Type(ND_TYPES.to_vec())],

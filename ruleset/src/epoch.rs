@@ -3,8 +3,12 @@
 //! When `forward` has evaluated a packet in the original direction in full and lets it pass,
 //! its last rule stamps the connection's ct mark with the current epoch (only the bits of
 //! [`CtMarkBits`]; the others, which kube-proxy, Flannel and others may use, are kept). The
-//! first rule of `forward` accepts later original-direction packets of an established
-//! connection whose mark carries the current epoch, without walking the policy chains again.
+//! rule after the one for replies accepts later packets of a connection whose mark carries the
+//! current epoch, without walking the policy chains again. It tests the mark alone: conntrack
+//! starts every connection at mark 0 (or at its master's mark, for a related one, which the
+//! `ct state related` rule accepts anyway), so a packet whose connection holds the current
+//! epoch belongs to a connection this ruleset let through. Three expressions, where testing the
+//! state and direction as well took eight.
 //!
 //! Every transaction that changes the table installs a new epoch, so after any change each
 //! connection is evaluated again at its next packet: a change that denies it cuts it there.
@@ -150,7 +154,7 @@ impl Epoch {
         }
     }
 
-    /// The rule that goes first in `forward`, if the fast path is on.
+    /// The rule that goes after the reply rule in `forward`, if the fast path is on.
     pub fn fast_path_rule(self) -> Option<Rule> {
         (self.fast_path && !self.bits.is_off()).then(|| Rule {
             matches: vec![Match::CtMarkEpoch {
@@ -159,7 +163,7 @@ impl Epoch {
             }],
             verdict: Verdict::Accept,
             comment: Some(format!(
-                "established, evaluated under this ruleset (epoch {})",
+                "a connection this ruleset let through (epoch {})",
                 self.value
             )),
         })
@@ -191,7 +195,12 @@ pub fn apply(table: &mut Table, epoch: Epoch) {
     };
     chain.rules.retain(|r| !is_epoch_rule(r));
     if let Some(rule) = epoch.fast_path_rule() {
-        chain.rules.insert(0, rule);
+        let after_replies = chain
+            .rules
+            .iter()
+            .position(|r| r.matches == [Match::CtReply])
+            .map_or(0, |i| i + 1);
+        chain.rules.insert(after_replies, rule);
     }
     if let Some(rule) = epoch.stamp_rule() {
         chain.rules.push(rule);

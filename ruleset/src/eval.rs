@@ -171,7 +171,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
     };
     match m {
         Match::CtRelated => packet.ct == CtState::Related,
-        Match::CtEstablishedReply => packet.ct == CtState::Reply,
+        Match::CtReply => packet.ct == CtState::Reply,
         // A new connection's mark holds no epoch (0 is never one): the fast path is for
         // packets a full evaluation already let through.
         Match::CtMarkEpoch { .. } => false,

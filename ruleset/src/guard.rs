@@ -8,11 +8,11 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | frames from a guarded veth go to `guard` |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IP from a guarded veth and its pod's own address is accepted (one lookup, the common case); anything else from a guarded veth goes to `guard` |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
-//! | `guard` | regular chain | ARP and IP from the pod's own addresses (and ARP probes) return; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
 //!
 //! ARP is held to the same rule as IP: a pod announcing another pod's address (`arp saddr ip`)
 //! would poison the bridge's neighbour cache and receive that pod's traffic. IPv6 neighbour
@@ -113,16 +113,6 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "ARP claiming an address that is not the pod's",
         ),
     ];
-    for family in Family::BOTH {
-        guard.push(rule(
-            vec![Match::IifnameSourceInSet {
-                family,
-                set: format!("src{}", family.digit()),
-            }],
-            Verdict::Return,
-            "the pod's own address",
-        ));
-    }
     guard.push(rule(
         vec![Match::AddrInSet {
             family: Family::V6,
@@ -145,13 +135,26 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
                 priority: 0,
             }),
             comment: "frames entering the bridge".into(),
-            rules: vec![rule(
-                vec![Match::IifnameInSet {
-                    set: "veths".into(),
-                }],
-                Verdict::Jump("guard".into()),
-                "from a local pod's veth",
-            )],
+            rules: Family::BOTH
+                .into_iter()
+                .map(|family| {
+                    rule(
+                        vec![Match::IifnameSourceInSet {
+                            family,
+                            set: format!("src{}", family.digit()),
+                        }],
+                        Verdict::Accept,
+                        "from a local pod's veth, from the pod's own address",
+                    )
+                })
+                .chain([rule(
+                    vec![Match::IifnameInSet {
+                        set: "veths".into(),
+                    }],
+                    Verdict::Jump("guard".into()),
+                    "anything else from a local pod's veth",
+                )])
+                .collect(),
         },
         Chain {
             name: "guard".into(),

@@ -267,10 +267,12 @@ pub enum AddrField {
 pub enum Match {
     /// `ct state related`
     CtRelated,
-    /// `ct state established ct direction reply`: a reply in a tracked connection.
-    CtEstablishedReply,
-    /// `ct state established ct direction original ct mark & mask == value`: a later packet
-    /// of a connection this ruleset already let through (see [`crate::epoch`]).
+    /// `ct direction reply`: a packet in the reply direction of a tracked connection. Its
+    /// state is established or related (conntrack has no other for replies), and the
+    /// original direction was let through.
+    CtReply,
+    /// `ct mark & mask == value`: a packet of a connection this ruleset already let through
+    /// (see [`crate::epoch`]).
     CtMarkEpoch { mask: u32, value: u32 },
     /// `icmpv6 type { ... }`, by type number.
     Icmpv6Type(Vec<u8>),

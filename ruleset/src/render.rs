@@ -109,10 +109,8 @@ pub fn rule_text(rule: &Rule) -> String {
 fn match_text(m: &Match) -> String {
     match m {
         Match::CtRelated => "ct state related".into(),
-        Match::CtEstablishedReply => "ct state established ct direction reply".into(),
-        Match::CtMarkEpoch { mask, value } => format!(
-            "ct state established ct direction original ct mark & {mask:#010x} == {value:#010x}"
-        ),
+        Match::CtReply => "ct direction reply".into(),
+        Match::CtMarkEpoch { mask, value } => format!("ct mark & {mask:#010x} == {value:#010x}"),
         Match::Icmpv6Type(types) => {
             let names: Vec<String> = types.iter().map(|t| icmpv6_name(*t)).collect();
             format!("icmpv6 type {{ {} }}", names.join(", "))

@@ -8,9 +8,7 @@ use ruleset::ir::{AddrField, Family, TableFamily};
 
 pub(super) const IPPROTO_ICMPV6: u8 = 58;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
-pub(super) const CT_STATE_ESTABLISHED: u32 = 1 << 1;
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
-pub(super) const CT_DIRECTION_ORIGINAL: u8 = 0;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
 pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
 pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;

@@ -20,8 +20,8 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_ORIGINAL,
-    CT_DIRECTION_REPLY, CT_STATE_ESTABLISHED, CT_STATE_RELATED, IPPROTO_ICMPV6,
+    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY,
+    CT_STATE_RELATED, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -499,8 +499,7 @@ impl Plan {
         for m in &rule.matches {
             match m {
                 Match::CtRelated => exprs.ct_state(CT_STATE_RELATED),
-                Match::CtEstablishedReply => {
-                    exprs.ct_state(CT_STATE_ESTABLISHED);
+                Match::CtReply => {
                     exprs.push(Expr::Ct {
                         key: libc::NFT_CT_DIRECTION as u32,
                         dreg: reg(0),
@@ -508,12 +507,6 @@ impl Plan {
                     exprs.cmp(libc::NFT_CMP_EQ, vec![CT_DIRECTION_REPLY]);
                 }
                 Match::CtMarkEpoch { mask, value } => {
-                    exprs.ct_state(CT_STATE_ESTABLISHED);
-                    exprs.push(Expr::Ct {
-                        key: libc::NFT_CT_DIRECTION as u32,
-                        dreg: reg(0),
-                    });
-                    exprs.cmp(libc::NFT_CMP_EQ, vec![CT_DIRECTION_ORIGINAL]);
                     exprs.ct_mark(*mask, 0);
                     exprs.cmp(libc::NFT_CMP_EQ, value.to_ne_bytes().to_vec());
                 }
