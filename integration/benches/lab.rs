@@ -536,13 +536,11 @@ fn connrate() {
     );
     let mut current: Option<Mode> = None;
     for parallel in [1usize, 2] {
+        // Per mode, one rate per round, in round order.
         let mut rates: [Vec<f64>; MODES] = Default::default();
-        let mut alone = Vec::new();
-        let mut on_node = Vec::new();
         for round in 0..rounds {
             let mut order = modes.clone();
             order.rotate_left(round % modes.len());
-            let mut this_round = [0.0; MODES];
             for mode in order {
                 if current != Some(mode) {
                     for setup in &setups {
@@ -557,18 +555,11 @@ fn connrate() {
                     flush_conntrack(&setup.netns);
                 }
                 let rate = connrate_run(&client, &server, seconds, parallel);
-                this_round[mode as usize] = rate;
                 rates[mode as usize].push(rate);
             }
-            alone.push(this_round[Mode::Rules as usize] / this_round[Mode::Bare as usize] * 100.0);
-            on_node.push(
-                this_round[Mode::NetworkingRules as usize] / this_round[Mode::Networking as usize]
-                    * 100.0,
-            );
         }
-        let medians = rates
-            .each_ref()
-            .map(|v| if v.is_empty() { f64::NAN } else { median(v) });
+        // Only for modes that ran: a median of nothing is not a number.
+        let median_of = |m: Mode| median(&rates[m as usize]);
         println!(
             "\n  {parallel} client thread(s), connections per second (load average after: {}):",
             loadavg()
@@ -577,39 +568,52 @@ fn connrate() {
             println!(
                 "    {:<22} median {:>5.0}  (runs: {})",
                 mode.name(),
-                medians[mode as usize],
-                rates[mode as usize]
-                    .iter()
-                    .map(|r| format!("{r:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                median_of(mode),
+                joined(&rates[mode as usize], 0)
             );
         }
-        let ratio = |a: Mode, b: Mode| medians[a as usize] / medians[b as usize] * 100.0;
-        let per_round = |v: &[f64]| {
-            v.iter()
-                .map(|r| format!("{r:.1}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        println!(
-            "    nftpol alone / bare: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
-            ratio(Mode::Rules, Mode::Bare),
-            median(&alone),
-            per_round(&alone)
-        );
-        println!(
-            "    flannel-like + nftpol / flannel-like: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
-            ratio(Mode::NetworkingRules, Mode::Networking),
-            median(&on_node),
-            per_round(&on_node)
-        );
-        println!(
-            "    nftpol with / without fast path: {:.1}%; conntrack only / bare: {:.1}%; flannel-like / bare: {:.1}%",
-            ratio(Mode::Rules, Mode::RulesNoFastPath),
-            ratio(Mode::Conntrack, Mode::Bare),
-            ratio(Mode::Networking, Mode::Bare),
-        );
+        // Ratios only between modes that ran (`NFTPOL_LAB_MODES`).
+        let ran = |m: Mode| !rates[m as usize].is_empty();
+        let ratio = |a: Mode, b: Mode| median_of(a) / median_of(b) * 100.0;
+        for (label, a, b) in [
+            ("nftpol alone / bare", Mode::Rules, Mode::Bare),
+            (
+                "flannel-like + nftpol / flannel-like",
+                Mode::NetworkingRules,
+                Mode::Networking,
+            ),
+        ] {
+            if !(ran(a) && ran(b)) {
+                continue;
+            }
+            let per_round: Vec<f64> = rates[a as usize]
+                .iter()
+                .zip(&rates[b as usize])
+                .map(|(x, y)| x / y * 100.0)
+                .collect();
+            println!(
+                "    {label}: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
+                ratio(a, b),
+                median(&per_round),
+                joined(&per_round, 1)
+            );
+        }
+        let others: Vec<String> = [
+            (
+                "nftpol with / without fast path",
+                Mode::Rules,
+                Mode::RulesNoFastPath,
+            ),
+            ("conntrack only / bare", Mode::Conntrack, Mode::Bare),
+            ("flannel-like / bare", Mode::Networking, Mode::Bare),
+        ]
+        .into_iter()
+        .filter(|&(_, a, b)| ran(a) && ran(b))
+        .map(|(label, a, b)| format!("{label}: {:.1}%", ratio(a, b)))
+        .collect();
+        if !others.is_empty() {
+            println!("    {}", others.join("; "));
+        }
         println!(
             "    conntrack entries now: node-0 {}, node-1 {}",
             conntrack_count(&nodes[0]),
@@ -621,6 +625,15 @@ fn connrate() {
             was.remove(setup);
         }
     }
+}
+
+/// `values` with `decimals` digits after the point, separated by spaces.
+fn joined(values: &[f64], decimals: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn median(values: &[f64]) -> f64 {
