@@ -7,6 +7,9 @@
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
+//! - router advertisements: a pod that advertises itself as a router becomes its neighbours'
+//!   default router while no agent runs, and does not once the agent runs; neighbour discovery
+//!   still works;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -22,7 +25,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration::agents::{agent_binary, wait_for, Agent};
 use integration::lab::{Lab, Pod, Protocol, Target};
@@ -342,16 +345,155 @@ fn arp_claim(lab: &Lab, attacker: &Pod, victim: &Pod) -> Option<String> {
     neighbour(lab, attacker.node, &victim_v4)
 }
 
-#[test]
-fn a_pod_cannot_claim_another_pods_address_in_arp() {
-    if netns::skip_unless_root("a_pod_cannot_claim_another_pods_address_in_arp") {
-        return;
+/// A one-node lab with pods `bank/teller` and `bank/mallory`, and a scratch directory; `None`
+/// (the test skips) unless root.
+fn teller_and_mallory(test: &str) -> Option<(tempfile::TempDir, Lab, Pod, Pod)> {
+    if netns::skip_unless_root(test) {
+        return None;
     }
     agent_binary(Path::new(LABPOD));
     let scratch = tempfile::tempdir().expect("scratch dir");
     let mut lab = Lab::new(LABPOD, 1).expect("lab");
     let teller = lab.add_pod(0, "bank/teller", 10).expect("pod");
     let mallory = lab.add_pod(0, "bank/mallory", 11).expect("pod");
+    Some((scratch, lab, teller, mallory))
+}
+
+/// One agent on node 0 of `lab` for `pods`, from a snapshot in `scratch`, once its guard lists
+/// every pod's veth.
+fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)]) -> Agent {
+    let path = scratch.join("snapshot.yaml");
+    write_snapshot(&path, &snapshot(pods, ""));
+    let mut agent = Agent::start(Path::new(LABPOD), lab, 0, NODES[0], &path, &[]);
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "the guard of every veth",
+        SYNC_TIMEOUT,
+        |_, a| {
+            a.synced() >= 1
+                && exec(
+                    lab.node_netns(0).unwrap(),
+                    &["nft", "list", "set", "bridge", "nftpol", "veths"],
+                )
+                .matches("\"veth")
+                .count()
+                    == pods.len()
+        },
+    );
+    agent
+}
+
+/// `pod`'s IPv6 link-local address once duplicate address detection is done with it: the kernel
+/// does not send from a tentative address.
+fn link_local(pod: &Pod) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = exec(
+            &pod.netns,
+            &[
+                "ip",
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+                "-tentative",
+            ],
+        );
+        let addr = out
+            .split_whitespace()
+            .skip_while(|word| *word != "inet6")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next());
+        if let Some(addr) = addr {
+            return addr.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no usable link-local address after 5 s",
+            pod.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `attacker` advertises itself as a router on its `eth0`; returns the default routes `victim`
+/// then holds from advertisements (after forgetting earlier ones).
+fn advertise(attacker: &Pod, victim: &Pod) -> String {
+    exec(
+        &victim.netns,
+        &["ip", "-6", "route", "flush", "proto", "ra"],
+    );
+    exec(&attacker.netns, &[LABPOD, "advertise", "eth0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    exec(
+        &victim.netns,
+        &["ip", "-6", "route", "show", "default", "proto", "ra"],
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn a_pod_cannot_advertise_itself_as_a_router() {
+    let Some((scratch, lab, teller, mallory)) =
+        teller_and_mallory("a_pod_cannot_advertise_itself_as_a_router")
+    else {
+        return;
+    };
+    let mallory_router = format!("default via {} ", link_local(&mallory));
+
+    // No agent: teller takes mallory for a router.
+    let learnt = advertise(&mallory, &teller);
+    assert!(
+        learnt.starts_with(&mallory_router),
+        "control: without the agent, {} learns a default route from {}'s advertisement, got {learnt:?}",
+        teller.name,
+        mallory.name
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+    );
+    let learnt = advertise(&mallory, &teller);
+    println!("with the agent: teller's routes from advertisements: {learnt:?}");
+    assert_eq!(
+        learnt,
+        "",
+        "the agent lets {}'s router advertisement through\n{}",
+        mallory.name,
+        agent.describe()
+    );
+    // Neighbour discovery itself still passes: from empty neighbour caches, teller reaches
+    // mallory over IPv6.
+    for pod in [&teller, &mallory] {
+        exec(&pod.netns, &["ip", "neigh", "flush", "dev", "eth0"]);
+    }
+    let reached = lab
+        .probe(
+            &teller,
+            &[Target {
+                addr: mallory.ipv6.into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+        )
+        .unwrap();
+    assert_eq!(reached, [true], "teller -> mallory over IPv6, no policy");
+}
+
+#[test]
+fn a_pod_cannot_claim_another_pods_address_in_arp() {
+    let Some((scratch, lab, teller, mallory)) =
+        teller_and_mallory("a_pod_cannot_claim_another_pods_address_in_arp")
+    else {
+        return;
+    };
     let mallory_mac = exec(&mallory.netns, &["cat", "/sys/class/net/eth0/address"])
         .trim()
         .to_string();
@@ -367,26 +509,10 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
         teller.ipv4
     );
 
-    let path = scratch.path().join("snapshot.yaml");
-    write_snapshot(
-        &path,
-        &snapshot(&[(&teller, "teller"), (&mallory, "mallory")], ""),
-    );
-    let mut agent = Agent::start(Path::new(LABPOD), &lab, 0, NODES[0], &path, &[]);
-    wait_for(
-        std::slice::from_mut(&mut agent),
-        "the guard of both veths",
-        SYNC_TIMEOUT,
-        |_, a| {
-            a.synced() >= 1
-                && exec(
-                    lab.node_netns(0).unwrap(),
-                    &["nft", "list", "set", "bridge", "nftpol", "veths"],
-                )
-                .matches("\"veth")
-                .count()
-                    == 2
-        },
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
     );
     let claimed = arp_claim(&lab, &mallory, &teller);
     let genuine = arp_claim(&lab, &teller, &teller);

@@ -12,7 +12,11 @@
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
-//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return, except router advertisements and redirects; everything else is dropped |
+//!
+//! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
+//! them only from a link-local source, so without this a pod could make itself the default
+//! router of every pod on the bridge that accepts advertisements.
 //!
 //! ARP is held to the same rule as IP: a pod announcing another pod's address (`arp saddr ip`)
 //! would poison the bridge's neighbour cache and receive that pod's traffic. IPv6 neighbour
@@ -28,7 +32,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::comment;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, TABLE_NAME,
+    TableFamily, Verdict, ROUTER_ND_TYPES, TABLE_NAME,
 };
 
 /// A local pod whose host-side veth the agent found.
@@ -113,6 +117,13 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "ARP claiming an address that is not the pod's",
         ),
     ];
+    // Receivers heed these only from a link-local source, which the next rule lets through:
+    // a pod advertising itself would become its neighbours' default router.
+    guard.push(rule(
+        vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
+        Verdict::Drop,
+        "router advertisement or redirect: a pod is no router",
+    ));
     guard.push(rule(
         vec![Match::AddrInSet {
             family: Family::V6,

@@ -333,6 +333,9 @@ pub enum Verdict {
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.
 pub const ND_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
 
+/// ICMPv6 router advertisement and redirect: what only a router sends.
+pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];
+
 impl Table {
     /// Number of rules in all chains.
     pub fn rule_count(&self) -> usize {

@@ -114,13 +114,30 @@ impl Exprs {
 
     /// `ether type arp`: what nft puts before any ARP field in a `bridge` table.
     pub(super) fn arp(&mut self) {
+        self.ether_type(ETHERTYPE_ARP);
+    }
+
+    /// What nft puts before an ICMPv6 field: [`Exprs::family`] in an `inet` table, but
+    /// `ether type ip6` rather than `meta protocol` in a `bridge` table.
+    pub(super) fn icmpv6(&mut self) {
+        match self.table {
+            TableFamily::Inet => self.family(Family::V6),
+            TableFamily::Bridge if self.family != Some(Family::V6) => {
+                self.family = Some(Family::V6);
+                self.ether_type(ETHERTYPE_IPV6);
+            }
+            TableFamily::Bridge => {}
+        }
+    }
+
+    fn ether_type(&mut self, ethertype: u16) {
         self.push(Expr::Payload {
             base: libc::NFT_PAYLOAD_LL_HEADER as u32,
             offset: 12,
             len: 2,
             dreg: reg(0),
         });
-        self.cmp(libc::NFT_CMP_EQ, ETHERTYPE_ARP.to_be_bytes().to_vec());
+        self.cmp(libc::NFT_CMP_EQ, ethertype.to_be_bytes().to_vec());
     }
 
     pub(super) fn meta(&mut self, key: libc::c_int, dreg: u32) {

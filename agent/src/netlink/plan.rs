@@ -514,7 +514,7 @@ impl Plan {
                     let mut types = types.clone();
                     types.sort_unstable();
                     types.dedup();
-                    exprs.family(Family::V6);
+                    exprs.icmpv6();
                     exprs.meta(libc::NFT_META_L4PROTO, reg(0));
                     exprs.cmp(libc::NFT_CMP_EQ, vec![IPPROTO_ICMPV6]);
                     exprs.push(Expr::Payload {

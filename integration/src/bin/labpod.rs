@@ -13,6 +13,9 @@
 //! address FROM, which must be an address of the pod (tests forging a source add the victim's
 //! address to the attacker's `eth0` first). Nothing is awaited: the answer goes to FROM.
 //!
+//! `labpod advertise IFACE` sends one ICMPv6 router advertisement (router lifetime 1800 s, no
+//! options) to all nodes on IFACE from its link-local address, as a rogue router would.
+//!
 //! `labpod connrate [--seconds S] [--parallel P] ADDR PORT` opens TCP connections to a
 //! `labpod serve` port one after another, from P threads, for S seconds (default 5 and 1):
 //! connect, read the reply to end of stream, close. It prints `connections N failures F
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: labpod serve [PORT...]
        labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
        labpod send FROM ADDR PORT COUNT
+       labpod advertise IFACE
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "probe" => probe(rest),
         Some((mode, rest)) if mode == "connrate" => connrate(rest),
         Some((mode, rest)) if mode == "send" => send(rest),
+        Some((mode, rest)) if mode == "advertise" => advertise(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -288,6 +293,37 @@ fn send(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("send to {addr}:{port}: {e}"))?;
         thread::sleep(Duration::from_millis(2));
     }
+    Ok(())
+}
+
+fn advertise(args: &[String]) -> Result<(), String> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let [iface] = args else {
+        return Err(USAGE.to_string());
+    };
+    let path = format!("/sys/class/net/{iface}/ifindex");
+    let index: u32 = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|_| format!("{path}: not a number"))?;
+    let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+        .map_err(|e| format!("raw ICMPv6 socket: {e}"))?;
+    // Receivers drop neighbour discovery that crossed a router: the hop limit must be 255.
+    socket
+        .set_multicast_hops_v6(255)
+        .and_then(|()| socket.set_multicast_if_v6(index))
+        .map_err(|e| format!("socket options: {e}"))?;
+    // Type 134, code 0, checksum (the kernel fills it in), current hop limit 64, no flags,
+    // router lifetime 1800 s, reachable time and retransmit timer unspecified.
+    let mut message = vec![134, 0, 0, 0, 64, 0];
+    message.extend_from_slice(&1800u16.to_be_bytes());
+    message.extend_from_slice(&[0; 8]);
+    let to = SockAddr::from(std::net::SocketAddrV6::new(ALL_NODES, 0, 0, index));
+    socket
+        .send_to(&message, &to)
+        .map_err(|e| format!("send to {ALL_NODES}%{iface}: {e}"))?;
     Ok(())
 }
 
