@@ -7,6 +7,7 @@
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
+//! - neighbour advertisements: the same for a pod advertising another pod's IPv6 address;
 //! - router advertisements: a pod that advertises itself as a router becomes its neighbours'
 //!   default router while no agent runs, and does not once the agent runs; neighbour discovery
 //!   still works;
@@ -532,6 +533,97 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
         genuine.as_deref(),
         Some(teller_mac.as_str()),
         "teller's own ARP still passes"
+    );
+}
+
+/// `sender` advertises `target` as being at its own link-layer address, overriding, from its
+/// link-local address or from `from`; returns the link-layer address `sender`'s node then holds
+/// for `target`.
+fn nd_claim(lab: &Lab, sender: &Pod, target: &str, from: Option<&str>) -> Option<String> {
+    let mut command = vec![LABPOD, "advertise", "eth0", target];
+    command.extend(from);
+    exec(&sender.netns, &command);
+    std::thread::sleep(Duration::from_millis(200));
+    neighbour(lab, sender.node, target)
+}
+
+#[test]
+fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
+    let Some((scratch, lab, teller, mallory)) =
+        teller_and_mallory("a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements")
+    else {
+        return;
+    };
+    let mac = |pod: &Pod| {
+        exec(&pod.netns, &["cat", "/sys/class/net/eth0/address"])
+            .trim()
+            .to_string()
+    };
+    let (teller_mac, mallory_mac) = (mac(&teller), mac(&mallory));
+    let teller_v6 = teller.ipv6.to_string();
+    // Advertisements only update entries the node already has: it talks to teller first.
+    exec(
+        lab.node_netns(0).unwrap(),
+        &[LABPOD, "probe", &teller_v6, "tcp", "80"],
+    );
+    assert_eq!(
+        neighbour(&lab, 0, &teller_v6).as_deref(),
+        Some(teller_mac.as_str()),
+        "the node has resolved teller's IPv6 address"
+    );
+
+    let mallory_v6 = mallory.ipv6.to_string();
+    // Mallory claims teller's address from its link-local address, as the kernel sends
+    // neighbour discovery, and from its own pod address, which the guard lets through as a
+    // source. After each, the entry is set to mallory's by hand and teller advertises itself.
+    let claims = || {
+        [None, Some(mallory_v6.as_str())].map(|from| {
+            let claimed = nd_claim(&lab, &mallory, &teller_v6, from);
+            exec(
+                lab.node_netns(0).unwrap(),
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &teller_v6,
+                    "lladdr",
+                    &mallory_mac,
+                    "dev",
+                    "cni0",
+                    "nud",
+                    "stale",
+                ],
+            );
+            let genuine = nd_claim(&lab, &teller, &teller_v6, None);
+            (claimed, genuine)
+        })
+    };
+    // No agent: the node believes mallory, and teller puts it right again.
+    let mallory_wins = (Some(mallory_mac.clone()), Some(teller_mac.clone()));
+    assert_eq!(
+        claims(),
+        [mallory_wins.clone(), mallory_wins],
+        "control: without the agent, the node takes {}'s advertisements for {teller_v6} \
+         (from its link-local and its own address), and teller's own after each",
+        mallory.name
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+    );
+    let with_agent = claims();
+    println!(
+        "with the agent: after each of mallory's advertisements, then teller's own, the node holds {with_agent:?}"
+    );
+    let teller_holds = (Some(teller_mac.clone()), Some(teller_mac.clone()));
+    assert_eq!(
+        with_agent,
+        [teller_holds.clone(), teller_holds],
+        "the agent lets {}'s advertisement for {teller_v6} through, or stops teller's own\n{}",
+        mallory.name,
+        agent.describe()
     );
 }
 

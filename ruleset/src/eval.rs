@@ -206,7 +206,9 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::ArpSender(_)
         | Match::IifnameArpSenderInSet { .. }
         | Match::IifnameInSet { .. }
-        | Match::IifnameSourceInSet { .. } => false,
+        | Match::IifnameSourceInSet { .. }
+        | Match::IifnameNdTargetNotInSet { .. }
+        | Match::NdTargetNotLinkLocal => false,
     }
 }
 

@@ -8,20 +8,24 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IP from a guarded veth and its pod's own address is accepted (one lookup, the common case); anything else from a guarded veth goes to `guard` |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | router and neighbour advertisements and redirects from a guarded veth go to `neighbour` first; then IP from a guarded veth and its pod's own address is accepted (one lookup, the common case); anything else from a guarded veth goes to `guard` |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
+//! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
-//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return, except router advertisements and redirects; everything else is dropped |
+//! | `neighbour` | regular chain | router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
+//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
 //! router of every pod on the bridge that accepts advertisements.
 //!
-//! ARP is held to the same rule as IP: a pod announcing another pod's address (`arp saddr ip`)
-//! would poison the bridge's neighbour cache and receive that pod's traffic. IPv6 neighbour
-//! advertisements are not checked the same way: their target address is not a field nft 1.0.6
-//! can put in a typed concatenation.
+//! ARP and IPv6 neighbour discovery are held to the same rule as IP: a pod announcing another
+//! pod's address (`arp saddr ip`, or the target of a neighbour advertisement) would poison the
+//! node's and its neighbours' caches and receive that pod's traffic. An advertisement is checked
+//! before its source, since one sent from the pod's own address may still name a neighbour's.
+//! nft 1.0.6 has no name for the target field, so `target6` is keyed on the raw payload (`nft
+//! list` shows its addresses as 128-bit numbers); link-local targets are not checked.
 //!
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
 //! its pod is still enforced by address in `inet nftpol`.
@@ -32,7 +36,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::comment;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ROUTER_ND_TYPES, TABLE_NAME,
+    TableFamily, Verdict, ND_NEIGHBOR_ADVERT, ROUTER_ND_TYPES, TABLE_NAME,
 };
 
 /// A local pod whose host-side veth the agent found.
@@ -80,6 +84,17 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             elements,
         );
     }
+    add_set(
+        "target6",
+        SetKey::IfaceNdTarget,
+        false,
+        "each veth with the IPv6 addresses its pod may advertise",
+        pods.iter()
+            .flat_map(|p| p.ips.iter().map(|ip| (p.veth, *ip)))
+            .filter(|(_, ip)| ip.is_ipv6())
+            .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
+            .collect(),
+    );
     let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
     let link_local_end = Ipv6Addr::new(
         0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
@@ -117,13 +132,6 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "ARP claiming an address that is not the pod's",
         ),
     ];
-    // Receivers heed these only from a link-local source, which the next rule lets through:
-    // a pod advertising itself would become its neighbours' default router.
-    guard.push(rule(
-        vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
-        Verdict::Drop,
-        "router advertisement or redirect: a pod is no router",
-    ));
     guard.push(rule(
         vec![Match::AddrInSet {
             family: Family::V6,
@@ -138,6 +146,30 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         Verdict::Drop,
         "a source address that is not the pod's",
     ));
+    // Neighbour discovery that speaks for others, checked before the source address: an
+    // advertisement from the pod's own address may still claim a neighbour's.
+    let neighbour = vec![
+        rule(
+            vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
+            Verdict::Drop,
+            "router advertisement or redirect: a pod is no router",
+        ),
+        rule(
+            vec![
+                Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT]),
+                Match::NdTargetNotLinkLocal,
+                Match::IifnameNdTargetNotInSet {
+                    set: "target6".into(),
+                },
+            ],
+            Verdict::Drop,
+            "neighbour advertisement for an address that is not the pod's",
+        ),
+    ];
+    let mut spoken: Vec<u8> = ROUTER_ND_TYPES.to_vec();
+    spoken.push(ND_NEIGHBOR_ADVERT);
+    // In number order, as the writer sends the set and nft keeps the text's order.
+    spoken.sort_unstable();
     let chains = [
         Chain {
             name: "prerouting".into(),
@@ -146,9 +178,18 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
                 priority: 0,
             }),
             comment: "frames entering the bridge".into(),
-            rules: Family::BOTH
-                .into_iter()
-                .map(|family| {
+            rules: [rule(
+                vec![
+                    Match::Icmpv6Type(spoken),
+                    Match::IifnameInSet {
+                        set: "veths".into(),
+                    },
+                ],
+                Verdict::Jump("neighbour".into()),
+                "neighbour discovery from a local pod's veth that speaks for others",
+            )]
+            .into_iter()
+            .chain(Family::BOTH.into_iter().map(|family| {
                     rule(
                         vec![Match::IifnameSourceInSet {
                             family,
@@ -157,7 +198,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
                         Verdict::Accept,
                         "from a local pod's veth, from the pod's own address",
                     )
-                })
+                }))
                 .chain([rule(
                     vec![Match::IifnameInSet {
                         set: "veths".into(),
@@ -172,6 +213,12 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             base: None,
             comment: "drop forged source addresses".into(),
             rules: guard,
+        },
+        Chain {
+            name: "neighbour".into(),
+            base: None,
+            comment: "drop router advertisements, redirects and neighbour advertisements for others' addresses".into(),
+            rules: neighbour,
         },
     ]
     .into_iter()

@@ -164,6 +164,10 @@ pub enum SetKey {
     Iface,
     /// Input interface name and source address, concatenated.
     IfaceAddr(Family),
+    /// Input interface name and the target address of an IPv6 neighbour advertisement,
+    /// concatenated (`typeof iifname . @th,64,128`: nft 1.0.6 has no name for the field).
+    /// Elements are [`Element::IfaceAddr`] with IPv6 addresses.
+    IfaceNdTarget,
 }
 
 impl SetKey {
@@ -174,6 +178,7 @@ impl SetKey {
             | SetKey::AddrPair(f)
             | SetKey::AddrProtoPort(f)
             | SetKey::IfaceAddr(f) => Some(f),
+            SetKey::IfaceNdTarget => Some(Family::V6),
             SetKey::Iface => None,
         }
     }
@@ -306,6 +311,12 @@ pub enum Match {
     IifnameInSet { set: String },
     /// `iifname . ip saddr @set` (bridge tables).
     IifnameSourceInSet { family: Family, set: String },
+    /// `iifname . @th,64,128 != @set` (bridge tables): the target of a neighbour advertisement
+    /// (after `icmpv6 type nd-neighbor-advert`) is not one the interface's pod may claim.
+    IifnameNdTargetNotInSet { set: String },
+    /// `@th,64,16 & 0xffc0 != 0xfe80` (bridge tables): the target of a neighbour advertisement
+    /// is not link-local.
+    NdTargetNotLinkLocal,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,6 +346,9 @@ pub const ND_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
 
 /// ICMPv6 router advertisement and redirect: what only a router sends.
 pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];
+
+/// ICMPv6 neighbour advertisement.
+pub const ND_NEIGHBOR_ADVERT: u8 = 136;
 
 impl Table {
     /// Number of rules in all chains.

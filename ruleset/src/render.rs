@@ -38,7 +38,7 @@ fn write_table(out: &mut String, table: &Table) -> fmt::Result {
 
 fn write_set(out: &mut String, set: &Set) -> fmt::Result {
     writeln!(out, "\tset {} {{", set.name)?;
-    writeln!(out, "\t\ttype {}", key_type(set.key))?;
+    writeln!(out, "\t\t{}", key_type(set.key))?;
     if set.interval {
         writeln!(out, "\t\tflags interval")?;
     }
@@ -46,7 +46,17 @@ fn write_set(out: &mut String, set: &Set) -> fmt::Result {
         writeln!(out, "\t\tcomment {}", quote(&set.comment))?;
     }
     if !set.elements.is_empty() {
-        let elements: Vec<String> = set.elements.iter().map(element).collect();
+        let elements: Vec<String> = set
+            .elements
+            .iter()
+            .map(|e| match (set.key, e) {
+                // A raw payload key takes a number: the address's 128 bits in hex.
+                (SetKey::IfaceNdTarget, Element::IfaceAddr(name, IpAddr::V6(ip))) => {
+                    format!("{} . {:#034x}", quote(name.as_str()), u128::from(*ip))
+                }
+                _ => element(e),
+            })
+            .collect();
         writeln!(out, "\t\telements = {{ {} }}", elements.join(", "))?;
     }
     writeln!(out, "\t}}")
@@ -54,11 +64,7 @@ fn write_set(out: &mut String, set: &Set) -> fmt::Result {
 
 fn write_map(out: &mut String, map: &Map) -> fmt::Result {
     writeln!(out, "\tmap {} {{", map.name)?;
-    writeln!(
-        out,
-        "\t\ttype {} : verdict",
-        key_type(SetKey::Addr(map.family))
-    )?;
+    writeln!(out, "\t\t{} : verdict", key_type(SetKey::Addr(map.family)))?;
     if !map.comment.is_empty() {
         writeln!(out, "\t\tcomment {}", quote(&map.comment))?;
     }
@@ -135,6 +141,8 @@ fn match_text(m: &Match) -> String {
         Match::ArpSender(addr) => format!("arp saddr ip {addr}"),
         Match::IifnameArpSenderInSet { set } => format!("iifname . arp saddr ip @{set}"),
         Match::IifnameInSet { set } => format!("iifname @{set}"),
+        Match::IifnameNdTargetNotInSet { set } => format!("iifname . {ND_TARGET} != @{set}"),
+        Match::NdTargetNotLinkLocal => "@th,64,16 & 0xffc0 != 0xfe80".to_string(),
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))
         }
@@ -166,19 +174,25 @@ fn addr(family: Family, field: AddrField) -> &'static str {
     }
 }
 
+/// The declaration of a set's or map's key: `type ...`, or `typeof ...` where nft has no type.
 fn key_type(key: SetKey) -> &'static str {
     match key {
-        SetKey::Addr(Family::V4) => "ipv4_addr",
-        SetKey::Addr(Family::V6) => "ipv6_addr",
-        SetKey::AddrPair(Family::V4) => "ipv4_addr . ipv4_addr",
-        SetKey::AddrPair(Family::V6) => "ipv6_addr . ipv6_addr",
-        SetKey::AddrProtoPort(Family::V4) => "ipv4_addr . inet_proto . inet_service",
-        SetKey::AddrProtoPort(Family::V6) => "ipv6_addr . inet_proto . inet_service",
-        SetKey::Iface => "ifname",
-        SetKey::IfaceAddr(Family::V4) => "ifname . ipv4_addr",
-        SetKey::IfaceAddr(Family::V6) => "ifname . ipv6_addr",
+        SetKey::Addr(Family::V4) => "type ipv4_addr",
+        SetKey::Addr(Family::V6) => "type ipv6_addr",
+        SetKey::AddrPair(Family::V4) => "type ipv4_addr . ipv4_addr",
+        SetKey::AddrPair(Family::V6) => "type ipv6_addr . ipv6_addr",
+        SetKey::AddrProtoPort(Family::V4) => "type ipv4_addr . inet_proto . inet_service",
+        SetKey::AddrProtoPort(Family::V6) => "type ipv6_addr . inet_proto . inet_service",
+        SetKey::Iface => "type ifname",
+        SetKey::IfaceAddr(Family::V4) => "type ifname . ipv4_addr",
+        SetKey::IfaceAddr(Family::V6) => "type ifname . ipv6_addr",
+        // nft 1.0.6 has no name for the field: the key is declared by the expressions.
+        SetKey::IfaceNdTarget => "typeof iifname . @th,64,128",
     }
 }
+
+/// The target address of a neighbour advertisement: 16 bytes at byte 8 of the ICMPv6 header.
+const ND_TARGET: &str = "@th,64,128";
 
 fn element(e: &Element) -> String {
     match e {

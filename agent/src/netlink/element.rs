@@ -16,6 +16,8 @@ pub(super) mod datatype {
     pub const INET_PROTO: u32 = 12;
     pub const INET_SERVICE: u32 = 13;
     pub const ICMPV6_TYPE: u32 = 29;
+    /// A raw payload field's type.
+    pub const INTEGER: u32 = 4;
     pub const IFNAME: u32 = 41;
     /// A concatenated type is its parts' numbers, each shifted in by this many bits.
     pub const CONCAT_SHIFT: u32 = 6;
@@ -50,6 +52,7 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         ],
         SetKey::Iface => vec![ifname],
         SetKey::IfaceAddr(f) => vec![ifname, addr(f)],
+        SetKey::IfaceNdTarget => vec![ifname, (datatype::INTEGER, 16)],
     };
     parts.iter().fold((0, 0), |(t, l), (pt, pl)| {
         ((t << datatype::CONCAT_SHIFT) | pt, l + pl)
@@ -92,7 +95,9 @@ pub(super) fn fits(key: SetKey, interval: bool, element: &Element) -> bool {
         (SetKey::AddrPair(_), Element::AddrPair(a, b)) => v(a) && v(b),
         (SetKey::AddrProtoPort(_), Element::AddrProtoPort(ip, _, _)) => v(ip),
         (SetKey::Iface, Element::Iface(_)) => !interval,
-        (SetKey::IfaceAddr(_), Element::IfaceAddr(_, ip)) => !interval && v(ip),
+        (SetKey::IfaceAddr(_) | SetKey::IfaceNdTarget, Element::IfaceAddr(_, ip)) => {
+            !interval && v(ip)
+        }
         _ => false,
     }
 }

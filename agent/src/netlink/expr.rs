@@ -170,6 +170,28 @@ impl Exprs {
         });
     }
 
+    /// `@th,64,16 & 0xffc0 != 0xfe80`: the target of a neighbour advertisement is not in
+    /// fe80::/10.
+    pub(super) fn nd_target_not_link_local(&mut self) {
+        self.push(Expr::Payload {
+            base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+            offset: ND_TARGET_OFFSET,
+            len: 2,
+            dreg: reg(0),
+        });
+        self.push(Expr::Bitwise {
+            reg: reg(0),
+            mask: vec![0xff, 0xc0],
+            xor: vec![0, 0],
+            boolean: true,
+        });
+        self.push(Expr::Cmp {
+            op: libc::NFT_CMP_NEQ as u32,
+            reg: reg(0),
+            data: vec![0xfe, 0x80],
+        });
+    }
+
     /// `ct state <bit>`: the state word masked to the bit, compared with zero.
     pub(super) fn ct_state(&mut self, bit: u32) {
         self.push(Expr::Ct {
@@ -230,6 +252,19 @@ pub(super) fn arp_sender(dreg: u32) -> Expr {
         base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
         offset: 14,
         len: 4,
+        dreg,
+    }
+}
+
+/// Where a neighbour advertisement's target address starts in the ICMPv6 header.
+const ND_TARGET_OFFSET: u32 = 8;
+
+/// `@th,64,128`: the target address of a neighbour advertisement.
+pub(super) fn nd_target(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+        offset: ND_TARGET_OFFSET,
+        len: 16,
         dreg,
     }
 }

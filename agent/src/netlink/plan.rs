@@ -20,7 +20,7 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, arp_sender, dport, reg, Expr, Exprs, CT_DIRECTION_REPLY,
+    addr_len, addr_payload, arp_sender, dport, nd_target, reg, Expr, Exprs, CT_DIRECTION_REPLY,
     CT_STATE_RELATED, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
@@ -355,6 +355,14 @@ impl Plan {
                 data.extend(tlv(udata::SET_KEY_TYPEOF, &typeof_key));
                 data
             }
+            SetKey::IfaceNdTarget => {
+                let mut data = tlv(udata::SET_KEYBYTEORDER, &udata::NO_BYTEORDER.to_ne_bytes());
+                data.extend(tlv(
+                    udata::SET_KEY_TYPEOF,
+                    &udata::typeof_iifname_nd_target(),
+                ));
+                data
+            }
         };
         data.extend(comment(udata::SET_COMMENT, &set.comment, false, &object)?.unwrap_or_default());
         let id = self.set_id();
@@ -574,6 +582,16 @@ impl Plan {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
+                Match::IifnameNdTargetNotInSet { set } => {
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(nd_target(reg(4)));
+                    let mut lookup = self.lookup(set, &object, None)?;
+                    if let Expr::Lookup { invert, .. } = &mut lookup {
+                        *invert = true;
+                    }
+                    exprs.push(lookup);
+                }
+                Match::NdTargetNotLinkLocal => exprs.nd_target_not_link_local(),
                 Match::IifnameSourceInSet { family, set } => {
                     exprs.family(*family);
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));

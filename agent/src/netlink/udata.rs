@@ -21,9 +21,39 @@ pub(super) const NO_BYTEORDER: u32 = 0;
 /// nft's expression kinds, recorded for a `typeof` key.
 pub(super) const EXPR_PAYLOAD: u32 = 7;
 pub(super) const EXPR_CONCAT: u32 = 13;
+pub(super) const EXPR_META: u32 = 9;
+/// nft's `NFT_META_IIFNAME`, as recorded for a `typeof` key.
+const META_IIFNAME: u32 = 6;
+/// A raw payload's base as nft records it (`PROTO_BASE_TRANSPORT_HDR`).
+const PAYLOAD_BASE_TRANSPORT: u32 = 3;
 /// The payload description nft records for `icmpv6 type`: protocol ICMPv6, field type.
 pub(super) const PAYLOAD_ICMPV6: u32 = 14;
 pub(super) const PAYLOAD_ICMPV6_TYPE: u32 = 1;
+
+/// What nft records for `typeof iifname . @th,64,128`: a concatenation of `meta iifname` and a
+/// raw transport-header payload of 128 bits at bit 64.
+pub(super) fn typeof_iifname_nd_target() -> Vec<u8> {
+    let word = |v: u32| v.to_ne_bytes();
+    let mut meta = tlv(TYPEOF_EXPR, &word(EXPR_META));
+    meta.extend(tlv(TYPEOF_DATA, &tlv(0, &word(META_IIFNAME))));
+    let mut raw = Vec::new();
+    for (field, value) in [
+        (0, 0),
+        (1, 0),
+        (2, PAYLOAD_BASE_TRANSPORT),
+        (3, 64),
+        (4, 128),
+    ] {
+        raw.extend(tlv(field, &word(value)));
+    }
+    let mut payload = tlv(TYPEOF_EXPR, &word(EXPR_PAYLOAD));
+    payload.extend(tlv(TYPEOF_DATA, &raw));
+    let mut parts = tlv(0, &meta);
+    parts.extend(tlv(1, &payload));
+    let mut out = tlv(TYPEOF_EXPR, &word(EXPR_CONCAT));
+    out.extend(tlv(TYPEOF_DATA, &parts));
+    out
+}
 
 /// One user data entry: kind, length, value.
 pub(super) fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {

@@ -13,8 +13,10 @@
 //! address FROM, which must be an address of the pod (tests forging a source add the victim's
 //! address to the attacker's `eth0` first). Nothing is awaited: the answer goes to FROM.
 //!
-//! `labpod advertise IFACE` sends one ICMPv6 router advertisement (router lifetime 1800 s, no
-//! options) to all nodes on IFACE from its link-local address, as a rogue router would.
+//! `labpod advertise IFACE [TARGET [FROM]]` sends one ICMPv6 message to all nodes on IFACE,
+//! from FROM or else IFACE's link-local address: without TARGET a router advertisement (router
+//! lifetime 1800 s, no options), as a rogue router would; with TARGET an unsolicited neighbour
+//! advertisement that TARGET is at IFACE's link-layer address, overriding what neighbours hold.
 //!
 //! `labpod connrate [--seconds S] [--parallel P] ADDR PORT` opens TCP connections to a
 //! `labpod serve` port one after another, from P threads, for S seconds (default 5 and 1):
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: labpod serve [PORT...]
        labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
        labpod send FROM ADDR PORT COUNT
-       labpod advertise IFACE
+       labpod advertise IFACE [TARGET [FROM]]
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -299,15 +301,25 @@ fn send(args: &[String]) -> Result<(), String> {
 fn advertise(args: &[String]) -> Result<(), String> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-    let [iface] = args else {
-        return Err(USAGE.to_string());
+    let v6 = |text: &String| -> Result<Ipv6Addr, String> {
+        text.parse()
+            .map_err(|_| format!("bad IPv6 address {text:?}"))
     };
-    let path = format!("/sys/class/net/{iface}/ifindex");
-    let index: u32 = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{path}: {e}"))?
-        .trim()
+    let (iface, target, from) = match args {
+        [iface] => (iface, None, None),
+        [iface, target] => (iface, Some(v6(target)?), None),
+        [iface, target, from] => (iface, Some(v6(target)?), Some(v6(from)?)),
+        _ => return Err(USAGE.to_string()),
+    };
+    let sys = |file: &str| {
+        let path = format!("/sys/class/net/{iface}/{file}");
+        std::fs::read_to_string(&path)
+            .map(|text| text.trim().to_string())
+            .map_err(|e| format!("{path}: {e}"))
+    };
+    let index: u32 = sys("ifindex")?
         .parse()
-        .map_err(|_| format!("{path}: not a number"))?;
+        .map_err(|_| format!("{iface}: ifindex is not a number"))?;
     let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
         .map_err(|e| format!("raw ICMPv6 socket: {e}"))?;
     // Receivers drop neighbour discovery that crossed a router: the hop limit must be 255.
@@ -315,11 +327,35 @@ fn advertise(args: &[String]) -> Result<(), String> {
         .set_multicast_hops_v6(255)
         .and_then(|()| socket.set_multicast_if_v6(index))
         .map_err(|e| format!("socket options: {e}"))?;
-    // Type 134, code 0, checksum (the kernel fills it in), current hop limit 64, no flags,
-    // router lifetime 1800 s, reachable time and retransmit timer unspecified.
-    let mut message = vec![134, 0, 0, 0, 64, 0];
-    message.extend_from_slice(&1800u16.to_be_bytes());
-    message.extend_from_slice(&[0; 8]);
+    if let Some(from) = from {
+        let at = SockAddr::from(std::net::SocketAddrV6::new(from, 0, 0, 0));
+        socket.bind(&at).map_err(|e| format!("bind {from}: {e}"))?;
+    }
+    // Type, code 0, checksum (the kernel fills it in), then the type's fields.
+    let message = match target {
+        None => {
+            // Current hop limit 64, no flags, router lifetime 1800 s, reachable time and
+            // retransmit timer unspecified.
+            let mut m = vec![134, 0, 0, 0, 64, 0];
+            m.extend_from_slice(&1800u16.to_be_bytes());
+            m.extend_from_slice(&[0; 8]);
+            m
+        }
+        Some(target) => {
+            let mac: Vec<u8> = sys("address")?
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("{iface}: unreadable link-layer address"))?;
+            // Override flag only (an unsolicited advertisement is not solicited), the target,
+            // and the target link-layer address option (type 2, one 8-byte unit).
+            let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+            m.extend_from_slice(&target.octets());
+            m.extend_from_slice(&[2, 1]);
+            m.extend_from_slice(&mac);
+            m
+        }
+    };
     let to = SockAddr::from(std::net::SocketAddrV6::new(ALL_NODES, 0, 0, index));
     socket
         .send_to(&message, &to)
