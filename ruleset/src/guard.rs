@@ -8,7 +8,7 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | router and neighbour advertisements and redirects from a guarded veth go to `neighbour` first; then IP from a guarded veth and its pod's own address is accepted (one lookup, the common case); anything else from a guarded veth goes to `guard` |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
@@ -170,6 +170,28 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     spoken.push(ND_NEIGHBOR_ADVERT);
     // In number order, as the writer sends the set and nft keeps the text's order.
     spoken.sort_unstable();
+    let own_address = |family: Family| {
+        rule(
+            vec![Match::IifnameSourceInSet {
+                family,
+                set: format!("src{}", family.digit()),
+            }],
+            Verdict::Accept,
+            "from a local pod's veth, from the pod's own address",
+        )
+    };
+    // IPv6 only, so IPv4 is accepted before it; ahead of the IPv6 source check, since an
+    // advertisement sent from the pod's own address may still speak for a neighbour.
+    let advertisements = rule(
+        vec![
+            Match::Icmpv6Type(spoken),
+            Match::IifnameInSet {
+                set: "veths".into(),
+            },
+        ],
+        Verdict::Jump("neighbour".into()),
+        "neighbour discovery from a local pod's veth that speaks for others",
+    );
     let chains = [
         Chain {
             name: "prerouting".into(),
@@ -178,35 +200,18 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
                 priority: 0,
             }),
             comment: "frames entering the bridge".into(),
-            rules: [rule(
-                vec![
-                    Match::Icmpv6Type(spoken),
-                    Match::IifnameInSet {
-                        set: "veths".into(),
-                    },
-                ],
-                Verdict::Jump("neighbour".into()),
-                "neighbour discovery from a local pod's veth that speaks for others",
-            )]
-            .into_iter()
-            .chain(Family::BOTH.into_iter().map(|family| {
-                    rule(
-                        vec![Match::IifnameSourceInSet {
-                            family,
-                            set: format!("src{}", family.digit()),
-                        }],
-                        Verdict::Accept,
-                        "from a local pod's veth, from the pod's own address",
-                    )
-                }))
-                .chain([rule(
+            rules: vec![
+                own_address(Family::V4),
+                advertisements,
+                own_address(Family::V6),
+                rule(
                     vec![Match::IifnameInSet {
                         set: "veths".into(),
                     }],
                     Verdict::Jump("guard".into()),
                     "anything else from a local pod's veth",
-                )])
-                .collect(),
+                ),
+            ],
         },
         Chain {
             name: "guard".into(),
