@@ -22,6 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ruleset::epoch::Epoch;
 use ruleset::ir::Table;
 use tokio::net::TcpListener;
 
@@ -143,6 +144,9 @@ struct State {
     kernel: KernelCounts,
     unenforceable: u64,
     events: [u64; EventOutcome::ALL.len()],
+    /// The installed ruleset's epoch, and 1 while its fast path is on.
+    epoch: u64,
+    fast_path: u64,
 }
 
 /// The agent's health, shared by the loop (which writes) and the HTTP server (which reads).
@@ -170,6 +174,8 @@ impl Health {
                 kernel: KernelCounts::default(),
                 unenforceable: 0,
                 events: [0; EventOutcome::ALL.len()],
+                epoch: 0,
+                fast_path: 0,
             })),
             stale_after,
         }
@@ -204,6 +210,13 @@ impl Health {
     /// How many pods on this node the ruleset enforces.
     pub fn set_local_pods(&self, n: usize) {
         self.lock().local_pods = n as u64;
+    }
+
+    /// The epoch of the ruleset now in the kernel, with whether its fast path is on.
+    pub fn set_epoch(&self, epoch: Epoch) {
+        let mut s = self.lock();
+        s.epoch = u64::from(epoch.value());
+        s.fast_path = u64::from(epoch.fast_path_rule().is_some());
     }
 
     /// How many fields of policies the agent cannot enforce as written.
@@ -390,6 +403,18 @@ impl Health {
                 "Set and map elements in the agent's tables.",
                 s.kernel.elements,
             ),
+            (
+                "nftpol_ruleset_epoch",
+                "Epoch of the ruleset in the kernel, stamped into the conntrack mark of the connections it allows.",
+                s.epoch,
+            ),
+            (
+                "nftpol_fast_path",
+                "1 while later packets of connections the current ruleset allowed skip its rules \
+                 (the conntrack-mark fast path); 0 after start-up or a full replace until old \
+                 marks are cleared, or with --ct-mark-bits 0.",
+                s.fast_path,
+            ),
         ];
         for (name, help, value) in gauges {
             family(&mut out, name, "gauge", help);
@@ -567,6 +592,7 @@ mod tests {
     )]
 
     use super::*;
+    use ruleset::epoch::CtMarkBits;
 
     #[test]
     fn histogram_counts_cumulatively_with_an_inf_bucket() {
@@ -597,6 +623,8 @@ mod tests {
         health.record_event(EventOutcome::Failed);
         health.record_event(EventOutcome::Failed);
         health.set_unenforceable(3);
+        let epoch = Epoch::first(CtMarkBits::new(0xff00_0000).unwrap());
+        health.set_epoch(epoch.next().with_fast_path());
         let m = health.metrics();
         for line in [
             "nftpol_events_total{result=\"created\"} 1",
@@ -604,6 +632,8 @@ mod tests {
             "nftpol_events_total{result=\"failed\"} 2",
             "nftpol_events_total{result=\"dropped\"} 0",
             "nftpol_unenforceable_fields 3",
+            "nftpol_ruleset_epoch 2",
+            "nftpol_fast_path 1",
         ] {
             assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
         }

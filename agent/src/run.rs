@@ -501,6 +501,7 @@ impl Kernel {
                     baseline,
                 });
                 self.epoch = next;
+                self.health.set_epoch(next);
                 self.retry = None;
                 self.enable_fast_path();
                 if !self.ready {
@@ -579,6 +580,7 @@ impl Kernel {
                 installed.policy = policy;
                 installed.baseline = read_baseline(&mut self.writer).ok();
                 self.epoch = on;
+                self.health.set_epoch(on);
             }
             Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
         }

@@ -18,7 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use integration::agents::{
-    lab_for, marks, rulesets_changed, wait_change, wait_for, wait_synced, Agent, Delivery,
+    http_get_in, lab_for, marks, rulesets_changed, wait_change, wait_for, wait_synced, Agent,
+    Delivery,
 };
 use integration::lab::Lab;
 use integration::netns;
@@ -32,6 +33,8 @@ const SERVER: &str = "10.244.2.10";
 /// The flow's client source port, the same for every packet.
 const SPORT: u16 = 40_123;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agents' default health address, inside each node's namespace.
+const HEALTH: &str = "127.0.0.1:9743";
 
 const BASE: &str = "apiVersion: v1
 kind: List
@@ -190,6 +193,18 @@ fn established_flow_survives_unrelated_changes_and_is_cut_by_a_deny_across_epoch
     assert!(flow(&lab), "the allowed flow does not pass twice");
     let stamped = flow_mark(&lab).expect("the flow is tracked on node-b");
     assert_ne!(stamped, 0, "node-b did not stamp the flow with its epoch");
+    // node-b's /metrics says the same: the epoch in the mark, and the fast path on.
+    let metrics = http_get_in(lab.node_netns(1).expect("node-b"), HEALTH, "/metrics")
+        .expect("GET /metrics from node-b's agent");
+    for line in [
+        format!("nftpol_ruleset_epoch {}", stamped >> BITS.trailing_zeros()),
+        "nftpol_fast_path 1".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in node-b's metrics\n{metrics}"
+        );
+    }
 
     // A change that does not concern the flow: a new epoch, the flow evaluated again, passes.
     let with_other = format!("{allowed}{}", unrelated(0));
