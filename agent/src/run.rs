@@ -7,7 +7,8 @@
 //!     against what is installed -> one transaction for both tables -> Health, sd_notify
 //!     (a policy change: the next ruleset epoch, cleared from conntrack marks first; after a
 //!     whole table: fast path on once conntrack holds no epoch, see `ruleset::epoch`)
-//! every second: nf_tables generation moved? -> fingerprint our tables -> restore if changed
+//! every second, and before every delta: nf_tables generation moved? -> fingerprint our
+//!     tables -> restore (whole tables) if changed
 //! after a change: Findings (unenforceable fields) -> logged once; from the API, every second:
 //!     those this node reports -> Recorder (queue, never waits) -> Kubernetes Events
 //! ```
@@ -398,9 +399,10 @@ impl Kernel {
         self.last_check = Instant::now();
         if let Some(compiler) = compiler {
             if self.installed.is_some() && self.retry.is_none() {
+                // First: the two after it write deltas against what the agent installed.
+                self.restore_if_changed(compiler);
                 self.enable_fast_path();
                 self.follow_veths(compiler);
-                self.restore_if_changed(compiler);
             }
         }
     }
@@ -419,6 +421,10 @@ impl Kernel {
     /// transaction: the delta, or both tables whole when nothing is installed yet, when
     /// `full`, or when the delta fails.
     fn sync(&mut self, compiler: &Compiler, full: bool) -> Synced {
+        // A delta is worked out against what the agent installed: if the kernel no longer
+        // holds that, the tables go whole. Otherwise the change behind our back would stay,
+        // and the fingerprint read after this transaction would take it as ours.
+        let full = full || (self.installed.is_some() && self.tables_as_left() != Some(true));
         let guard = self.guards.table(compiler);
         let started = Instant::now();
         let mut policy = compiler.table().clone();
@@ -622,37 +628,45 @@ impl Kernel {
     }
 
     /// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
-    /// stray `nft delete element`). The generation moves with every transaction in the
-    /// namespace; only when it moved are our tables read back and compared.
+    /// stray `nft delete element`).
     fn restore_if_changed(&mut self, compiler: &Compiler) {
-        let Some(installed) = self.installed.as_mut() else {
-            return;
-        };
+        if self.tables_as_left() == Some(false) {
+            self.sync(compiler, true);
+        }
+    }
+
+    /// Whether our tables are as the last transaction left them: `Some(true)` when the
+    /// nf_tables generation has not moved since, or has but only for other tables;
+    /// `Some(false)` (with a warning naming the table) when ours changed or went; `None` when
+    /// nothing is installed or the kernel could not be asked. The generation moves with every
+    /// transaction in the namespace; only when it moved are our tables read back.
+    fn tables_as_left(&mut self) -> Option<bool> {
+        let installed = self.installed.as_mut()?;
         let generation = match self.writer.generation() {
             Ok(generation) => generation,
             Err(err) => {
                 tracing::error!(%err, "cannot read the nf_tables generation");
-                return;
+                return None;
             }
         };
         if installed
             .baseline
             .is_some_and(|b| b.generation == generation)
         {
-            return;
+            return Some(true);
         }
         let now = match read_baseline(&mut self.writer) {
             Ok(now) => now,
             Err(err) => {
                 tracing::error!(%err, "cannot read our tables back");
-                return;
+                return None;
             }
         };
         if let Some(baseline) = installed.baseline.as_mut() {
             if (baseline.inet, baseline.bridge) == (now.inet, now.bridge) {
                 // Another table changed; ours are as we left them.
                 baseline.generation = now.generation;
-                return;
+                return Some(true);
             }
         }
         for (family, was, is) in [
@@ -673,7 +687,7 @@ impl Kernel {
                 Some(_) => {}
             }
         }
-        self.sync(compiler, true);
+        Some(false)
     }
 }
 

@@ -299,6 +299,74 @@ fn run_installs_restores_after_tampering_and_leaves_rules_on_sigterm() {
     assert_eq!(log.matches("synced").count(), 3, "{log}");
 }
 
+/// A pod that node-a's frontend may send to: a change to node-a's ruleset.
+const ANOTHER_BACKEND: &str = "---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: shop
+  name: backend-3
+  labels:
+    app: backend
+spec:
+  nodeName: node-b
+  containers:
+    - name: backend
+      image: backend
+status:
+  phase: Running
+  podIP: 10.244.2.31
+";
+
+#[test]
+fn run_repairs_a_tampered_table_when_a_change_comes_before_its_check() {
+    if common::skip_unless_root("run_repairs_a_tampered_table_when_a_change_comes_before_its_check")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot.yaml");
+    std::fs::copy(example("three-tier.yaml"), &snapshot).unwrap();
+    // frontend-1's egress dispatch goes, so it would send anywhere; the snapshot changes at
+    // once, and the agent (polling it every 20 ms) writes a delta well before its
+    // once-a-second look at its tables.
+    let script = format!(
+        r#"{WAIT_FOR}
+        "$AGENT" run --manifests "$SNAPSHOT" --node node-a --poll-ms 20 2>"$LOG" &
+        pid=$!
+        trap 'kill -KILL $pid 2>/dev/null' EXIT
+        egress() {{ nft list map inet nftpol egress4 2>/dev/null | grep -q 10.244.1.20; }}
+        wait_for egress || {{ echo never-installed; exit 1; }}
+        nft delete element inet nftpol egress4 '{{ 10.244.1.20 }}'
+        cp "$SNAPSHOT" "$SNAPSHOT.new"
+        printf '%s' "$ANOTHER" >>"$SNAPSHOT.new"
+        mv "$SNAPSHOT.new" "$SNAPSHOT"
+        wait_for 'nft list ruleset | grep -q 10.244.2.31' || {{ echo change-never-applied; exit 1; }}
+        wait_for egress || {{ echo never-repaired; exit 1; }}
+        echo repaired"#
+    );
+    let log = dir.path().join("agent.log");
+    let out = Command::new("unshare")
+        .args(["--net", "bash", "-c", &script])
+        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("SNAPSHOT", &snapshot)
+        .env("ANOTHER", ANOTHER_BACKEND)
+        .env("LOG", &log)
+        .output()
+        .expect("run unshare");
+    let stdout = text(&out.stdout);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("repaired"),
+        "{stdout}\n{}\n{log}",
+        text(&out.stderr)
+    );
+    assert!(
+        log.contains("table inet nftpol was changed behind the agent's back"),
+        "{log}"
+    );
+}
+
 #[test]
 fn run_says_so_when_the_snapshot_is_missing() {
     if common::skip_unless_root("run_says_so_when_the_snapshot_is_missing") {
