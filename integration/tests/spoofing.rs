@@ -384,9 +384,9 @@ fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)]) -> Agent {
     agent
 }
 
-/// `pod`'s IPv6 link-local address once duplicate address detection is done with it: the kernel
-/// does not send from a tentative address.
-fn link_local(pod: &Pod) -> String {
+/// The IPv6 link-local address of `pod`'s `iface` once duplicate address detection is done
+/// with it: the kernel does not send from a tentative address (and picks another source).
+fn link_local(pod: &Pod, iface: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = exec(
@@ -398,7 +398,7 @@ fn link_local(pod: &Pod) -> String {
                 "addr",
                 "show",
                 "dev",
-                "eth0",
+                iface,
                 "scope",
                 "link",
                 "-tentative",
@@ -414,21 +414,37 @@ fn link_local(pod: &Pod) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "{} has no usable link-local address after 5 s",
+            "{}'s {iface} has no usable link-local address after 5 s",
             pod.name
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// `attacker` advertises itself as a router on its `eth0`; returns the default routes `victim`
-/// then holds from advertisements (after forgetting earlier ones).
-fn advertise(attacker: &Pod, victim: &Pod) -> String {
+/// `labpod advertise` on `eth0`, the frame tagged VLAN 0 when `vlan0`: receivers take that tag
+/// for none, but `ether type` sees it.
+fn labpod_advertise(vlan0: bool, rest: &[&str]) -> Vec<String> {
+    [LABPOD, "advertise"]
+        .into_iter()
+        .chain(vlan0.then_some("--vlan0"))
+        .chain(["eth0"])
+        .chain(rest.iter().copied())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `attacker` advertises itself as a router; returns the default routes `victim` then holds
+/// from advertisements (after forgetting earlier ones).
+fn advertise(attacker: &Pod, vlan0: bool, victim: &Pod) -> String {
     exec(
         &victim.netns,
         &["ip", "-6", "route", "flush", "proto", "ra"],
     );
-    exec(&attacker.netns, &[LABPOD, "advertise", "eth0"]);
+    let command = labpod_advertise(vlan0, &[]);
+    exec(
+        &attacker.netns,
+        &command.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     std::thread::sleep(Duration::from_millis(200));
     exec(
         &victim.netns,
@@ -445,27 +461,33 @@ fn a_pod_cannot_advertise_itself_as_a_router() {
     else {
         return;
     };
-    let mallory_router = format!("default via {} ", link_local(&mallory));
+    // Untagged, and tagged (the tag hides the frame from the `ether type` of `icmpv6 type`).
+    let router = format!("default via {} ", link_local(&mallory, "eth0"));
+    let tags = [false, true];
 
     // No agent: teller takes mallory for a router.
-    let learnt = advertise(&mallory, &teller);
-    assert!(
-        learnt.starts_with(&mallory_router),
-        "control: without the agent, {} learns a default route from {}'s advertisement, got {learnt:?}",
-        teller.name,
-        mallory.name
-    );
+    for vlan0 in tags {
+        let learnt = advertise(&mallory, vlan0, &teller);
+        assert!(
+            learnt.starts_with(&router),
+            "control: without the agent, {} learns a default route from {}'s advertisement (tagged: {vlan0}), got {learnt:?}",
+            teller.name,
+            mallory.name
+        );
+    }
 
     let mut agent = guard_node_a(
         &lab,
         scratch.path(),
         &[(&teller, "teller"), (&mallory, "mallory")],
     );
-    let learnt = advertise(&mallory, &teller);
-    println!("with the agent: teller's routes from advertisements: {learnt:?}");
+    let learnt = tags.map(|vlan0| advertise(&mallory, vlan0, &teller));
+    println!(
+        "with the agent: teller's routes from advertisements, untagged and tagged: {learnt:?}"
+    );
     assert_eq!(
         learnt,
-        "",
+        [""; 2],
         "the agent lets {}'s router advertisement through\n{}",
         mallory.name,
         agent.describe()
@@ -536,13 +558,23 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
     );
 }
 
-/// `sender` advertises `target` as being at its own link-layer address, overriding, from its
-/// link-local address or from `from`; returns the link-layer address `sender`'s node then holds
-/// for `target`.
-fn nd_claim(lab: &Lab, sender: &Pod, target: &str, from: Option<&str>) -> Option<String> {
-    let mut command = vec![LABPOD, "advertise", "eth0", target];
-    command.extend(from);
-    exec(&sender.netns, &command);
+/// `sender` advertises that `target` is at its link-layer address, overriding, from its
+/// link-local address or from `from`, tagged VLAN 0 when `vlan0`; returns the link-layer
+/// address `sender`'s node then holds for `target`.
+fn nd_claim(
+    lab: &Lab,
+    sender: &Pod,
+    vlan0: bool,
+    target: &str,
+    from: Option<&str>,
+) -> Option<String> {
+    let mut rest = vec![target];
+    rest.extend(from);
+    let command = labpod_advertise(vlan0, &rest);
+    exec(
+        &sender.netns,
+        &command.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     std::thread::sleep(Duration::from_millis(200));
     neighbour(lab, sender.node, target)
 }
@@ -573,12 +605,20 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
     );
 
     let mallory_v6 = mallory.ipv6.to_string();
+    link_local(&mallory, "eth0");
+    link_local(&teller, "eth0");
     // Mallory claims teller's address from its link-local address, as the kernel sends
-    // neighbour discovery, and from its own pod address, which the guard lets through as a
-    // source. After each, the entry is set to mallory's by hand and teller advertises itself.
+    // neighbour discovery, from its own pod address, which the guard lets through as a
+    // source, and from that in a frame tagged VLAN 0. After each, the entry is set to
+    // mallory's by hand and teller advertises itself.
     let claims = || {
-        [None, Some(mallory_v6.as_str())].map(|from| {
-            let claimed = nd_claim(&lab, &mallory, &teller_v6, from);
+        [
+            (false, None),
+            (false, Some(mallory_v6.as_str())),
+            (true, Some(mallory_v6.as_str())),
+        ]
+        .map(|(vlan0, from)| {
+            let claimed = nd_claim(&lab, &mallory, vlan0, &teller_v6, from);
             exec(
                 lab.node_netns(0).unwrap(),
                 &[
@@ -594,7 +634,7 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
                     "stale",
                 ],
             );
-            let genuine = nd_claim(&lab, &teller, &teller_v6, None);
+            let genuine = nd_claim(&lab, &teller, false, &teller_v6, None);
             (claimed, genuine)
         })
     };
@@ -602,9 +642,9 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
     let mallory_wins = (Some(mallory_mac.clone()), Some(teller_mac.clone()));
     assert_eq!(
         claims(),
-        [mallory_wins.clone(), mallory_wins],
+        [mallory_wins.clone(), mallory_wins.clone(), mallory_wins],
         "control: without the agent, the node takes {}'s advertisements for {teller_v6} \
-         (from its link-local and its own address), and teller's own after each",
+         (from its link-local address, its own address, tagged), and teller's own after each",
         mallory.name
     );
 
@@ -620,7 +660,7 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
     let teller_holds = (Some(teller_mac.clone()), Some(teller_mac.clone()));
     assert_eq!(
         with_agent,
-        [teller_holds.clone(), teller_holds],
+        [teller_holds.clone(), teller_holds.clone(), teller_holds],
         "the agent lets {}'s advertisement for {teller_v6} through, or stops teller's own\n{}",
         mallory.name,
         agent.describe()

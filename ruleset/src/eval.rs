@@ -208,7 +208,10 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::IifnameInSet { .. }
         | Match::IifnameSourceInSet { .. }
         | Match::IifnameNdTargetNotInSet { .. }
-        | Match::NdTargetNotLinkLocal => false,
+        | Match::NdTargetNotLinkLocal
+        | Match::EtherType(_) => false,
+        // What the evaluator models is ICMPv6 without extension headers.
+        Match::Icmpv6NotNextHeader => false,
     }
 }
 

@@ -8,12 +8,12 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
-//! | `neighbour` | regular chain | router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
+//! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
 //! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
@@ -36,7 +36,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::comment;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ND_NEIGHBOR_ADVERT, ROUTER_ND_TYPES, TABLE_NAME,
+    TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ROUTER_ND_TYPES, TABLE_NAME,
 };
 
 /// A local pod whose host-side veth the agent found.
@@ -149,6 +149,13 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     // Neighbour discovery that speaks for others, checked before the source address: an
     // advertisement from the pod's own address may still claim a neighbour's.
     let neighbour = vec![
+        // A fragment header would keep the target out of the first fragment, where the rule
+        // below could not read it; neighbour discovery is never fragmented (RFC 6980).
+        rule(
+            vec![Match::Icmpv6NotNextHeader],
+            Verdict::Drop,
+            "neighbour discovery behind an extension header",
+        ),
         rule(
             vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
             Verdict::Drop,
@@ -192,6 +199,35 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         Verdict::Jump("neighbour".into()),
         "neighbour discovery from a local pod's veth that speaks for others",
     );
+    // The checks above read the Ethernet type as on the wire, the source checks read the
+    // protocol past any VLAN tag: a tagged frame would meet only the latter, and receivers take
+    // a tag of ID 0 for none. Pods send untagged frames. (IPv4 from the pod's own address is
+    // accepted before this, tagged or not: its source is checked, and nothing else is.)
+    let tagged = ETHERTYPE_VLAN.map(|tag| {
+        rule(
+            vec![
+                Match::EtherType(tag),
+                Match::IifnameInSet {
+                    set: "veths".into(),
+                },
+            ],
+            Verdict::Drop,
+            "a tagged frame from a local pod's veth",
+        )
+    });
+    let mut prerouting = vec![own_address(Family::V4)];
+    prerouting.extend(tagged);
+    prerouting.extend([
+        advertisements,
+        own_address(Family::V6),
+        rule(
+            vec![Match::IifnameInSet {
+                set: "veths".into(),
+            }],
+            Verdict::Jump("guard".into()),
+            "anything else from a local pod's veth",
+        ),
+    ]);
     let chains = [
         Chain {
             name: "prerouting".into(),
@@ -200,18 +236,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
                 priority: 0,
             }),
             comment: "frames entering the bridge".into(),
-            rules: vec![
-                own_address(Family::V4),
-                advertisements,
-                own_address(Family::V6),
-                rule(
-                    vec![Match::IifnameInSet {
-                        set: "veths".into(),
-                    }],
-                    Verdict::Jump("guard".into()),
-                    "anything else from a local pod's veth",
-                ),
-            ],
+            rules: prerouting,
         },
         Chain {
             name: "guard".into(),

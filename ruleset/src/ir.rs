@@ -317,6 +317,11 @@ pub enum Match {
     /// `@th,64,16 & 0xffc0 != 0xfe80` (bridge tables): the target of a neighbour advertisement
     /// is not link-local.
     NdTargetNotLinkLocal,
+    /// `ether type 8021q` (bridge tables): the Ethernet header's type, as on the wire (a VLAN
+    /// tag shows as its own type).
+    EtherType(u16),
+    /// `ip6 nexthdr != ipv6-icmp`: an extension header (a fragment, say) comes before ICMPv6.
+    Icmpv6NotNextHeader,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,6 +354,9 @@ pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];
 
 /// ICMPv6 neighbour advertisement.
 pub const ND_NEIGHBOR_ADVERT: u8 = 136;
+
+/// The Ethernet types of a VLAN tag (802.1Q) and a service tag (802.1ad).
+pub const ETHERTYPE_VLAN: [u16; 2] = [0x8100, 0x88a8];
 
 impl Table {
     /// Number of rules in all chains.

@@ -143,6 +143,10 @@ fn match_text(m: &Match) -> String {
         Match::IifnameInSet { set } => format!("iifname @{set}"),
         Match::IifnameNdTargetNotInSet { set } => format!("iifname . {ND_TARGET} != @{set}"),
         Match::NdTargetNotLinkLocal => "@th,64,16 & 0xffc0 != 0xfe80".to_string(),
+        Match::EtherType(0x8100) => "ether type 8021q".to_string(),
+        Match::EtherType(0x88a8) => "ether type 8021ad".to_string(),
+        Match::EtherType(other) => format!("ether type {other:#06x}"),
+        Match::Icmpv6NotNextHeader => "ip6 nexthdr != ipv6-icmp".to_string(),
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))
         }

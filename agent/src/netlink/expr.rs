@@ -7,6 +7,8 @@ use nftnl_sys::libc;
 use ruleset::ir::{AddrField, Family, TableFamily};
 
 pub(super) const IPPROTO_ICMPV6: u8 = 58;
+/// Where the next-header field sits in the IPv6 header.
+pub(super) const IP6_NEXTHDR_OFFSET: u32 = 6;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
@@ -130,7 +132,8 @@ impl Exprs {
         }
     }
 
-    fn ether_type(&mut self, ethertype: u16) {
+    /// `ether type <ethertype>`, read from the link-layer header.
+    pub(super) fn ether_type(&mut self, ethertype: u16) {
         self.push(Expr::Payload {
             base: libc::NFT_PAYLOAD_LL_HEADER as u32,
             offset: 12,

@@ -21,7 +21,7 @@ use super::element::{
 };
 use super::expr::{
     addr_len, addr_payload, arp_sender, dport, nd_target, reg, Expr, Exprs, CT_DIRECTION_REPLY,
-    CT_STATE_RELATED, IPPROTO_ICMPV6,
+    CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -592,6 +592,17 @@ impl Plan {
                     exprs.push(lookup);
                 }
                 Match::NdTargetNotLinkLocal => exprs.nd_target_not_link_local(),
+                Match::EtherType(ethertype) => exprs.ether_type(*ethertype),
+                Match::Icmpv6NotNextHeader => {
+                    exprs.family(Family::V6);
+                    exprs.push(Expr::Payload {
+                        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                        offset: IP6_NEXTHDR_OFFSET,
+                        len: 1,
+                        dreg: reg(0),
+                    });
+                    exprs.cmp(libc::NFT_CMP_NEQ, vec![IPPROTO_ICMPV6]);
+                }
                 Match::IifnameSourceInSet { family, set } => {
                     exprs.family(*family);
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));

@@ -13,10 +13,12 @@
 //! address FROM, which must be an address of the pod (tests forging a source add the victim's
 //! address to the attacker's `eth0` first). Nothing is awaited: the answer goes to FROM.
 //!
-//! `labpod advertise IFACE [TARGET [FROM]]` sends one ICMPv6 message to all nodes on IFACE,
-//! from FROM or else IFACE's link-local address: without TARGET a router advertisement (router
-//! lifetime 1800 s, no options), as a rogue router would; with TARGET an unsolicited neighbour
-//! advertisement that TARGET is at IFACE's link-layer address, overriding what neighbours hold.
+//! `labpod advertise [--vlan0] IFACE [TARGET [FROM]]` sends one ICMPv6 message to all nodes on
+//! IFACE, from FROM or else IFACE's link-local address: without TARGET a router advertisement
+//! (router lifetime 1800 s, no options), as a rogue router would; with TARGET an unsolicited
+//! neighbour advertisement that TARGET is at IFACE's link-layer address, overriding what
+//! neighbours hold. With `--vlan0` the frame carries a VLAN tag of ID 0 (built whole and
+//! written on a packet socket: this kernel has no VLAN devices).
 //!
 //! `labpod connrate [--seconds S] [--parallel P] ADDR PORT` opens TCP connections to a
 //! `labpod serve` port one after another, from P threads, for S seconds (default 5 and 1):
@@ -35,7 +37,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: labpod serve [PORT...]
        labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
        labpod send FROM ADDR PORT COUNT
-       labpod advertise IFACE [TARGET [FROM]]
+       labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -300,7 +302,10 @@ fn send(args: &[String]) -> Result<(), String> {
 
 fn advertise(args: &[String]) -> Result<(), String> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let (vlan0, args) = match args {
+        [flag, rest @ ..] if flag == "--vlan0" => (true, rest),
+        _ => (false, args),
+    };
     let v6 = |text: &String| -> Result<Ipv6Addr, String> {
         text.parse()
             .map_err(|_| format!("bad IPv6 address {text:?}"))
@@ -317,6 +322,40 @@ fn advertise(args: &[String]) -> Result<(), String> {
             .map(|text| text.trim().to_string())
             .map_err(|e| format!("{path}: {e}"))
     };
+    let mac: [u8; 6] = sys("address")?
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| format!("{iface}: unreadable link-layer address"))?;
+    // Type, code 0, checksum (filled in below, or by the kernel), then the type's fields.
+    let mut message = match target {
+        None => {
+            // Current hop limit 64, no flags, router lifetime 1800 s, reachable time and
+            // retransmit timer unspecified.
+            let mut m = vec![134, 0, 0, 0, 64, 0];
+            m.extend_from_slice(&1800u16.to_be_bytes());
+            m.extend_from_slice(&[0; 8]);
+            m
+        }
+        Some(target) => {
+            // Override flag only (an unsolicited advertisement is not solicited), the target,
+            // and the target link-layer address option (type 2, one 8-byte unit).
+            let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+            m.extend_from_slice(&target.octets());
+            m.extend_from_slice(&[2, 1]);
+            m.extend_from_slice(&mac);
+            m
+        }
+    };
+    if vlan0 {
+        let from = match from {
+            Some(from) => from,
+            None => link_local(iface)?,
+        };
+        return send_vlan0(iface, mac, from, &mut message);
+    }
     let index: u32 = sys("ifindex")?
         .parse()
         .map_err(|_| format!("{iface}: ifindex is not a number"))?;
@@ -331,36 +370,77 @@ fn advertise(args: &[String]) -> Result<(), String> {
         let at = SockAddr::from(std::net::SocketAddrV6::new(from, 0, 0, 0));
         socket.bind(&at).map_err(|e| format!("bind {from}: {e}"))?;
     }
-    // Type, code 0, checksum (the kernel fills it in), then the type's fields.
-    let message = match target {
-        None => {
-            // Current hop limit 64, no flags, router lifetime 1800 s, reachable time and
-            // retransmit timer unspecified.
-            let mut m = vec![134, 0, 0, 0, 64, 0];
-            m.extend_from_slice(&1800u16.to_be_bytes());
-            m.extend_from_slice(&[0; 8]);
-            m
-        }
-        Some(target) => {
-            let mac: Vec<u8> = sys("address")?
-                .split(':')
-                .map(|b| u8::from_str_radix(b, 16))
-                .collect::<Result<_, _>>()
-                .map_err(|_| format!("{iface}: unreadable link-layer address"))?;
-            // Override flag only (an unsolicited advertisement is not solicited), the target,
-            // and the target link-layer address option (type 2, one 8-byte unit).
-            let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
-            m.extend_from_slice(&target.octets());
-            m.extend_from_slice(&[2, 1]);
-            m.extend_from_slice(&mac);
-            m
-        }
-    };
     let to = SockAddr::from(std::net::SocketAddrV6::new(ALL_NODES, 0, 0, index));
     socket
         .send_to(&message, &to)
         .map_err(|e| format!("send to {ALL_NODES}%{iface}: {e}"))?;
     Ok(())
+}
+
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+/// `iface`'s IPv6 link-local address, from `/proc/net/if_inet6`.
+fn link_local(iface: &str) -> Result<Ipv6Addr, String> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6")
+        .map_err(|e| format!("/proc/net/if_inet6: {e}"))?;
+    table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Address, index, prefix length, scope (0x20: link), flags, name.
+            match fields[..] {
+                [addr, _, _, "20", _, name] if name == iface => u128::from_str_radix(addr, 16).ok(),
+                _ => None,
+            }
+        })
+        .map(Ipv6Addr::from)
+        .next()
+        .ok_or_else(|| format!("{iface} has no link-local address"))
+}
+
+/// Sends ICMPv6 `message` from `from` to all nodes as one Ethernet frame with a VLAN tag of ID
+/// 0 (which receivers take for no tag), written whole on `iface`'s packet socket.
+fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> Result<(), String> {
+    const ICMPV6: u8 = 58;
+    let length = u16::try_from(message.len()).map_err(|_| "message too long".to_string())?;
+    // The checksum covers a pseudo-header: source, destination, length, next header.
+    let mut pseudo = Vec::with_capacity(40 + message.len());
+    pseudo.extend_from_slice(&from.octets());
+    pseudo.extend_from_slice(&ALL_NODES.octets());
+    pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, ICMPV6]);
+    pseudo.extend_from_slice(message);
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !u16::try_from(sum).unwrap_or(u16::MAX);
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    // Ethernet to 33:33:00:00:00:01, the tag (type 802.1Q, ID 0), then IPv6 with hop limit 255.
+    let mut frame = vec![0x33, 0x33, 0, 0, 0, 1];
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x81, 0x00, 0, 0, 0x86, 0xdd]);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&[ICMPV6, 255]);
+    frame.extend_from_slice(&from.octets());
+    frame.extend_from_slice(&ALL_NODES.octets());
+    frame.extend_from_slice(message);
+    let interface = pnet_datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == iface)
+        .ok_or_else(|| format!("no interface {iface}"))?;
+    let Ok(pnet_datalink::Channel::Ethernet(mut tx, _)) =
+        pnet_datalink::channel(&interface, pnet_datalink::Config::default())
+    else {
+        return Err(format!("no packet socket on {iface}"));
+    };
+    tx.send_to(&frame, None)
+        .ok_or_else(|| format!("nothing sent on {iface}"))?
+        .map_err(|e| format!("send on {iface}: {e}"))
 }
 
 fn parse_port(text: &str) -> Result<u16, String> {
