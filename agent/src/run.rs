@@ -399,8 +399,13 @@ impl Kernel {
         self.last_check = Instant::now();
         if let Some(compiler) = compiler {
             if self.installed.is_some() && self.retry.is_none() {
-                // First: the two after it write deltas against what the agent installed.
+                // First: the two after it write deltas against what the agent installed, and
+                // not while a repair waits to be retried (their read-back would take the
+                // change for the agent's own).
                 self.restore_if_changed(compiler);
+                if self.retry.is_some() {
+                    return;
+                }
                 self.enable_fast_path();
                 self.follow_veths(compiler);
             }
@@ -677,14 +682,17 @@ impl Kernel {
                 now.bridge,
             ),
         ] {
-            match is {
-                None => tracing::warn!(
+            match (installed.baseline.is_some(), is) {
+                (_, None) => tracing::warn!(
                     "table {family} {TABLE_NAME} was removed behind the agent's back; restoring it"
                 ),
-                Some(_) if was != is => tracing::warn!(
+                (false, Some(_)) => tracing::warn!(
+                    "table {family} {TABLE_NAME} could not be read back after the last sync; writing it whole"
+                ),
+                (true, Some(_)) if was != is => tracing::warn!(
                     "table {family} {TABLE_NAME} was changed behind the agent's back; restoring it"
                 ),
-                Some(_) => {}
+                (true, Some(_)) => {}
             }
         }
         Some(false)

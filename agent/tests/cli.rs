@@ -337,6 +337,8 @@ fn run_repairs_a_tampered_table_when_a_change_comes_before_its_check() {
         trap 'kill -KILL $pid 2>/dev/null' EXIT
         egress() {{ nft list map inet nftpol egress4 2>/dev/null | grep -q 10.244.1.20; }}
         wait_for egress || {{ echo never-installed; exit 1; }}
+        # After the fast path is on, the agent writes nothing by itself.
+        wait_for 'grep -q "fast path on" "$LOG"' || {{ echo fast-path-never-on; exit 1; }}
         nft delete element inet nftpol egress4 '{{ 10.244.1.20 }}'
         cp "$SNAPSHOT" "$SNAPSHOT.new"
         printf '%s' "$ANOTHER" >>"$SNAPSHOT.new"
@@ -361,9 +363,24 @@ fn run_repairs_a_tampered_table_when_a_change_comes_before_its_check() {
         "{stdout}\n{}\n{log}",
         text(&out.stderr)
     );
+    // No delta went over the changed table: the first sync after the warning is a whole one,
+    // and none before it (the start-up sync aside) is a delta.
+    let (before, after) = log
+        .split_once("table inet nftpol was changed behind the agent's back")
+        .unwrap_or_else(|| panic!("no warning about the change\n{log}"));
+    let syncs = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("synced"))
+            .map(str::to_string)
+            .collect()
+    };
     assert!(
-        log.contains("table inet nftpol was changed behind the agent's back"),
-        "{log}"
+        syncs(after).first().is_some_and(|l| l.contains("Full")),
+        "the sync after the warning is not a whole one\n{log}"
+    );
+    assert!(
+        !syncs(before).iter().any(|l| l.contains("Delta")),
+        "a delta was written over the changed table before the repair\n{log}"
     );
 }
 

@@ -387,9 +387,13 @@ fn link_local(iface: &str) -> Result<Ipv6Addr, String> {
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            // Address, index, prefix length, scope (0x20: link), flags, name.
+            // Address, index, prefix length, scope (0x20: link), flags (0x40: tentative, 0x08:
+            // duplicate), name.
+            let usable = |flags: &str| u8::from_str_radix(flags, 16).is_ok_and(|f| f & 0x48 == 0);
             match fields[..] {
-                [addr, _, _, "20", _, name] if name == iface => u128::from_str_radix(addr, 16).ok(),
+                [addr, _, _, "20", flags, name] if name == iface && usable(flags) => {
+                    u128::from_str_radix(addr, 16).ok()
+                }
                 _ => None,
             }
         })
@@ -433,8 +437,12 @@ fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> 
         .into_iter()
         .find(|i| i.name == iface)
         .ok_or_else(|| format!("no interface {iface}"))?;
+    let config = pnet_datalink::Config {
+        promiscuous: false,
+        ..pnet_datalink::Config::default()
+    };
     let Ok(pnet_datalink::Channel::Ethernet(mut tx, _)) =
-        pnet_datalink::channel(&interface, pnet_datalink::Config::default())
+        pnet_datalink::channel(&interface, config)
     else {
         return Err(format!("no packet socket on {iface}"));
     };
