@@ -33,7 +33,7 @@ use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
 use crate::health::{self, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
-use crate::netlink::{Change, WriteError, Writer};
+use crate::netlink::{Change, Sent, WriteError, Writer};
 use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
 
@@ -343,12 +343,22 @@ struct Baseline {
     bridge: Option<u64>,
 }
 
-fn read_baseline(writer: &mut Writer) -> Result<Baseline, WriteError> {
-    Ok(Baseline {
-        generation: writer.generation()?,
+/// Our tables' fingerprints and the generation they belong to. Nothing is known
+/// ([`WriteError::Moved`]) when the generation moved while they were read, or, after a commit
+/// checked at `committed_at`, when that commit is not the last one: a transaction after ours
+/// might have changed our tables, and the fingerprints would take that for ours.
+fn read_baseline(writer: &mut Writer, committed_at: Option<u32>) -> Result<Baseline, WriteError> {
+    let generation = writer.generation()?;
+    let baseline = Baseline {
+        generation,
         inet: writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?,
         bridge: writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?,
-    })
+    };
+    let ours = committed_at.is_none_or(|at| generation == at.wrapping_add(1));
+    if !ours || writer.generation()? != generation {
+        return Err(WriteError::Moved);
+    }
+    Ok(baseline)
 }
 
 /// How often the loop ticks: `wanted`, or every `watchdog` interval (half systemd's timeout)
@@ -429,7 +439,10 @@ impl Kernel {
         // A delta is worked out against what the agent installed: if the kernel no longer
         // holds that, the tables go whole. Otherwise the change behind our back would stay,
         // and the fingerprint read after this transaction would take it as ours.
-        let full = full || (self.installed.is_some() && self.tables_as_left() != Some(true));
+        // (A read-back that another transaction overlapped says nothing; one more look.)
+        let full = full
+            || (self.installed.is_some()
+                && self.tables_as_left().or_else(|| self.tables_as_left()) != Some(true));
         let guard = self.guards.table(compiler);
         let started = Instant::now();
         let mut policy = compiler.table().clone();
@@ -457,7 +470,10 @@ impl Kernel {
         let policy = &policy;
         let whole = [Change::Replace(policy), Change::Replace(&guard)];
         let (kind, attempt) = match self.installed.as_ref().filter(|_| !full) {
-            None => (SyncKind::Full, self.writer.commit(&whole)),
+            None => (
+                SyncKind::Full,
+                self.writer.commit(&whole).map(|sent| (sent, None)),
+            ),
             Some(prev) => {
                 let policy_delta = diff(&prev.policy, policy);
                 let guard_delta = diff(&prev.guard, &guard);
@@ -473,7 +489,7 @@ impl Kernel {
                     delta,
                 })
                 .collect();
-                (SyncKind::Delta, self.writer.commit(&changes))
+                (SyncKind::Delta, self.commit_delta(&changes))
             }
         };
         self.health
@@ -481,9 +497,15 @@ impl Kernel {
         let (kind, result) = match attempt {
             Ok(sent) => (kind, Ok(sent)),
             Err(err) if kind == SyncKind::Delta => {
-                tracing::error!(%err, "sync failed; retrying as a full replace");
+                if err.is_stale() {
+                    tracing::info!(
+                        "our tables changed while the delta was prepared; writing them whole"
+                    );
+                } else {
+                    tracing::error!(%err, "sync failed; retrying as a full replace");
+                }
                 let again = Instant::now();
-                let result = self.writer.commit(&whole);
+                let result = self.writer.commit(&whole).map(|sent| (sent, None));
                 self.health
                     .record_sync(SyncKind::Full, again.elapsed(), result.is_ok());
                 (SyncKind::Full, result)
@@ -491,15 +513,19 @@ impl Kernel {
             Err(err) => (kind, Err(err)),
         };
         match result {
-            Ok(sent) => {
+            Ok((sent, checked_at)) => {
                 tracing::info!(
                     kind = ?kind,
                     messages = sent.messages,
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
-                let baseline = match read_baseline(&mut self.writer) {
+                let baseline = match read_baseline(&mut self.writer, checked_at) {
                     Ok(baseline) => Some(baseline),
+                    Err(WriteError::Moved) => {
+                        tracing::warn!("another transaction came right after the sync; the next check writes our tables whole");
+                        None
+                    }
                     Err(err) => {
                         tracing::error!(%err, "cannot read our tables back after the sync");
                         None
@@ -569,7 +595,7 @@ impl Kernel {
         if self.epoch.fast_path() || self.epoch.bits().is_off() {
             return;
         }
-        let Some(installed) = self.installed.as_mut() else {
+        let Some(installed) = self.installed.as_ref() else {
             return;
         };
         if let Err(err) = conntrack::clear(self.epoch.bits().mask(), Which::Any) {
@@ -585,13 +611,20 @@ impl Kernel {
             table: TABLE_NAME,
             delta: &delta,
         };
-        match self.writer.commit(&[change]) {
-            Ok(_) => {
+        match self.commit_delta(&[change]) {
+            Ok((_, checked_at)) => {
                 tracing::info!(epoch = on.value(), "established-connection fast path on");
-                installed.policy = policy;
-                installed.baseline = read_baseline(&mut self.writer).ok();
+                let baseline = read_baseline(&mut self.writer, checked_at).ok();
+                if let Some(installed) = self.installed.as_mut() {
+                    installed.policy = policy;
+                    installed.baseline = baseline;
+                }
                 self.epoch = on;
                 self.health.set_epoch(on);
+            }
+            // The next tick's check writes the tables whole; the fast path follows.
+            Err(err) if err.is_stale() => {
+                tracing::info!("our tables changed; the fast path waits for them to be restored");
             }
             Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
         }
@@ -600,7 +633,7 @@ impl Kernel {
     /// Brings the guard table in step with the veths in the kernel (pods come and go between
     /// changes, and a veth appears only once the pod's sandbox is up).
     fn follow_veths(&mut self, compiler: &Compiler) {
-        let Some(installed) = self.installed.as_mut() else {
+        let Some(installed) = self.installed.as_ref() else {
             return;
         };
         let guard = self.guards.table(compiler);
@@ -614,21 +647,58 @@ impl Kernel {
             table: TABLE_NAME,
             delta: &delta,
         };
-        let result = self.writer.commit(&[change]);
+        let result = self.commit_delta(&[change]);
         self.health
             .record_sync(SyncKind::Veths, started.elapsed(), result.is_ok());
         match result {
-            Ok(sent) => {
+            Ok((sent, checked_at)) => {
                 tracing::info!(
                     kind = "veths",
                     messages = sent.messages,
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"
                 );
-                installed.guard = guard;
-                installed.baseline = read_baseline(&mut self.writer).ok();
+                let baseline = read_baseline(&mut self.writer, checked_at).ok();
+                if let Some(installed) = self.installed.as_mut() {
+                    installed.guard = guard;
+                    installed.baseline = baseline;
+                }
+            }
+            Err(err) if err.is_stale() => {
+                tracing::info!("our tables changed; the veths follow once they are restored");
             }
             Err(err) => tracing::error!(%err, "updating the anti-spoofing table failed; retrying"),
+        }
+    }
+
+    /// Commits `changes`, deltas worked out against what the agent installed, only while the
+    /// kernel holds that: the batch names the generation at which the tables were last found
+    /// as left, and the kernel refuses it if anything was committed since. Then the tables are
+    /// looked at again: as left (another table changed), the delta is sent again; changed,
+    /// the refusal is returned and the caller writes them whole, or waits for the check that
+    /// will.
+    fn commit_delta(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
+        let mut attempts = 0;
+        loop {
+            let generation = self
+                .installed
+                .as_ref()
+                .and_then(|i| i.baseline)
+                .map(|b| b.generation);
+            let result = match generation {
+                Some(generation) => self.writer.commit_at(changes, generation),
+                // Never read back: the caller's own check found nothing to hold it to.
+                None => self.writer.commit(changes),
+            };
+            match result {
+                Err(err) if err.is_stale() && attempts < 2 => {
+                    attempts += 1;
+                    if self.tables_as_left() != Some(true) {
+                        return Err(err);
+                    }
+                }
+                result => return result.map(|sent| (sent, generation)),
+            }
         }
     }
 
@@ -660,8 +730,12 @@ impl Kernel {
         {
             return Some(true);
         }
-        let now = match read_baseline(&mut self.writer) {
+        let now = match read_baseline(&mut self.writer, None) {
             Ok(now) => now,
+            Err(WriteError::Moved) => {
+                tracing::info!("another transaction came while our tables were read back; looking again at the next check");
+                return None;
+            }
             Err(err) => {
                 tracing::error!(%err, "cannot read our tables back");
                 return None;

@@ -691,6 +691,46 @@ fn pod_deltas_give_the_same_table_as_a_full_replace_in_far_fewer_messages() {
 }
 
 #[test]
+fn a_batch_at_a_stale_generation_is_refused_whole() {
+    if skip_unless_root("a_batch_at_a_stale_generation_is_refused_whole") {
+        return;
+    }
+    let mut compiler = compile("three-tier.yaml", "node-a");
+    let initial = compiler.table().clone();
+    let delta = relabel(&mut compiler, "frontend-1", "backend");
+    let (stale, current) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(&initial).unwrap();
+        let before = listing(TABLE);
+        let seen = writer.generation().unwrap();
+        // Someone else commits: another table.
+        nft(&["add table inet other"], None);
+        let change = Change::Delta {
+            family: TableFamily::Inet,
+            table: TABLE,
+            delta: &delta,
+        };
+        let stale = writer.commit_at(&[change], seen);
+        let untouched = listing(TABLE) == before;
+        let now = writer.generation().unwrap();
+        let current = writer.commit_at(&[change], now).map(|_| listing(TABLE));
+        ((stale, untouched), current)
+    });
+    let (stale, untouched) = stale;
+    match &stale {
+        Err(err) => assert!(err.is_stale(), "refused, but not as stale: {err}"),
+        Ok(_) => panic!("a batch at a generation since moved was applied"),
+    }
+    assert!(untouched, "the refused batch changed the table");
+    let listed = current.expect("the same batch at the current generation");
+    let diffs = differences(
+        &canonical(&listed),
+        &canonical(&reference(compiler.table())),
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
 fn a_refused_object_fails_the_whole_batch_and_is_named() {
     if skip_unless_root("a_refused_object_fails_the_whole_batch_and_is_named") {
         return;

@@ -57,12 +57,25 @@ pub enum WriteError {
         /// Further messages of the same batch that were refused too.
         others: usize,
     },
+    /// Another transaction was committed while the agent read its tables back, or between its
+    /// own commit and that reading: what was read cannot be told apart from it.
+    #[error("another nf_tables transaction came while our tables were read back")]
+    Moved,
     #[error("no reply to {missing} of {expected} messages (the first: {first}); the batch may or may not have been applied")]
     Unanswered {
         missing: usize,
         expected: usize,
         first: String,
     },
+}
+
+impl WriteError {
+    /// The kernel refused a [`Writer::commit_at`] batch because something was committed
+    /// since the generation it named (`ERESTART`); nothing of the batch was applied.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, WriteError::Refused { error, .. }
+            if error.raw_os_error() == Some(nftnl_sys::libc::ERESTART))
+    }
 }
 
 fn more_refused(others: usize) -> String {
@@ -128,6 +141,26 @@ impl Writer {
 
     /// Makes every change, to one table or several, in one transaction: all land or none.
     pub fn commit(&mut self, changes: &[Change<'_>]) -> Result<Sent, WriteError> {
+        self.commit_checked(changes, None)
+    }
+
+    /// [`Writer::commit`], but only if the nf_tables generation is still `generation`
+    /// (nothing was committed since): the batch start carries it, as `nft` sends it, and the
+    /// kernel refuses the whole batch otherwise ([`WriteError::is_stale`]). For deltas worked
+    /// out against what the caller last found in the kernel.
+    pub fn commit_at(
+        &mut self,
+        changes: &[Change<'_>],
+        generation: u32,
+    ) -> Result<Sent, WriteError> {
+        self.commit_checked(changes, Some(generation))
+    }
+
+    fn commit_checked(
+        &mut self,
+        changes: &[Change<'_>],
+        generation: Option<u32>,
+    ) -> Result<Sent, WriteError> {
         let mut messages = Vec::new();
         for change in changes {
             messages.extend(match change {
@@ -139,7 +172,7 @@ impl Writer {
                 } => plan::apply(*family, table, delta)?,
             });
         }
-        self.send(&messages)
+        self.send(&messages, generation)
     }
 
     /// Whether `table inet <name>` is in the kernel: how the agent notices that its table was
@@ -201,17 +234,28 @@ impl Writer {
         self.query_seq
     }
 
-    fn send(&mut self, messages: &[plan::Message]) -> Result<Sent, WriteError> {
+    fn send(
+        &mut self,
+        messages: &[plan::Message],
+        generation: Option<u32>,
+    ) -> Result<Sent, WriteError> {
         if messages.is_empty() {
             return Ok(Sent::default());
         }
-        let encoded = sys::encode(messages.iter()).map_err(|sys::Unencodable(i)| {
+        let mut encoded = sys::encode(messages.iter()).map_err(|sys::Unencodable(i)| {
             WriteError::Unencodable {
                 object: messages
                     .get(i)
                     .map_or_else(String::new, |m| m.object.clone()),
             }
         })?;
+        if let Some(generation) = generation {
+            if !with_generation(&mut encoded.bytes, generation) {
+                return Err(WriteError::Unencodable {
+                    object: "the batch start".into(),
+                });
+            }
+        }
         let batch = Sequence::new(encoded.seqs.clone(), messages.len());
         let sent = Sent {
             messages: messages.len(),
@@ -292,6 +336,26 @@ impl Sequence {
             .get(index)
             .map_or_else(|| format!("message {seq}"), |m| m.object.clone())
     }
+}
+
+/// Adds `NFNL_BATCH_GENID` to the batch start at the head of `batch`, which must be the bare
+/// header libnftnl writes; `false` when it is not.
+fn with_generation(batch: &mut Vec<u8>, generation: u32) -> bool {
+    const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+    const NFNL_BATCH_GENID: u16 = 1;
+    const BARE: usize = HEADER + 4;
+    let bare = u32_at(batch, 0) == Some(BARE as u32)
+        && batch.get(4..6) == Some(&NFNL_MSG_BATCH_BEGIN.to_ne_bytes()[..]);
+    if !bare {
+        return false;
+    }
+    let mut attribute = Vec::with_capacity(8);
+    attribute.extend_from_slice(&8u16.to_ne_bytes());
+    attribute.extend_from_slice(&NFNL_BATCH_GENID.to_ne_bytes());
+    attribute.extend_from_slice(&generation.to_be_bytes());
+    batch.splice(BARE..BARE, attribute);
+    batch[0..4].copy_from_slice(&((BARE + 8) as u32).to_ne_bytes());
+    true
 }
 
 /// `(sequence number, errno)` of each acknowledgement (`NLMSG_ERROR`) in a datagram; errno 0
