@@ -344,21 +344,26 @@ struct Baseline {
 }
 
 /// Our tables' fingerprints and the generation they belong to. Nothing is known
-/// ([`WriteError::Moved`]) when the generation moved while they were read, or, after a commit
-/// checked at `committed_at`, when that commit is not the last one: a transaction after ours
-/// might have changed our tables, and the fingerprints would take that for ours.
-fn read_baseline(writer: &mut Writer, committed_at: Option<u32>) -> Result<Baseline, WriteError> {
+/// ([`WriteError::Moved`]) when the generation moved while they were read, or, after a checked
+/// commit, when the generation is not `expected`, the one that commit left: a transaction after
+/// ours might have changed our tables, and the fingerprints would take that for ours.
+fn read_baseline(writer: &mut Writer, expected: Option<u32>) -> Result<Baseline, WriteError> {
     let generation = writer.generation()?;
     let baseline = Baseline {
         generation,
         inet: writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?,
         bridge: writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?,
     };
-    let ours = committed_at.is_none_or(|at| generation == at.wrapping_add(1));
+    let ours = expected.is_none_or(|expected| generation == expected);
     if !ours || writer.generation()? != generation {
         return Err(WriteError::Moved);
     }
     Ok(baseline)
+}
+
+/// The generation a commit leaves after `generation`: the kernel counts up and skips 0.
+fn next_generation(generation: u32) -> u32 {
+    generation.wrapping_add(1).max(1)
 }
 
 /// How often the loop ticks: `wanted`, or every `watchdog` interval (half systemd's timeout)
@@ -513,14 +518,14 @@ impl Kernel {
             Err(err) => (kind, Err(err)),
         };
         match result {
-            Ok((sent, checked_at)) => {
+            Ok((sent, expected)) => {
                 tracing::info!(
                     kind = ?kind,
                     messages = sent.messages,
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
-                let baseline = match read_baseline(&mut self.writer, checked_at) {
+                let baseline = match read_baseline(&mut self.writer, expected) {
                     Ok(baseline) => Some(baseline),
                     Err(WriteError::Moved) => {
                         tracing::warn!("another transaction came right after the sync; the next check writes our tables whole");
@@ -612,9 +617,9 @@ impl Kernel {
             delta: &delta,
         };
         match self.commit_delta(&[change]) {
-            Ok((_, checked_at)) => {
+            Ok((_, expected)) => {
                 tracing::info!(epoch = on.value(), "established-connection fast path on");
-                let baseline = read_baseline(&mut self.writer, checked_at).ok();
+                let baseline = read_baseline(&mut self.writer, expected).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy = policy;
                     installed.baseline = baseline;
@@ -623,7 +628,7 @@ impl Kernel {
                 self.health.set_epoch(on);
             }
             // The next tick's check writes the tables whole; the fast path follows.
-            Err(err) if err.is_stale() => {
+            Err(err) if err.is_stale() || matches!(err, WriteError::Moved) => {
                 tracing::info!("our tables changed; the fast path waits for them to be restored");
             }
             Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
@@ -651,20 +656,20 @@ impl Kernel {
         self.health
             .record_sync(SyncKind::Veths, started.elapsed(), result.is_ok());
         match result {
-            Ok((sent, checked_at)) => {
+            Ok((sent, expected)) => {
                 tracing::info!(
                     kind = "veths",
                     messages = sent.messages,
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"
                 );
-                let baseline = read_baseline(&mut self.writer, checked_at).ok();
+                let baseline = read_baseline(&mut self.writer, expected).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.guard = guard;
                     installed.baseline = baseline;
                 }
             }
-            Err(err) if err.is_stale() => {
+            Err(err) if err.is_stale() || matches!(err, WriteError::Moved) => {
                 tracing::info!("our tables changed; the veths follow once they are restored");
             }
             Err(err) => tracing::error!(%err, "updating the anti-spoofing table failed; retrying"),
@@ -676,28 +681,31 @@ impl Kernel {
     /// as left, and the kernel refuses it if anything was committed since. Then the tables are
     /// looked at again: as left (another table changed), the delta is sent again; changed,
     /// the refusal is returned and the caller writes them whole, or waits for the check that
-    /// will.
+    /// will ([`WriteError::Moved`] when the tables were never read back, so nothing is sent).
+    /// On success, also the generation the kernel should be at now, for [`read_baseline`].
     fn commit_delta(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
         let mut attempts = 0;
         loop {
-            let generation = self
+            // Never read back (the read overlapped another transaction, or failed): nothing to
+            // hold the delta to. The next check writes the tables whole.
+            let Some(generation) = self
                 .installed
                 .as_ref()
                 .and_then(|i| i.baseline)
-                .map(|b| b.generation);
-            let result = match generation {
-                Some(generation) => self.writer.commit_at(changes, generation),
-                // Never read back: the caller's own check found nothing to hold it to.
-                None => self.writer.commit(changes),
+                .map(|b| b.generation)
+            else {
+                return Err(WriteError::Moved);
             };
-            match result {
+            match self.writer.commit_at(changes, generation) {
                 Err(err) if err.is_stale() && attempts < 2 => {
                     attempts += 1;
                     if self.tables_as_left() != Some(true) {
                         return Err(err);
                     }
                 }
-                result => return result.map(|sent| (sent, generation)),
+                // An empty batch is not sent: the generation stays where it was checked.
+                Ok(sent) if sent.messages == 0 => return Ok((sent, Some(generation))),
+                result => return result.map(|sent| (sent, Some(next_generation(generation)))),
             }
         }
     }
@@ -901,5 +909,11 @@ mod tests {
         assert_eq!(tick_period(ms(200), Some(ms(500))), ms(200));
         // A silly WATCHDOG_USEC never makes the loop spin.
         assert_eq!(tick_period(CHECK_EVERY, Some(Duration::ZERO)), ms(10));
+    }
+
+    #[test]
+    fn the_generation_after_a_commit_skips_zero() {
+        assert_eq!(next_generation(7), 8);
+        assert_eq!(next_generation(u32::MAX), 1);
     }
 }

@@ -256,7 +256,11 @@ impl Writer {
                 });
             }
         }
-        let batch = Sequence::new(encoded.seqs.clone(), messages.len());
+        let batch = Sequence::new(
+            encoded.seqs.clone(),
+            u32_at(&encoded.bytes, 8),
+            messages.len(),
+        );
         let sent = Sent {
             messages: messages.len(),
             bytes: encoded.bytes.len(),
@@ -276,7 +280,7 @@ impl Writer {
         let mut answers: BTreeMap<u32, i32> = BTreeMap::new();
         while let Some(datagram) = self.socket.recv().map_err(WriteError::Receive)? {
             for (seq, errno) in acknowledgements(datagram) {
-                if encoded.seqs.contains(&seq) {
+                if batch.answers(seq) {
                     answers.insert(seq, errno);
                 }
             }
@@ -308,20 +312,33 @@ impl Writer {
 
 /// Which sequence number went to which message of a batch.
 struct Sequence {
+    /// Every message that asks for an acknowledgement.
+    acked: std::ops::Range<u32>,
+    /// The batch start's own number.
+    start: Option<u32>,
     /// The object messages.
     messages: std::ops::Range<u32>,
 }
 
 impl Sequence {
     /// `acked` holds the object messages, and the batch start and end when the kernel
-    /// acknowledges those too.
-    fn new(acked: std::ops::Range<u32>, count: usize) -> Sequence {
+    /// acknowledges those too; `start` is the number the batch start carries.
+    fn new(acked: std::ops::Range<u32>, start: Option<u32>, count: usize) -> Sequence {
         let count = u32::try_from(count).unwrap_or(u32::MAX);
         let framed = acked.len() > count as usize;
         let first = if framed { acked.start + 1 } else { acked.start };
         Sequence {
+            acked,
+            start,
             messages: first..first.saturating_add(count),
         }
+    }
+
+    /// Whether an acknowledgement numbered `seq` is for this batch. Before Linux 6.10 the
+    /// batch start carries 0 and asks for none, but a refusal of it (a stale generation)
+    /// still comes, numbered 0.
+    fn answers(&self, seq: u32) -> bool {
+        self.acked.contains(&seq) || Some(seq) == self.start
     }
 
     fn describe(&self, seq: u32, messages: &[plan::Message]) -> String {
@@ -470,11 +487,38 @@ mod tests {
 
     #[test]
     fn sequence_numbers_map_back_to_messages() {
-        let framed = Sequence::new(1..6, 3);
+        let framed = Sequence::new(1..6, Some(1), 3);
         assert_eq!(framed.messages, 2..5);
-        let bare = Sequence::new(1..4, 3);
+        let bare = Sequence::new(1..4, Some(0), 3);
         assert_eq!(bare.messages, 1..4);
         assert_eq!(framed.describe(1, &[]), "the batch start");
         assert_eq!(framed.describe(5, &[]), "the batch end");
+    }
+
+    #[test]
+    fn a_refused_batch_start_is_ours_on_kernels_that_do_not_ack_it() {
+        let bare = Sequence::new(1..4, Some(0), 3);
+        assert!(bare.answers(0));
+        assert!(bare.answers(3));
+        assert!(!bare.answers(4));
+        assert_eq!(bare.describe(0, &[]), "the batch start");
+        let framed = Sequence::new(1..6, Some(1), 3);
+        assert!(!framed.answers(0));
+    }
+
+    #[test]
+    fn a_batch_start_names_its_own_sequence_number() {
+        let message = plan::Message {
+            object: "table inet t".into(),
+            family: 1,
+            op: plan::Op::DeleteTable {
+                table: std::ffi::CString::new("t").expect("no NUL"),
+            },
+        };
+        let encoded = sys::encode([&message].into_iter()).expect("encodes");
+        let start = u32_at(&encoded.bytes, 8).expect("a batch start");
+        let batch = Sequence::new(encoded.seqs.clone(), Some(start), 1);
+        assert!(batch.answers(start));
+        assert_eq!(batch.describe(start, &[message]), "the batch start");
     }
 }
