@@ -6,16 +6,18 @@
 //!   connections see the new verdict is taken, at `--poll-ms` 200 (the default) and 20.
 //! - `connrate`: new TCP connections per second from a pod on one node to a pod on another,
 //!   with the 150,000-pod synthetic cluster's rulesets in both nodes versus without, in rounds
-//!   rotating six modes: nftpol alone, nftpol without its established-connection fast path,
+//!   rotating eight modes: nftpol alone, nftpol without its established-connection fast path,
 //!   conntrack only, bare (no table), and the node's own networking tables (Flannel- and
-//!   kube-proxy-like, `lab::networking_tables`) without and with nftpol. A real node without a
-//!   policy agent is the last but one: conntrack on, NAT and filter chains in place.
+//!   kube-proxy-like, `lab::networking_tables`) without and with nftpol, and with only its
+//!   policy table or only its anti-spoofing guard (to tell their costs apart). A real node
+//!   without a policy agent is `networking`: conntrack on, NAT and filter chains in place.
 //!
 //! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
 //! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
 //! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
 //! seconds per run, default 3), `NFTPOL_LAB_MODES` (connrate modes to run, by key, comma
-//! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules`, all by default; a
+//! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules,networking-policy,
+//! networking-guard`, all by default; a
 //! single mode run long is what a profiler wants). Figures are printed; nothing is asserted about
 //! speed.
 
@@ -582,6 +584,16 @@ fn connrate() {
                 Mode::NetworkingRules,
                 Mode::Networking,
             ),
+            (
+                "flannel-like + policy / flannel-like",
+                Mode::NetworkingPolicy,
+                Mode::Networking,
+            ),
+            (
+                "flannel-like + guard / flannel-like",
+                Mode::NetworkingGuard,
+                Mode::Networking,
+            ),
         ] {
             if !(ran(a) && ran(b)) {
                 continue;
@@ -643,7 +655,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 const CT_ONLY_TABLE: &str = "nftpol_ct_only";
-const MODES: usize = 6;
+const MODES: usize = 8;
 
 /// What one node namespace gets in each mode.
 struct NodeSetup {
@@ -687,6 +699,8 @@ enum Mode {
     Bare = 3,
     Networking = 4,
     NetworkingRules = 5,
+    NetworkingPolicy = 6,
+    NetworkingGuard = 7,
 }
 
 impl Mode {
@@ -697,6 +711,8 @@ impl Mode {
         Mode::Bare,
         Mode::Networking,
         Mode::NetworkingRules,
+        Mode::NetworkingPolicy,
+        Mode::NetworkingGuard,
     ];
 
     /// `NFTPOL_LAB_MODES`, or all of them.
@@ -725,6 +741,8 @@ impl Mode {
             Mode::Bare => "bare",
             Mode::Networking => "networking",
             Mode::NetworkingRules => "networking-rules",
+            Mode::NetworkingPolicy => "networking-policy",
+            Mode::NetworkingGuard => "networking-guard",
         }
     }
 
@@ -736,6 +754,8 @@ impl Mode {
             Mode::Bare => "bare",
             Mode::Networking => "flannel-like",
             Mode::NetworkingRules => "flannel-like + nftpol",
+            Mode::NetworkingPolicy => "flannel-like + policy",
+            Mode::NetworkingGuard => "flannel-like + guard",
         }
     }
 
@@ -755,13 +775,22 @@ impl Mode {
                 "Flannel's masquerade and kube-proxy's NAT and filter tables, as a node without a policy agent".into()
             }
             Mode::NetworkingRules => "those and the compiled rulesets".into(),
+            Mode::NetworkingPolicy => "those and the policy table alone (no anti-spoofing guard)".into(),
+            Mode::NetworkingGuard => "those and the anti-spoofing guard alone (no policy table)".into(),
         }
     }
 
     fn has_rules(self) -> bool {
         matches!(
             self,
-            Mode::Rules | Mode::RulesNoFastPath | Mode::NetworkingRules
+            Mode::Rules | Mode::RulesNoFastPath | Mode::NetworkingRules | Mode::NetworkingPolicy
+        )
+    }
+
+    fn has_guard(self) -> bool {
+        matches!(
+            self,
+            Mode::Rules | Mode::RulesNoFastPath | Mode::NetworkingRules | Mode::NetworkingGuard
         )
     }
 
@@ -784,6 +813,14 @@ impl Mode {
             ),
             Mode::Bare => {}
             Mode::Networking => nft_text(netns, &setup.networking),
+            Mode::NetworkingPolicy => {
+                nft_text(netns, &setup.networking);
+                install(netns, &setup.rules);
+            }
+            Mode::NetworkingGuard => {
+                nft_text(netns, &setup.networking);
+                install(netns, &setup.guard);
+            }
             Mode::NetworkingRules => {
                 nft_text(netns, &setup.networking);
                 install(netns, &setup.rules);
@@ -796,13 +833,18 @@ impl Mode {
         let netns = setup.netns.as_str();
         if self.has_rules() {
             ip_netns_exec(netns, &["nft", "delete", "table", "inet", TABLE_NAME]);
+        }
+        if self.has_guard() {
             ip_netns_exec(netns, &["nft", "delete", "table", "bridge", TABLE_NAME]);
         }
         match self {
             Mode::Conntrack => {
                 ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE]);
             }
-            Mode::Networking | Mode::NetworkingRules => nft_text(netns, NETWORKING_TABLES_DELETE),
+            Mode::Networking
+            | Mode::NetworkingRules
+            | Mode::NetworkingPolicy
+            | Mode::NetworkingGuard => nft_text(netns, NETWORKING_TABLES_DELETE),
             _ => {}
         }
     }

@@ -905,7 +905,23 @@ fn base_table(node: &str, options: &Options) -> Table {
             "ingress of local pods",
         ));
     }
-    let mut input = common();
+    // Most of what reaches the node (the overlay's own packets, above all) comes from no local
+    // pod whose egress is isolated: one lookup lets it through, instead of the whole chain.
+    let mut input: Vec<Rule> = Family::BOTH
+        .into_iter()
+        .map(|family| {
+            rule(
+                vec![Match::AddrNotInSet {
+                    family,
+                    field: AddrField::Source,
+                    set: dispatch_map(Direction::Egress, family),
+                }],
+                Verdict::Accept,
+                "not from a local pod with isolated egress",
+            )
+        })
+        .collect();
+    input.extend(common());
     for family in Family::BOTH {
         input.push(rule(
             Vec::new(),

@@ -215,7 +215,11 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
     }
 }
 
+/// Whether `ip` is in the set `set`, or a key of the map `set` (a lookup without a verdict).
 fn addr_in_set(table: &Table, set: &str, ip: IpAddr) -> bool {
+    if let Some(map) = table.maps.get(set) {
+        return map.elements.contains_key(&ip);
+    }
     table.sets.get(set).is_some_and(|s| {
         if s.interval {
             s.elements

@@ -906,6 +906,34 @@ fn replies_related_packets_and_neighbour_discovery_pass_isolation() {
         .decision,
         Decision::Drop
     );
+    let at_input = |p: Packet| evaluate(t, Hook::Input, &p);
+    // Its replies to connections the node opened (kubelet probes) pass.
+    assert_eq!(
+        at_input(packet("10.0.0.2", "192.168.0.1", web, CtState::Reply)).decision,
+        Decision::Accept
+    );
+    // What comes from no isolated local pod (another node's overlay packets, say) is let
+    // through by one rule, not the whole chain.
+    let overlay = L4::Transport {
+        protocol: Udp,
+        dport: 8472,
+    };
+    for from in ["192.168.0.2", "fd00::9"] {
+        let to = if from.contains(':') {
+            "fd00::1"
+        } else {
+            "192.168.0.1"
+        };
+        let seen = at_input(packet(from, to, overlay, CtState::New));
+        assert_eq!(seen.decision, Decision::Accept, "{from}");
+        assert_eq!(seen.steps.len(), 1, "{from}: {:?}", seen.steps);
+        assert_eq!(
+            seen.last_rule_in("input")
+                .and_then(|r| r.comment.as_deref()),
+            Some("not from a local pod with isolated egress"),
+            "{from}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- failing closed
