@@ -475,10 +475,7 @@ impl Kernel {
         let policy = &policy;
         let whole = [Change::Replace(policy), Change::Replace(&guard)];
         let (kind, attempt) = match self.installed.as_ref().filter(|_| !full) {
-            None => (
-                SyncKind::Full,
-                self.writer.commit(&whole).map(|sent| (sent, None)),
-            ),
+            None => (SyncKind::Full, self.commit_whole(&whole)),
             Some(prev) => {
                 let policy_delta = diff(&prev.policy, policy);
                 let guard_delta = diff(&prev.guard, &guard);
@@ -510,7 +507,7 @@ impl Kernel {
                     tracing::error!(%err, "sync failed; retrying as a full replace");
                 }
                 let again = Instant::now();
-                let result = self.writer.commit(&whole).map(|sent| (sent, None));
+                let result = self.commit_whole(&whole);
                 self.health
                     .record_sync(SyncKind::Full, again.elapsed(), result.is_ok());
                 (SyncKind::Full, result)
@@ -708,6 +705,22 @@ impl Kernel {
                 result => return result.map(|sent| (sent, Some(next_generation(generation)))),
             }
         }
+    }
+
+    /// Writes our tables whole, in a batch that names the generation read just before it, so
+    /// that the read-back after it can tell whether another transaction came after ours (and
+    /// might have changed them). A whole table does not depend on what it replaces: a batch
+    /// refused as stale is sent again, and after three refusals it goes unchecked, with no
+    /// generation to expect, rather than not at all.
+    fn commit_whole(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
+        for _ in 0..3 {
+            let generation = self.writer.generation()?;
+            match self.writer.commit_at(changes, generation) {
+                Err(err) if err.is_stale() => continue,
+                result => return result.map(|sent| (sent, Some(next_generation(generation)))),
+            }
+        }
+        self.writer.commit(changes).map(|sent| (sent, None))
     }
 
     /// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
