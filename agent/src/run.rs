@@ -597,7 +597,8 @@ impl Kernel {
         if self.epoch.fast_path() || self.epoch.bits().is_off() {
             return;
         }
-        let Some(installed) = self.installed.as_ref() else {
+        // Without a baseline the delta below would not be sent: no conntrack walk for nothing.
+        let Some(installed) = self.installed.as_ref().filter(|i| i.baseline.is_some()) else {
             return;
         };
         if let Err(err) = conntrack::clear(self.epoch.bits().mask(), Which::Any) {
@@ -707,26 +708,36 @@ impl Kernel {
         }
     }
 
-    /// Writes our tables whole, in a batch that names the generation read just before it, so
-    /// that the read-back after it can tell whether another transaction came after ours (and
-    /// might have changed them). A whole table does not depend on what it replaces: a batch
-    /// refused as stale is sent again, and after three refusals it goes unchecked, with no
-    /// generation to expect, rather than not at all.
+    /// Writes our tables whole, in a batch that names the generation read just before it is
+    /// sent, so that the read-back after it can tell whether another transaction came after
+    /// ours (and might have changed them). A whole table does not depend on what it replaces:
+    /// a batch refused as stale is sent again, and after three refusals it goes unchecked,
+    /// with no generation to expect, rather than not at all.
     fn commit_whole(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
-        for _ in 0..3 {
-            let generation = self.writer.generation()?;
-            match self.writer.commit_at(changes, generation) {
-                Err(err) if err.is_stale() => continue,
-                result => return result.map(|sent| (sent, Some(next_generation(generation)))),
-            }
+        match self.writer.commit_at_latest(changes, 3) {
+            Err(err) if err.is_stale() => self.writer.commit(changes).map(|sent| (sent, None)),
+            Ok((sent, at)) if sent.messages == 0 => Ok((sent, Some(at))),
+            result => result.map(|(sent, at)| (sent, Some(next_generation(at)))),
         }
-        self.writer.commit(changes).map(|sent| (sent, None))
     }
 
     /// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
     /// stray `nft delete element`).
     fn restore_if_changed(&mut self, compiler: &Compiler) {
-        if self.tables_as_left() == Some(false) {
+        // Not read back after the last write (the read failed, or another transaction came
+        // in between): there is nothing to compare with, and a whole write needs nothing. Until
+        // then no delta lands, so waiting for a read-back that keeps failing would leave new
+        // veths unguarded.
+        if self
+            .installed
+            .as_ref()
+            .is_some_and(|i| i.baseline.is_none())
+        {
+            tracing::warn!(
+                "our tables were not read back after the last write; writing them whole"
+            );
+            self.sync(compiler, true);
+        } else if self.tables_as_left() == Some(false) {
             self.sync(compiler, true);
         }
     }

@@ -731,6 +731,31 @@ fn a_batch_at_a_stale_generation_is_refused_whole() {
 }
 
 #[test]
+fn a_whole_table_is_checked_at_the_generation_read_when_sent() {
+    if skip_unless_root("a_whole_table_is_checked_at_the_generation_read_when_sent") {
+        return;
+    }
+    let table = compile("three-tier.yaml", "node-a").table().clone();
+    let (checked, after, listed) = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        // Transactions before the commit do not refuse it: the generation is read when sent.
+        nft(&["add table inet other"], None);
+        let checked = writer.commit_at_latest(&[Change::Replace(&table)], 1);
+        let after = writer.generation().unwrap();
+        (checked, after, listing(TABLE))
+    });
+    let (sent, at) = checked.expect("committed at the generation just read");
+    assert!(sent.messages > 0);
+    assert_eq!(
+        after,
+        at.wrapping_add(1).max(1),
+        "ours is the one commit since"
+    );
+    let diffs = differences(&canonical(&listed), &canonical(&reference(&table)));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
 fn a_refused_object_fails_the_whole_batch_and_is_named() {
     if skip_unless_root("a_refused_object_fails_the_whole_batch_and_is_named") {
         return;

@@ -156,22 +156,43 @@ impl Writer {
         self.commit_checked(changes, Some(generation))
     }
 
+    /// [`Writer::commit_at`] the generation read just before sending, so that another
+    /// transaction between the reading and the kernel's check is unlikely: the batch is
+    /// planned and encoded first, once. A stale refusal is sent again, at most `attempts`
+    /// times in all. Returns what was sent and the generation it was checked at.
+    pub fn commit_at_latest(
+        &mut self,
+        changes: &[Change<'_>],
+        attempts: usize,
+    ) -> Result<(Sent, u32), WriteError> {
+        let messages = plan_all(changes)?;
+        let encoded = encode(&messages)?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let generation = self.generation()?;
+            if messages.is_empty() {
+                return Ok((Sent::default(), generation));
+            }
+            let mut bytes = encoded.bytes.clone();
+            if !with_generation(&mut bytes, generation) {
+                return Err(WriteError::Unencodable {
+                    object: "the batch start".into(),
+                });
+            }
+            match self.transmit(&messages, &encoded, &bytes) {
+                Err(err) if err.is_stale() && tries < attempts => continue,
+                result => return result.map(|sent| (sent, generation)),
+            }
+        }
+    }
+
     fn commit_checked(
         &mut self,
         changes: &[Change<'_>],
         generation: Option<u32>,
     ) -> Result<Sent, WriteError> {
-        let mut messages = Vec::new();
-        for change in changes {
-            messages.extend(match change {
-                Change::Replace(table) => plan::replace(table)?,
-                Change::Delta {
-                    family,
-                    table,
-                    delta,
-                } => plan::apply(*family, table, delta)?,
-            });
-        }
+        let messages = plan_all(changes)?;
         self.send(&messages, generation)
     }
 
@@ -242,13 +263,7 @@ impl Writer {
         if messages.is_empty() {
             return Ok(Sent::default());
         }
-        let mut encoded = sys::encode(messages.iter()).map_err(|sys::Unencodable(i)| {
-            WriteError::Unencodable {
-                object: messages
-                    .get(i)
-                    .map_or_else(String::new, |m| m.object.clone()),
-            }
-        })?;
+        let mut encoded = encode(messages)?;
         if let Some(generation) = generation {
             if !with_generation(&mut encoded.bytes, generation) {
                 return Err(WriteError::Unencodable {
@@ -256,27 +271,32 @@ impl Writer {
                 });
             }
         }
-        let batch = Sequence::new(
-            encoded.seqs.clone(),
-            u32_at(&encoded.bytes, 8),
-            messages.len(),
-        );
+        self.transmit(messages, &encoded, &encoded.bytes)
+    }
+
+    /// Sends `bytes` (`encoded`, or it with the batch start amended) and reads every
+    /// acknowledgement.
+    fn transmit(
+        &mut self,
+        messages: &[plan::Message],
+        encoded: &sys::Encoded,
+        bytes: &[u8],
+    ) -> Result<Sent, WriteError> {
+        let batch = Sequence::new(encoded.seqs.clone(), u32_at(bytes, 8), messages.len());
         let sent = Sent {
             messages: messages.len(),
-            bytes: encoded.bytes.len(),
+            bytes: bytes.len(),
         };
         // Replies left over from an earlier batch that failed half way would be misread.
         while self.socket.recv().map_err(WriteError::Socket)?.is_some() {}
         self.socket
-            .reserve(encoded.bytes.len(), encoded.seqs.len())
+            .reserve(bytes.len(), encoded.seqs.len())
             .map_err(WriteError::Socket)?;
-        self.socket
-            .send(&encoded.bytes)
-            .map_err(|source| WriteError::Send {
-                messages: sent.messages,
-                bytes: sent.bytes,
-                source,
-            })?;
+        self.socket.send(bytes).map_err(|source| WriteError::Send {
+            messages: sent.messages,
+            bytes: sent.bytes,
+            source,
+        })?;
         let mut answers: BTreeMap<u32, i32> = BTreeMap::new();
         while let Some(datagram) = self.socket.recv().map_err(WriteError::Receive)? {
             for (seq, errno) in acknowledgements(datagram) {
@@ -308,6 +328,31 @@ impl Writer {
         }
         Ok(sent)
     }
+}
+
+/// Every change's messages, in order.
+fn plan_all(changes: &[Change<'_>]) -> Result<Vec<plan::Message>, WriteError> {
+    let mut messages = Vec::new();
+    for change in changes {
+        messages.extend(match change {
+            Change::Replace(table) => plan::replace(table)?,
+            Change::Delta {
+                family,
+                table,
+                delta,
+            } => plan::apply(*family, table, delta)?,
+        });
+    }
+    Ok(messages)
+}
+
+/// The batch framing `messages`, naming the one that could not be built.
+fn encode(messages: &[plan::Message]) -> Result<sys::Encoded, WriteError> {
+    sys::encode(messages.iter()).map_err(|sys::Unencodable(i)| WriteError::Unencodable {
+        object: messages
+            .get(i)
+            .map_or_else(String::new, |m| m.object.clone()),
+    })
 }
 
 /// Which sequence number went to which message of a batch.
