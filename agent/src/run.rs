@@ -361,9 +361,20 @@ fn read_baseline(writer: &mut Writer, expected: Option<u32>) -> Result<Baseline,
     Ok(baseline)
 }
 
-/// The generation a commit leaves after `generation`: the kernel counts up and skips 0.
-fn next_generation(generation: u32) -> u32 {
-    generation.wrapping_add(1).max(1)
+/// The generation a batch checked at `generation` leaves: the next one (the kernel counts up
+/// and skips 0), or the same when the batch was empty and so not sent.
+fn generation_after(generation: u32, sent: Sent) -> u32 {
+    if sent.messages == 0 {
+        generation
+    } else {
+        generation.wrapping_add(1).max(1)
+    }
+}
+
+/// A delta that was not sent because our tables are not as the agent left them, or were never
+/// read back: the next check writes them whole, and the delta's work follows from there.
+fn waits_for_restore(err: &WriteError) -> bool {
+    err.is_stale() || matches!(err, WriteError::Moved)
 }
 
 /// How often the loop ticks: `wanted`, or every `watchdog` interval (half systemd's timeout)
@@ -626,7 +637,7 @@ impl Kernel {
                 self.health.set_epoch(on);
             }
             // The next tick's check writes the tables whole; the fast path follows.
-            Err(err) if err.is_stale() || matches!(err, WriteError::Moved) => {
+            Err(err) if waits_for_restore(&err) => {
                 tracing::info!("our tables changed; the fast path waits for them to be restored");
             }
             Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
@@ -667,7 +678,7 @@ impl Kernel {
                     installed.baseline = baseline;
                 }
             }
-            Err(err) if err.is_stale() || matches!(err, WriteError::Moved) => {
+            Err(err) if waits_for_restore(&err) => {
                 tracing::info!("our tables changed; the veths follow once they are restored");
             }
             Err(err) => tracing::error!(%err, "updating the anti-spoofing table failed; retrying"),
@@ -701,9 +712,9 @@ impl Kernel {
                         return Err(err);
                     }
                 }
-                // An empty batch is not sent: the generation stays where it was checked.
-                Ok(sent) if sent.messages == 0 => return Ok((sent, Some(generation))),
-                result => return result.map(|sent| (sent, Some(next_generation(generation)))),
+                result => {
+                    return result.map(|sent| (sent, Some(generation_after(generation, sent))))
+                }
             }
         }
     }
@@ -716,8 +727,7 @@ impl Kernel {
     fn commit_whole(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
         match self.writer.commit_at_latest(changes, 3) {
             Err(err) if err.is_stale() => self.writer.commit(changes).map(|sent| (sent, None)),
-            Ok((sent, at)) if sent.messages == 0 => Ok((sent, Some(at))),
-            result => result.map(|(sent, at)| (sent, Some(next_generation(at)))),
+            result => result.map(|(sent, at)| (sent, Some(generation_after(at, sent)))),
         }
     }
 
@@ -937,7 +947,13 @@ mod tests {
 
     #[test]
     fn the_generation_after_a_commit_skips_zero() {
-        assert_eq!(next_generation(7), 8);
-        assert_eq!(next_generation(u32::MAX), 1);
+        let sent = Sent {
+            messages: 3,
+            bytes: 100,
+        };
+        assert_eq!(generation_after(7, sent), 8);
+        assert_eq!(generation_after(u32::MAX, sent), 1);
+        // An empty batch is not sent: the generation stays where it was checked.
+        assert_eq!(generation_after(7, Sent::default()), 7);
     }
 }

@@ -794,38 +794,37 @@ impl Mode {
         )
     }
 
+    fn has_networking(self) -> bool {
+        matches!(
+            self,
+            Mode::Networking
+                | Mode::NetworkingRules
+                | Mode::NetworkingPolicy
+                | Mode::NetworkingGuard
+        )
+    }
+
+    /// The networking tables, then the policy table, then the guard: what the mode has.
     fn install(self, setup: &NodeSetup) {
         let netns = setup.netns.as_str();
-        match self {
-            Mode::Rules => {
-                install(netns, &setup.rules);
-                install(netns, &setup.guard);
-            }
-            Mode::RulesNoFastPath => {
-                install(netns, &setup.slow);
-                install(netns, &setup.guard);
-            }
-            Mode::Conntrack => nft_text(
+        if self == Mode::Conntrack {
+            nft_text(
                 netns,
                 &format!(
                     "table inet {CT_ONLY_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct direction reply accept\n\t\tct state related accept\n\t}}\n}}\n"
                 ),
-            ),
-            Mode::Bare => {}
-            Mode::Networking => nft_text(netns, &setup.networking),
-            Mode::NetworkingPolicy => {
-                nft_text(netns, &setup.networking);
-                install(netns, &setup.rules);
-            }
-            Mode::NetworkingGuard => {
-                nft_text(netns, &setup.networking);
-                install(netns, &setup.guard);
-            }
-            Mode::NetworkingRules => {
-                nft_text(netns, &setup.networking);
-                install(netns, &setup.rules);
-                install(netns, &setup.guard);
-            }
+            );
+        }
+        if self.has_networking() {
+            nft_text(netns, &setup.networking);
+        }
+        if self == Mode::RulesNoFastPath {
+            install(netns, &setup.slow);
+        } else if self.has_rules() {
+            install(netns, &setup.rules);
+        }
+        if self.has_guard() {
+            install(netns, &setup.guard);
         }
     }
 
@@ -837,15 +836,11 @@ impl Mode {
         if self.has_guard() {
             ip_netns_exec(netns, &["nft", "delete", "table", "bridge", TABLE_NAME]);
         }
-        match self {
-            Mode::Conntrack => {
-                ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE]);
-            }
-            Mode::Networking
-            | Mode::NetworkingRules
-            | Mode::NetworkingPolicy
-            | Mode::NetworkingGuard => nft_text(netns, NETWORKING_TABLES_DELETE),
-            _ => {}
+        if self == Mode::Conntrack {
+            ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE]);
+        }
+        if self.has_networking() {
+            nft_text(netns, NETWORKING_TABLES_DELETE);
         }
     }
 }

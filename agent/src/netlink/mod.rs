@@ -175,11 +175,7 @@ impl Writer {
                 return Ok((Sent::default(), generation));
             }
             let mut bytes = encoded.bytes.clone();
-            if !with_generation(&mut bytes, generation) {
-                return Err(WriteError::Unencodable {
-                    object: "the batch start".into(),
-                });
-            }
+            with_generation(&mut bytes, generation)?;
             match self.transmit(&messages, &encoded, &bytes) {
                 Err(err) if err.is_stale() && tries < attempts => continue,
                 result => return result.map(|sent| (sent, generation)),
@@ -265,11 +261,7 @@ impl Writer {
         }
         let mut encoded = encode(messages)?;
         if let Some(generation) = generation {
-            if !with_generation(&mut encoded.bytes, generation) {
-                return Err(WriteError::Unencodable {
-                    object: "the batch start".into(),
-                });
-            }
+            with_generation(&mut encoded.bytes, generation)?;
         }
         self.transmit(messages, &encoded, &encoded.bytes)
     }
@@ -401,15 +393,17 @@ impl Sequence {
 }
 
 /// Adds `NFNL_BATCH_GENID` to the batch start at the head of `batch`, which must be the bare
-/// header libnftnl writes; `false` when it is not.
-fn with_generation(batch: &mut Vec<u8>, generation: u32) -> bool {
+/// header libnftnl writes; [`WriteError::Unencodable`] when it is not.
+fn with_generation(batch: &mut Vec<u8>, generation: u32) -> Result<(), WriteError> {
     const NFNL_MSG_BATCH_BEGIN: u16 = 16;
     const NFNL_BATCH_GENID: u16 = 1;
     const BARE: usize = HEADER + 4;
     let bare = u32_at(batch, 0) == Some(BARE as u32)
         && batch.get(4..6) == Some(&NFNL_MSG_BATCH_BEGIN.to_ne_bytes()[..]);
     if !bare {
-        return false;
+        return Err(WriteError::Unencodable {
+            object: "the batch start".into(),
+        });
     }
     let mut attribute = Vec::with_capacity(8);
     attribute.extend_from_slice(&8u16.to_ne_bytes());
@@ -417,7 +411,7 @@ fn with_generation(batch: &mut Vec<u8>, generation: u32) -> bool {
     attribute.extend_from_slice(&generation.to_be_bytes());
     batch.splice(BARE..BARE, attribute);
     batch[0..4].copy_from_slice(&((BARE + 8) as u32).to_ne_bytes());
-    true
+    Ok(())
 }
 
 /// `(sequence number, errno)` of each acknowledgement (`NLMSG_ERROR`) in a datagram; errno 0
