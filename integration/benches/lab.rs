@@ -6,7 +6,7 @@
 //!   connections see the new verdict is taken, at `--poll-ms` 200 (the default) and 20.
 //! - `connrate`: new TCP connections per second from a pod on one node to a pod on another,
 //!   with the 150,000-pod synthetic cluster's rulesets in both nodes versus without, in rounds
-//!   rotating eight modes: nftpol alone, nftpol without its established-connection fast path,
+//!   rotating eight modes (a ninth below): nftpol alone, nftpol without its established-connection fast path,
 //!   conntrack only, bare (no table), and the node's own networking tables (Flannel- and
 //!   kube-proxy-like, `lab::networking_tables`) without and with nftpol, and with only its
 //!   policy table or only its anti-spoofing guard (to tell their costs apart). A real node
@@ -17,9 +17,16 @@
 //! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
 //! seconds per run, default 3), `NFTPOL_LAB_MODES` (connrate modes to run, by key, comma
 //! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules,networking-policy,
-//! networking-guard`, all by default; a
+//! networking-guard,networking-extra`, all by default; a
 //! single mode run long is what a profiler wants). Figures are printed; nothing is asserted about
 //! speed.
+//!
+//! To measure a ruleset written by hand against the same lab, before building it into the
+//! compiler: `NFTPOL_LAB_DUMP=DIR` writes what the nftpol modes load, per node, as
+//! `rules-{node}.nft` and `guard-{node}.nft`; `NFTPOL_LAB_EXTRA=FILE` (`{node}` in it replaced by
+//! the node's index, 0 or 1) adds the mode `networking-extra`: the networking tables and the
+//! `table` blocks of that file, deleted by name after each run. Its probes must show the lab's
+//! policy enforced when `NFTPOL_LAB_EXTRA_ENFORCES` is set, and everything reaching otherwise.
 
 #![allow(
     clippy::expect_used,
@@ -483,6 +490,7 @@ fn connrate() {
             took.as_secs_f64() * 1e3
         );
     }
+    let modes = Mode::chosen();
     let setups: Vec<NodeSetup> = nodes
         .iter()
         .zip(&compilers)
@@ -504,22 +512,49 @@ fn connrate() {
                 slow,
                 guard: guard_table(&format!("node-{i}"), &guarded),
                 networking: networking_tables(i, nodes.len()),
+                extra: if modes.contains(&Mode::NetworkingExtra) {
+                    fs::read_to_string(extra_path(i))
+                        .expect("NFTPOL_LAB_EXTRA names a readable file")
+                } else {
+                    String::new()
+                },
             }
         })
         .collect();
     drop(compilers);
+    if let Ok(dir) = std::env::var("NFTPOL_LAB_DUMP") {
+        for (i, setup) in setups.iter().enumerate() {
+            let dir = Path::new(&dir);
+            fs::write(
+                dir.join(format!("rules-{i}.nft")),
+                ruleset::render(&setup.rules),
+            )
+            .expect("write rules");
+            fs::write(
+                dir.join(format!("guard-{i}.nft")),
+                ruleset::render(&setup.guard),
+            )
+            .expect("write guard");
+        }
+        println!("  rules and guards written to {dir}");
+    }
     for setup in &setups {
         ip_netns_exec(
             &setup.netns,
             &["nft", "delete", "table", "inet", TABLE_NAME],
         );
     }
-    let modes = Mode::chosen();
     for &mode in &modes {
         for setup in &setups {
             mode.install(setup);
         }
-        check(mode.has_rules());
+        if mode == Mode::NetworkingExtra {
+            // Whatever the extra tables are meant to do, they say: NFTPOL_LAB_EXTRA_ENFORCES=1
+            // when they enforce the lab's policy as the compiled rulesets do.
+            check(std::env::var_os("NFTPOL_LAB_EXTRA_ENFORCES").is_some());
+        } else {
+            check(mode.has_rules());
+        }
         for setup in &setups {
             mode.remove(setup);
         }
@@ -594,6 +629,11 @@ fn connrate() {
                 Mode::NetworkingGuard,
                 Mode::Networking,
             ),
+            (
+                "flannel-like + extra / flannel-like",
+                Mode::NetworkingExtra,
+                Mode::Networking,
+            ),
         ] {
             if !(ran(a) && ran(b)) {
                 continue;
@@ -655,7 +695,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 const CT_ONLY_TABLE: &str = "nftpol_ct_only";
-const MODES: usize = 8;
+const MODES: usize = 9;
 
 /// What one node namespace gets in each mode.
 struct NodeSetup {
@@ -669,6 +709,14 @@ struct NodeSetup {
     guard: Table,
     /// `lab::networking_tables` for the node.
     networking: String,
+    /// What `NFTPOL_LAB_EXTRA` names for the node, if the extra mode runs.
+    extra: String,
+}
+
+/// `NFTPOL_LAB_EXTRA` with `{node}` replaced by `node`.
+fn extra_path(node: usize) -> PathBuf {
+    let template = std::env::var("NFTPOL_LAB_EXTRA").unwrap_or_default();
+    PathBuf::from(template.replace("{node}", &node.to_string()))
 }
 
 fn flush_conntrack(netns: &str) {
@@ -701,6 +749,7 @@ enum Mode {
     NetworkingRules = 5,
     NetworkingPolicy = 6,
     NetworkingGuard = 7,
+    NetworkingExtra = 8,
 }
 
 impl Mode {
@@ -713,12 +762,18 @@ impl Mode {
         Mode::NetworkingRules,
         Mode::NetworkingPolicy,
         Mode::NetworkingGuard,
+        Mode::NetworkingExtra,
     ];
 
-    /// `NFTPOL_LAB_MODES`, or all of them.
+    /// `NFTPOL_LAB_MODES`, or all of them (the extra mode only when `NFTPOL_LAB_EXTRA` names
+    /// its tables).
     fn chosen() -> Vec<Mode> {
+        let extra = std::env::var_os("NFTPOL_LAB_EXTRA").is_some();
         let Ok(keys) = std::env::var("NFTPOL_LAB_MODES") else {
-            return Mode::ALL.to_vec();
+            return Mode::ALL
+                .into_iter()
+                .filter(|&m| extra || m != Mode::NetworkingExtra)
+                .collect();
         };
         let modes: Vec<Mode> = keys
             .split(',')
@@ -730,6 +785,10 @@ impl Mode {
             })
             .collect();
         assert!(!modes.is_empty(), "NFTPOL_LAB_MODES names no mode");
+        assert!(
+            extra || !modes.contains(&Mode::NetworkingExtra),
+            "mode networking-extra needs NFTPOL_LAB_EXTRA, the file of its tables"
+        );
         modes
     }
 
@@ -743,6 +802,7 @@ impl Mode {
             Mode::NetworkingRules => "networking-rules",
             Mode::NetworkingPolicy => "networking-policy",
             Mode::NetworkingGuard => "networking-guard",
+            Mode::NetworkingExtra => "networking-extra",
         }
     }
 
@@ -756,6 +816,7 @@ impl Mode {
             Mode::NetworkingRules => "flannel-like + nftpol",
             Mode::NetworkingPolicy => "flannel-like + policy",
             Mode::NetworkingGuard => "flannel-like + guard",
+            Mode::NetworkingExtra => "flannel-like + extra",
         }
     }
 
@@ -777,6 +838,10 @@ impl Mode {
             Mode::NetworkingRules => "those and the compiled rulesets".into(),
             Mode::NetworkingPolicy => "those and the policy table alone (no anti-spoofing guard)".into(),
             Mode::NetworkingGuard => "those and the anti-spoofing guard alone (no policy table)".into(),
+            Mode::NetworkingExtra => format!(
+                "those and the tables in {} (`NFTPOL_LAB_EXTRA`, {{node}} the node's index)",
+                extra_path(0).display()
+            ),
         }
     }
 
@@ -801,6 +866,7 @@ impl Mode {
                 | Mode::NetworkingRules
                 | Mode::NetworkingPolicy
                 | Mode::NetworkingGuard
+                | Mode::NetworkingExtra
         )
     }
 
@@ -826,6 +892,9 @@ impl Mode {
         if self.has_guard() {
             install(netns, &setup.guard);
         }
+        if self == Mode::NetworkingExtra {
+            nft_text(netns, &setup.extra);
+        }
     }
 
     fn remove(self, setup: &NodeSetup) {
@@ -838,6 +907,15 @@ impl Mode {
         }
         if self == Mode::Conntrack {
             ip_netns_exec(netns, &["nft", "delete", "table", "inet", CT_ONLY_TABLE]);
+        }
+        if self == Mode::NetworkingExtra {
+            let deletes: String = setup
+                .extra
+                .lines()
+                .filter_map(|line| line.strip_prefix("table "))
+                .map(|rest| format!("delete table {}\n", rest.trim_end_matches(['{', ' '])))
+                .collect();
+            nft_text(netns, &deletes);
         }
         if self.has_networking() {
             nft_text(netns, NETWORKING_TABLES_DELETE);
