@@ -11,6 +11,10 @@
 //! - router advertisements: a pod that advertises itself as a router becomes its neighbours'
 //!   default router while no agent runs, and does not once the agent runs; neighbour discovery
 //!   still works;
+//! - link-local, broadcast and multicast: a pod reaches a pod that a policy isolates on the same
+//!   bridge at its IPv6 link-local address, and with IPv4 broadcast and IPv4 and IPv6 multicast
+//!   datagrams, while no agent runs, and cannot once the agent runs; pod addresses and neighbour
+//!   discovery work as before;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -360,11 +364,11 @@ fn teller_and_mallory(test: &str) -> Option<(tempfile::TempDir, Lab, Pod, Pod)> 
     Some((scratch, lab, teller, mallory))
 }
 
-/// One agent on node 0 of `lab` for `pods`, from a snapshot in `scratch`, once its guard lists
-/// every pod's veth.
-fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)]) -> Agent {
+/// One agent on node 0 of `lab` for `pods` and `policies`, from a snapshot in `scratch`, once
+/// its guard lists every pod's veth.
+fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)], policies: &str) -> Agent {
     let path = scratch.join("snapshot.yaml");
-    write_snapshot(&path, &snapshot(pods, ""));
+    write_snapshot(&path, &snapshot(pods, policies));
     let mut agent = Agent::start(Path::new(LABPOD), lab, 0, NODES[0], &path, &[]);
     wait_for(
         std::slice::from_mut(&mut agent),
@@ -480,6 +484,7 @@ fn a_pod_cannot_advertise_itself_as_a_router() {
         &lab,
         scratch.path(),
         &[(&teller, "teller"), (&mallory, "mallory")],
+        "",
     );
     let learnt = tags.map(|vlan0| advertise(&mallory, vlan0, &teller));
     println!(
@@ -536,6 +541,7 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
         &lab,
         scratch.path(),
         &[(&teller, "teller"), (&mallory, "mallory")],
+        "",
     );
     let claimed = arp_claim(&lab, &mallory, &teller);
     let genuine = arp_claim(&lab, &teller, &teller);
@@ -652,6 +658,7 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
         &lab,
         scratch.path(),
         &[(&teller, "teller"), (&mallory, "mallory")],
+        "",
     );
     let with_agent = claims();
     println!(
@@ -736,4 +743,99 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     );
     let after = lab.probe(&client, &to(&newcomer)).unwrap();
     assert_eq!(after, [true, true], "listed, the newcomer is reachable");
+}
+
+/// `labpod probe` from `from` to `addr` (`fe80::1%eth0` for a link-local one) on TCP 80: did
+/// it connect and get the server's reply?
+fn reaches(from: &Pod, addr: &str) -> bool {
+    let out = exec(
+        &from.netns,
+        &[LABPOD, "probe", "--timeout-ms", "1000", addr, "tcp", "80"],
+    );
+    out.trim_end().ends_with(" ok")
+}
+
+const TELLER_ISOLATED: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: teller-deny-ingress\n\
+    spec:\n  podSelector:\n    matchLabels:\n      app: teller\n  policyTypes:\n  - Ingress\n";
+
+#[test]
+fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
+    let Some((scratch, lab, teller, mallory)) = teller_and_mallory(
+        "a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast",
+    ) else {
+        return;
+    };
+    let teller_ll = format!("{}%eth0", link_local(&teller, "eth0"));
+    let mallory_ll = format!("{}%eth0", link_local(&mallory, "eth0"));
+    let counter = Counter::install(&teller, &[&mallory]);
+    let (mallory_v4, mallory_v6) = (mallory.ipv4.to_string(), mallory.ipv6.to_string());
+    // Datagrams from mallory's pod addresses to no pod address: IPv4 broadcast and all-hosts
+    // multicast, IPv6 all-nodes multicast; how many reached teller's input, per family.
+    let flooded = || {
+        let before = [counter.packets(&mallory_v4), counter.packets(&mallory_v6)];
+        for (from, to) in [
+            (&mallory_v4, "255.255.255.255"),
+            (&mallory_v4, "224.0.0.1"),
+            (&mallory_v6, "ff02::1%eth0"),
+        ] {
+            exec(
+                &mallory.netns,
+                &[LABPOD, "send", from, to, "80", &SENT.to_string()],
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        [
+            counter.packets(&mallory_v4) - before[0],
+            counter.packets(&mallory_v6) - before[1],
+        ]
+    };
+    assert!(
+        reaches(&mallory, &teller_ll),
+        "control: without the agent, mallory reaches teller at {teller_ll}"
+    );
+    assert_eq!(
+        flooded(),
+        [2 * SENT, SENT],
+        "control: without the agent, teller receives mallory's broadcast and multicast (IPv4, IPv6)"
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+        TELLER_ISOLATED,
+    );
+    assert!(
+        !reaches(&mallory, &teller.ipv6.to_string()),
+        "teller is isolated for ingress: mallory reaches its pod address\n{}",
+        agent.describe()
+    );
+    assert!(
+        !reaches(&mallory, &teller_ll),
+        "mallory reaches isolated teller at its link-local address {teller_ll}\n{}",
+        agent.describe()
+    );
+    assert!(
+        !reaches(&teller, &mallory_ll),
+        "teller reaches mallory at its link-local address {mallory_ll}\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        flooded(),
+        [0, 0],
+        "isolated teller receives mallory's broadcast and multicast (IPv4, IPv6)\n{}",
+        agent.describe()
+    );
+    // Pod addresses and the neighbour discovery under them still work: from empty neighbour
+    // caches, teller reaches mallory, whom no policy isolates, in both families.
+    for pod in [&teller, &mallory] {
+        exec(&pod.netns, &["ip", "neigh", "flush", "dev", "eth0"]);
+    }
+    for addr in [mallory_v4.as_str(), mallory_v6.as_str()] {
+        assert!(
+            reaches(&teller, addr),
+            "teller -> mallory at {addr}\n{}",
+            agent.describe()
+        );
+    }
 }

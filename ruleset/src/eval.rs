@@ -206,6 +206,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::ArpSender(_)
         | Match::IifnameArpSenderInSet { .. }
         | Match::IifnameInSet { .. }
+        | Match::OifnameInSet { .. }
+        | Match::PacketType(_)
         | Match::IifnameSourceInSet { .. }
         | Match::IifnameNdTargetNotInSet { .. }
         | Match::NdTargetNotLinkLocal

@@ -9,10 +9,11 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
+//! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then broadcast and multicast to a guarded veth, and IPv6 to or from a guarded veth's link-local address, are dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
-//! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD |
+//! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD; between pods, nothing else |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
 //! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
 //!
@@ -35,8 +36,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
 use crate::ir::{
-    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ROUTER_ND_TYPES, TABLE_NAME,
+    link_local6, AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, PacketType,
+    Rule, Set, SetKey, Table, TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES,
+    ROUTER_ND_TYPES, TABLE_NAME,
 };
 
 /// A local pod whose host-side veth the agent found.
@@ -95,10 +97,6 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
             .collect(),
     );
-    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
-    let link_local_end = Ipv6Addr::new(
-        0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
-    );
     add_set(
         "linklocal6",
         SetKey::Addr(Family::V6),
@@ -106,7 +104,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         "unspecified and link-local sources: neighbour discovery",
         [
             Element::Range(Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()),
-            Element::Range(link_local.into(), link_local_end.into()),
+            link_local6(),
         ]
         .into(),
     );
@@ -228,7 +226,62 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
+    // Between two ports: pod to pod on this node. Policies see pods by their addresses; a
+    // broadcast, a multicast or a link-local address names none, so the inet table would let
+    // such traffic past any isolation. A routed CNI (Calico, Cilium) never carries it between
+    // pods, and neither does Flannel's overlay between nodes; here nothing of it passes but
+    // ARP and neighbour discovery, both already held to the pod's own addresses on entry.
+    let veths = || Match::OifnameInSet {
+        set: "veths".into(),
+    };
+    let link_local = |field| Match::AddrInSet {
+        family: Family::V6,
+        field,
+        set: "linklocal6".into(),
+    };
+    let forward = vec![
+        rule(vec![Match::Arp], Verdict::Accept, "ARP, checked on entry"),
+        rule(
+            vec![Match::Icmpv6Type(ND_TYPES.to_vec())],
+            Verdict::Accept,
+            "neighbour discovery, checked on entry",
+        ),
+        rule(
+            vec![Match::PacketType(PacketType::Broadcast), veths()],
+            Verdict::Drop,
+            "broadcast to a local pod",
+        ),
+        rule(
+            vec![Match::PacketType(PacketType::Multicast), veths()],
+            Verdict::Drop,
+            "multicast to a local pod",
+        ),
+        rule(
+            vec![link_local(AddrField::Destination), veths()],
+            Verdict::Drop,
+            "to a local pod's link-local address",
+        ),
+        rule(
+            vec![
+                link_local(AddrField::Source),
+                Match::IifnameInSet {
+                    set: "veths".into(),
+                },
+            ],
+            Verdict::Drop,
+            "from a local pod's link-local address",
+        ),
+    ];
     let chains = [
+        Chain {
+            name: "forward".into(),
+            base: Some(BaseChain {
+                hook: Hook::Forward,
+                priority: 0,
+            }),
+            comment: "frames from one bridge port to another: pod to pod on this node".into(),
+            rules: forward,
+        },
         Chain {
             name: "prerouting".into(),
             base: Some(BaseChain {

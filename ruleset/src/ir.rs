@@ -2,7 +2,7 @@
 //! [`crate::render`] prints it as `nft -f` text; the agent turns it into a netlink batch.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -309,6 +309,10 @@ pub enum Match {
     IifnameArpSenderInSet { set: String },
     /// `iifname @set`.
     IifnameInSet { set: String },
+    /// `oifname @set` (bridge tables: the port a frame leaves by).
+    OifnameInSet { set: String },
+    /// `meta pkttype broadcast` and the like: the kind of link-layer destination.
+    PacketType(PacketType),
     /// `iifname . ip saddr @set` (bridge tables).
     IifnameSourceInSet { family: Family, set: String },
     /// `iifname . @th,64,128 != @set` (bridge tables): the target of a neighbour advertisement
@@ -322,6 +326,31 @@ pub enum Match {
     EtherType(u16),
     /// `ip6 nexthdr != ipv6-icmp`: an extension header (a fragment, say) comes before ICMPv6.
     Icmpv6NotNextHeader,
+}
+
+/// The link-layer destination of a frame, as the kernel classes it (`skb->pkt_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketType {
+    Broadcast,
+    Multicast,
+}
+
+impl PacketType {
+    /// The kernel's number (`PACKET_BROADCAST`, `PACKET_MULTICAST`).
+    pub fn number(self) -> u8 {
+        match self {
+            PacketType::Broadcast => 1,
+            PacketType::Multicast => 2,
+        }
+    }
+
+    /// nft's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PacketType::Broadcast => "broadcast",
+            PacketType::Multicast => "multicast",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -344,6 +373,17 @@ pub enum Verdict {
         mask: u32,
         value: u32,
     },
+}
+
+/// `fe80::/10`, IPv6 link-local unicast, as an interval-set element.
+pub fn link_local6() -> Element {
+    Element::Range(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0).into(),
+        Ipv6Addr::new(
+            0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+        )
+        .into(),
+    )
 }
 
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.

@@ -582,6 +582,14 @@ impl Plan {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
+                Match::OifnameInSet { set } => {
+                    exprs.meta(libc::NFT_META_OIFNAME, reg(0));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::PacketType(kind) => {
+                    exprs.meta(libc::NFT_META_PKTTYPE, reg(0));
+                    exprs.cmp(libc::NFT_CMP_EQ, vec![kind.number()]);
+                }
                 Match::IifnameNdTargetNotInSet { set } => {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
                     exprs.push(nd_target(reg(4)));

@@ -29,14 +29,17 @@
 #![forbid(unsafe_code)]
 
 use std::io::{self, BufRead, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: labpod serve [PORT...]
-       labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT])
-       labpod send FROM ADDR PORT COUNT
+       labpod probe [--timeout-ms N] [ADDR tcp|udp PORT]...   (or targets on stdin: ADDR PROTO PORT [UDP-SOURCE-PORT];
+           an IPv6 link-local ADDR as fe80::1%eth0)
+       labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
@@ -117,6 +120,8 @@ enum Proto {
 struct Target {
     text: String,
     addr: IpAddr,
+    /// The interface index of an IPv6 link-local target (`ADDR%IFACE`), else 0.
+    scope: u32,
     proto: Proto,
     port: u16,
     udp_sport: u16,
@@ -267,9 +272,11 @@ fn parse_target(fields: &[&str]) -> Result<Target, String> {
         "udp" => Proto::Udp,
         other => return Err(format!("bad protocol {other:?}: tcp or udp")),
     };
+    let (addr, scope) = scoped(addr)?;
     Ok(Target {
         text,
-        addr: addr.parse().map_err(|_| format!("bad address {addr:?}"))?,
+        addr,
+        scope,
         proto,
         port: parse_port(port)?,
         udp_sport: sport
@@ -283,18 +290,19 @@ fn send(args: &[String]) -> Result<(), String> {
         return Err(USAGE.to_string());
     };
     let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
-    let port = parse_port(port)?;
+    let (addr, scope) = scoped(addr)?;
+    let dst = socket_addr(addr, parse_port(port)?, scope);
     let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
     let socket =
         UdpSocket::bind(SocketAddr::new(from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+    // Broadcast is refused without it, and nothing else minds it.
+    socket
+        .set_broadcast(true)
+        .map_err(|e| format!("SO_BROADCAST: {e}"))?;
     for n in 0..count {
         socket
-            .send_to(
-                format!("labpod send {n}\n").as_bytes(),
-                SocketAddr::new(addr, port),
-            )
-            .map_err(|e| format!("send to {addr}:{port}: {e}"))?;
+            .send_to(format!("labpod send {n}\n").as_bytes(), dst)
+            .map_err(|e| format!("send to {dst}: {e}"))?;
         thread::sleep(Duration::from_millis(2));
     }
     Ok(())
@@ -356,9 +364,7 @@ fn advertise(args: &[String]) -> Result<(), String> {
         };
         return send_vlan0(iface, mac, from, &mut message);
     }
-    let index: u32 = sys("ifindex")?
-        .parse()
-        .map_err(|_| format!("{iface}: ifindex is not a number"))?;
+    let index = ifindex(iface)?;
     let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
         .map_err(|e| format!("raw ICMPv6 socket: {e}"))?;
     // Receivers drop neighbour discovery that crossed a router: the hop limit must be 255.
@@ -458,8 +464,36 @@ fn parse_port(text: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("bad port {text:?}"))
 }
 
+/// `ADDR` or, for an IPv6 link-local unicast or multicast address, `ADDR%IFACE`: the address
+/// and the interface's index (0 without one).
+fn scoped(text: &str) -> Result<(IpAddr, u32), String> {
+    let (addr, scope) = match text.split_once('%') {
+        Some((addr, iface)) => (addr, ifindex(iface)?),
+        None => (text, 0),
+    };
+    let addr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    Ok((addr, scope))
+}
+
+fn socket_addr(addr: IpAddr, port: u16, scope: u32) -> SocketAddr {
+    match addr {
+        IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, scope)),
+        IpAddr::V4(_) => SocketAddr::new(addr, port),
+    }
+}
+
+/// The index of interface `iface` of this namespace.
+fn ifindex(iface: &str) -> Result<u32, String> {
+    let path = format!("/sys/class/net/{iface}/ifindex");
+    std::fs::read_to_string(&path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|_| format!("{path}: not a number"))
+}
+
 fn probe_one(target: &Target, timeout: Duration) -> Result<(), String> {
-    let dst = SocketAddr::new(target.addr, target.port);
+    let dst = socket_addr(target.addr, target.port, target.scope);
     let deadline = Instant::now() + timeout;
     match target.proto {
         Proto::Tcp => {
