@@ -13,8 +13,9 @@
 //!   still works;
 //! - link-local, broadcast and multicast: a pod reaches a pod that a policy isolates on the same
 //!   bridge at its IPv6 link-local address, and with IPv4 broadcast and IPv4 and IPv6 multicast
-//!   datagrams, while no agent runs, and cannot once the agent runs; pod addresses and neighbour
-//!   discovery work as before;
+//!   datagrams (as the kernel sends them, and in unicast frames to the pod's MAC), while no
+//!   agent runs, and cannot once the agent runs; pod addresses and neighbour discovery work as
+//!   before;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -769,18 +770,34 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     let mallory_ll = format!("{}%eth0", link_local(&mallory, "eth0"));
     let counter = Counter::install(&teller, &[&mallory]);
     let (mallory_v4, mallory_v6) = (mallory.ipv4.to_string(), mallory.ipv6.to_string());
-    // Datagrams from mallory's pod addresses to no pod address: IPv4 broadcast and all-hosts
-    // multicast, IPv6 all-nodes multicast; how many reached teller's input, per family.
+    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    let [a, b, c, _] = teller.ipv4.octets();
+    let subnet_broadcast = format!("{a}.{b}.{c}.255");
+    let sent = SENT.to_string();
+    // Datagrams from mallory's pod addresses to no pod address: as its kernel sends them
+    // (IPv4 broadcast, the /24's broadcast and all-hosts multicast, IPv6 all-nodes
+    // multicast), and in unicast frames to teller's MAC, which teller's kernel takes as well;
+    // how many reached teller's input, per family.
     let flooded = || {
         let before = [counter.packets(&mallory_v4), counter.packets(&mallory_v6)];
         for (from, to) in [
             (&mallory_v4, "255.255.255.255"),
+            (&mallory_v4, subnet_broadcast.as_str()),
             (&mallory_v4, "224.0.0.1"),
             (&mallory_v6, "ff02::1%eth0"),
         ] {
+            exec(&mallory.netns, &[LABPOD, "send", from, to, "80", &sent]);
+        }
+        for (from, to) in [
+            (&mallory_v4, "255.255.255.255"),
+            (&mallory_v4, "224.0.0.1"),
+            (&mallory_v6, "ff02::1"),
+        ] {
             exec(
                 &mallory.netns,
-                &[LABPOD, "send", from, to, "80", &SENT.to_string()],
+                &[LABPOD, "rawudp", "eth0", &teller_mac, from, to, "80", &sent],
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -795,7 +812,7 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     );
     assert_eq!(
         flooded(),
-        [2 * SENT, SENT],
+        [5 * SENT, 2 * SENT],
         "control: without the agent, teller receives mallory's broadcast and multicast (IPv4, IPv6)"
     );
 

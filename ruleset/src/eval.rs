@@ -207,7 +207,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::IifnameArpSenderInSet { .. }
         | Match::IifnameInSet { .. }
         | Match::OifnameInSet { .. }
-        | Match::PacketType(_)
+        | Match::OifnameDestinationNotInSet { .. }
         | Match::IifnameSourceInSet { .. }
         | Match::IifnameNdTargetNotInSet { .. }
         | Match::NdTargetNotLinkLocal

@@ -1,5 +1,6 @@
 //! The anti-spoofing guard: table `bridge nftpol`, which drops what a local pod sends from its
-//! veth with a source address that is not the pod's own.
+//! veth with a source address that is not the pod's own, and, pod to pod on the node, IP to a
+//! pod's veth at an address that is not the pod's (broadcast, multicast, link-local).
 //!
 //! Policy rules match pods by address, so a pod that forged another pod's address (or an
 //! address an ipBlock allows) would pass them. Bridged and routed pod traffic alike enters the
@@ -9,11 +10,11 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
-//! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then broadcast and multicast to a guarded veth, and IPv6 to or from a guarded veth's link-local address, are dropped |
+//! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
-//! | `linklocal6` | interval set | `::` and `fe80::/10`: IPv6 neighbour discovery and DAD; between pods, nothing else |
+//! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
 //! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
 //!
@@ -36,8 +37,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
 use crate::ir::{
-    link_local6, AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, PacketType,
-    Rule, Set, SetKey, Table, TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES,
+    link_local6, AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set,
+    SetKey, Table, TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES,
     ROUTER_ND_TYPES, TABLE_NAME,
 };
 
@@ -226,44 +227,48 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
-    // Between two ports: pod to pod on this node. Policies see pods by their addresses; a
-    // broadcast, a multicast or a link-local address names none, so the inet table would let
-    // such traffic past any isolation. A routed CNI (Calico, Cilium) never carries it between
-    // pods, and neither does Flannel's overlay between nodes; here nothing of it passes but
-    // ARP and neighbour discovery, both already held to the pod's own addresses on entry.
-    let veths = || Match::OifnameInSet {
+    // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
+    // IP to any other address (broadcast, multicast, link-local, whatever the frame's
+    // Ethernet destination) would pass the inet table untouched, past any isolation. Pod to
+    // pod, nothing else is needed: a routed CNI (Calico, Cilium) never carries it, and neither
+    // does Flannel's overlay between nodes. ARP and neighbour discovery, whose claims
+    // `prerouting` checks, are let through first; what is left of link-local is a pod sending from
+    // its link-local address to a neighbour's pod address, past its own egress isolation.
+    let to_veth = || Match::OifnameInSet {
         set: "veths".into(),
     };
-    let link_local = |field| Match::AddrInSet {
-        family: Family::V6,
-        field,
-        set: "linklocal6".into(),
+    let not_to_pod = |family: Family| Match::OifnameDestinationNotInSet {
+        family,
+        set: format!("src{}", family.digit()),
     };
     let forward = vec![
-        rule(vec![Match::Arp], Verdict::Accept, "ARP, checked on entry"),
+        rule(
+            vec![Match::Arp],
+            Verdict::Accept,
+            "ARP, its sender checked on entry",
+        ),
         rule(
             vec![Match::Icmpv6Type(ND_TYPES.to_vec())],
             Verdict::Accept,
-            "neighbour discovery, checked on entry",
+            "neighbour discovery, advertisements checked on entry",
         ),
         rule(
-            vec![Match::PacketType(PacketType::Broadcast), veths()],
+            vec![not_to_pod(Family::V4), to_veth()],
             Verdict::Drop,
-            "broadcast to a local pod",
+            "to a local pod's veth, to an address that is not the pod's",
         ),
         rule(
-            vec![Match::PacketType(PacketType::Multicast), veths()],
+            vec![not_to_pod(Family::V6), to_veth()],
             Verdict::Drop,
-            "multicast to a local pod",
-        ),
-        rule(
-            vec![link_local(AddrField::Destination), veths()],
-            Verdict::Drop,
-            "to a local pod's link-local address",
+            "to a local pod's veth, to an address that is not the pod's",
         ),
         rule(
             vec![
-                link_local(AddrField::Source),
+                Match::AddrInSet {
+                    family: Family::V6,
+                    field: AddrField::Source,
+                    set: "linklocal6".into(),
+                },
                 Match::IifnameInSet {
                     set: "veths".into(),
                 },

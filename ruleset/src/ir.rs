@@ -311,8 +311,9 @@ pub enum Match {
     IifnameInSet { set: String },
     /// `oifname @set` (bridge tables: the port a frame leaves by).
     OifnameInSet { set: String },
-    /// `meta pkttype broadcast` and the like: the kind of link-layer destination.
-    PacketType(PacketType),
+    /// `oifname . ip daddr != @set` (bridge tables): the destination is not an address of the
+    /// pod behind the port the frame leaves by.
+    OifnameDestinationNotInSet { family: Family, set: String },
     /// `iifname . ip saddr @set` (bridge tables).
     IifnameSourceInSet { family: Family, set: String },
     /// `iifname . @th,64,128 != @set` (bridge tables): the target of a neighbour advertisement
@@ -326,31 +327,6 @@ pub enum Match {
     EtherType(u16),
     /// `ip6 nexthdr != ipv6-icmp`: an extension header (a fragment, say) comes before ICMPv6.
     Icmpv6NotNextHeader,
-}
-
-/// The link-layer destination of a frame, as the kernel classes it (`skb->pkt_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PacketType {
-    Broadcast,
-    Multicast,
-}
-
-impl PacketType {
-    /// The kernel's number (`PACKET_BROADCAST`, `PACKET_MULTICAST`).
-    pub fn number(self) -> u8 {
-        match self {
-            PacketType::Broadcast => 1,
-            PacketType::Multicast => 2,
-        }
-    }
-
-    /// nft's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            PacketType::Broadcast => "broadcast",
-            PacketType::Multicast => "multicast",
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

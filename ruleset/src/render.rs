@@ -148,7 +148,12 @@ fn match_text(m: &Match) -> String {
         Match::EtherType(other) => format!("ether type {other:#06x}"),
         Match::Icmpv6NotNextHeader => "ip6 nexthdr != ipv6-icmp".to_string(),
         Match::OifnameInSet { set } => format!("oifname @{set}"),
-        Match::PacketType(kind) => format!("meta pkttype {}", kind.name()),
+        Match::OifnameDestinationNotInSet { family, set } => {
+            format!(
+                "oifname . {} != @{set}",
+                addr(*family, AddrField::Destination)
+            )
+        }
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))
         }

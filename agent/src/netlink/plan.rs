@@ -586,9 +586,15 @@ impl Plan {
                     exprs.meta(libc::NFT_META_OIFNAME, reg(0));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
-                Match::PacketType(kind) => {
-                    exprs.meta(libc::NFT_META_PKTTYPE, reg(0));
-                    exprs.cmp(libc::NFT_CMP_EQ, vec![kind.number()]);
+                Match::OifnameDestinationNotInSet { family, set } => {
+                    exprs.family(*family);
+                    exprs.meta(libc::NFT_META_OIFNAME, reg(0));
+                    exprs.push(addr_payload(*family, AddrField::Destination, 4));
+                    let mut lookup = self.lookup(set, &object, None)?;
+                    if let Expr::Lookup { invert, .. } = &mut lookup {
+                        *invert = true;
+                    }
+                    exprs.push(lookup);
                 }
                 Match::IifnameNdTargetNotInSet { set } => {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));

@@ -41,6 +41,7 @@ const USAGE: &str = "usage: labpod serve [PORT...]
            an IPv6 link-local ADDR as fe80::1%eth0)
        labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
+       labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "connrate" => connrate(rest),
         Some((mode, rest)) if mode == "send" => send(rest),
         Some((mode, rest)) if mode == "advertise" => advertise(rest),
+        Some((mode, rest)) if mode == "rawudp" => rawudp(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -308,6 +310,86 @@ fn send(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// UDP datagrams from `FROM` to `ADDR` in Ethernet frames to `MAC`, written on `IFACE`'s packet
+/// socket: a unicast frame can carry a broadcast or multicast destination address.
+fn rawudp(args: &[String]) -> Result<(), String> {
+    let [iface, mac, from, addr, port, count] = args else {
+        return Err(USAGE.to_string());
+    };
+    let dst_mac: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad MAC {mac:?}"))?;
+    if dst_mac.len() != 6 {
+        return Err(format!("bad MAC {mac:?}"));
+    }
+    let path = format!("/sys/class/net/{iface}/address");
+    let own = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let src_mac: Vec<u8> = own
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{path}: not a MAC"))?;
+    let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let port = parse_port(port)?;
+    let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    const UDP: u8 = 17;
+    for n in 0..count {
+        let payload = format!("labpod rawudp {n}\n");
+        let length = u16::try_from(8 + payload.len()).map_err(|_| "too long".to_string())?;
+        let mut udp = Vec::with_capacity(usize::from(length));
+        udp.extend_from_slice(&40000u16.to_be_bytes());
+        udp.extend_from_slice(&port.to_be_bytes());
+        udp.extend_from_slice(&length.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload.as_bytes());
+        let mut frame = dst_mac.clone();
+        frame.extend_from_slice(&src_mac);
+        match (from, addr) {
+            (IpAddr::V4(from), IpAddr::V4(to)) => {
+                // The UDP checksum is optional over IPv4: 0, none.
+                let total = length + 20;
+                let mut ip = vec![0x45, 0];
+                ip.extend_from_slice(&total.to_be_bytes());
+                ip.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]);
+                ip.extend_from_slice(&from.octets());
+                ip.extend_from_slice(&to.octets());
+                let sum = checksum(&ip);
+                ip[10..12].copy_from_slice(&sum.to_be_bytes());
+                frame.extend_from_slice(&[0x08, 0x00]);
+                frame.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(from), IpAddr::V6(to)) => {
+                let mut pseudo = Vec::with_capacity(40 + udp.len());
+                pseudo.extend_from_slice(&from.octets());
+                pseudo.extend_from_slice(&to.octets());
+                pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, UDP]);
+                pseudo.extend_from_slice(&udp);
+                // Over IPv6 a UDP checksum of 0 would mean none, which is not allowed.
+                let sum = match checksum(&pseudo) {
+                    0 => 0xffff,
+                    sum => sum,
+                };
+                udp[6..8].copy_from_slice(&sum.to_be_bytes());
+                frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+                frame.extend_from_slice(&length.to_be_bytes());
+                frame.extend_from_slice(&[UDP, 64]);
+                frame.extend_from_slice(&from.octets());
+                frame.extend_from_slice(&to.octets());
+            }
+            _ => return Err(format!("{from} and {addr} are of different families")),
+        }
+        frame.extend_from_slice(&udp);
+        send_frame(iface, &frame)?;
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 fn advertise(args: &[String]) -> Result<(), String> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let (vlan0, args) = match args {
@@ -420,15 +502,7 @@ fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> 
     pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, ICMPV6]);
     pseudo.extend_from_slice(message);
-    let mut sum: u32 = pseudo
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let checksum = !u16::try_from(sum).unwrap_or(u16::MAX);
-    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    message[2..4].copy_from_slice(&checksum(&pseudo).to_be_bytes());
     // Ethernet to 33:33:00:00:00:01, the tag (type 802.1Q, ID 0), then IPv6 with hop limit 255.
     let mut frame = vec![0x33, 0x33, 0, 0, 0, 1];
     frame.extend_from_slice(&mac);
@@ -439,6 +513,23 @@ fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> 
     frame.extend_from_slice(&from.octets());
     frame.extend_from_slice(&ALL_NODES.octets());
     frame.extend_from_slice(message);
+    send_frame(iface, &frame)
+}
+
+/// The Internet checksum of `data` (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// Writes `frame` whole on `iface`'s packet socket.
+fn send_frame(iface: &str, frame: &[u8]) -> Result<(), String> {
     let interface = pnet_datalink::interfaces()
         .into_iter()
         .find(|i| i.name == iface)
@@ -452,7 +543,7 @@ fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> 
     else {
         return Err(format!("no packet socket on {iface}"));
     };
-    tx.send_to(&frame, None)
+    tx.send_to(frame, None)
         .ok_or_else(|| format!("nothing sent on {iface}"))?
         .map_err(|e| format!("send on {iface}: {e}"))
 }
