@@ -14,6 +14,7 @@
 //!
 //! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
 //! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
+//! `NFTPOL_LAB_CLIENT_NODE` (connrate: 0 puts the client beside the server, default 1),
 //! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
 //! seconds per run, default 3), `NFTPOL_LAB_MODES` (connrate modes to run, by key, comma
 //! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules,networking-policy,
@@ -386,13 +387,16 @@ fn connrate() {
     let rounds = env_or("NFTPOL_LAB_ROUNDS", 10);
     let seconds = env_or("NFTPOL_LAB_SECONDS", 3);
     // Lab node i is synthetic node-i: the server on node-0 (the 110-pod node the compile
-    // benchmark uses), client and intruder on node-1.
+    // benchmark uses), client and intruder on node-1 (or node-0, below).
     let mut lab = Lab::new(LABPOD, 2).expect("lab");
     let server = lab
         .add_pod_serving(0, "server", 10, &[SERVER_PORT])
         .expect("server");
-    let client = lab.add_pod(1, "client", 10).expect("client");
-    let intruder = lab.add_pod(1, "intruder", 11).expect("intruder");
+    // NFTPOL_LAB_CLIENT_NODE=0 puts client and intruder beside the server: same-node traffic,
+    // bridged from port to port, which meets the guard's `forward` chain.
+    let client_node = env_or("NFTPOL_LAB_CLIENT_NODE", 1).min(1);
+    let client = lab.add_pod(client_node, "client", 12).expect("client");
+    let intruder = lab.add_pod(client_node, "intruder", 11).expect("intruder");
 
     let started = Instant::now();
     let mut cluster = synthetic::cluster(&LARGE);
