@@ -528,17 +528,11 @@ fn connrate() {
     drop(compilers);
     if let Ok(dir) = std::env::var("NFTPOL_LAB_DUMP") {
         for (i, setup) in setups.iter().enumerate() {
-            let dir = Path::new(&dir);
-            fs::write(
-                dir.join(format!("rules-{i}.nft")),
-                ruleset::render(&setup.rules),
-            )
-            .expect("write rules");
-            fs::write(
-                dir.join(format!("guard-{i}.nft")),
-                ruleset::render(&setup.guard),
-            )
-            .expect("write guard");
+            for (name, table) in [("rules", &setup.rules), ("guard", &setup.guard)] {
+                let path = Path::new(&dir).join(format!("{name}-{i}.nft"));
+                fs::write(&path, ruleset::render(table))
+                    .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            }
         }
         println!("  rules and guards written to {dir}");
     }

@@ -37,9 +37,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
 use crate::ir::{
-    link_local6, AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set,
-    SetKey, Table, TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES,
-    ROUTER_ND_TYPES, TABLE_NAME,
+    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
+    TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES, ROUTER_ND_TYPES,
+    TABLE_NAME,
 };
 
 /// A local pod whose host-side veth the agent found.
@@ -98,6 +98,10 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
             .collect(),
     );
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+    let link_local_end = Ipv6Addr::new(
+        0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+    );
     add_set(
         "linklocal6",
         SetKey::Addr(Family::V6),
@@ -105,7 +109,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         "unspecified and link-local sources: neighbour discovery",
         [
             Element::Range(Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()),
-            link_local6(),
+            Element::Range(link_local.into(), link_local_end.into()),
         ]
         .into(),
     );

@@ -2,7 +2,7 @@
 //! [`crate::render`] prints it as `nft -f` text; the agent turns it into a netlink batch.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
@@ -349,17 +349,6 @@ pub enum Verdict {
         mask: u32,
         value: u32,
     },
-}
-
-/// `fe80::/10`, IPv6 link-local unicast, as an interval-set element.
-pub fn link_local6() -> Element {
-    Element::Range(
-        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0).into(),
-        Ipv6Addr::new(
-            0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
-        )
-        .into(),
-    )
 }
 
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.

@@ -560,11 +560,7 @@ impl Plan {
                 Match::AddrNotInSet { family, field, set } => {
                     exprs.family(*family);
                     exprs.push(addr_payload(*family, *field, 0));
-                    let mut lookup = self.lookup(set, &object, None)?;
-                    if let Expr::Lookup { invert, .. } = &mut lookup {
-                        *invert = true;
-                    }
-                    exprs.push(lookup);
+                    exprs.push(self.lookup_absent(set, &object)?);
                 }
                 Match::Arp => exprs.arp(),
                 Match::ArpSender(addr) => {
@@ -590,20 +586,12 @@ impl Plan {
                     exprs.family(*family);
                     exprs.meta(libc::NFT_META_OIFNAME, reg(0));
                     exprs.push(addr_payload(*family, AddrField::Destination, 4));
-                    let mut lookup = self.lookup(set, &object, None)?;
-                    if let Expr::Lookup { invert, .. } = &mut lookup {
-                        *invert = true;
-                    }
-                    exprs.push(lookup);
+                    exprs.push(self.lookup_absent(set, &object)?);
                 }
                 Match::IifnameNdTargetNotInSet { set } => {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
                     exprs.push(nd_target(reg(4)));
-                    let mut lookup = self.lookup(set, &object, None)?;
-                    if let Expr::Lookup { invert, .. } = &mut lookup {
-                        *invert = true;
-                    }
-                    exprs.push(lookup);
+                    exprs.push(self.lookup_absent(set, &object)?);
                 }
                 Match::NdTargetNotLinkLocal => exprs.nd_target_not_link_local(),
                 Match::EtherType(ethertype) => exprs.ether_type(*ethertype),
@@ -698,6 +686,15 @@ impl Plan {
             set: cstring(set, object)?,
             set_id: self.new_sets.get(set).copied(),
         })
+    }
+
+    /// `!= @set`: a lookup that matches when the key is not in `set`.
+    fn lookup_absent(&self, set: &str, object: &str) -> Result<Expr, WriteError> {
+        let mut lookup = self.lookup(set, object, None)?;
+        if let Expr::Lookup { invert, .. } = &mut lookup {
+            *invert = true;
+        }
+        Ok(lookup)
     }
 
     /// The anonymous constant set of `icmpv6 type { ... }`, as nft builds it for the rule.

@@ -316,22 +316,8 @@ fn rawudp(args: &[String]) -> Result<(), String> {
     let [iface, mac, from, addr, port, count] = args else {
         return Err(USAGE.to_string());
     };
-    let dst_mac: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("bad MAC {mac:?}"))?;
-    if dst_mac.len() != 6 {
-        return Err(format!("bad MAC {mac:?}"));
-    }
-    let path = format!("/sys/class/net/{iface}/address");
-    let own = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    let src_mac: Vec<u8> = own
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("{path}: not a MAC"))?;
+    let dst_mac = parse_mac(mac).ok_or_else(|| format!("bad MAC {mac:?}"))?;
+    let src_mac = mac_of(iface)?;
     let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
     let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
     let port = parse_port(port)?;
@@ -346,7 +332,7 @@ fn rawudp(args: &[String]) -> Result<(), String> {
         udp.extend_from_slice(&length.to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(payload.as_bytes());
-        let mut frame = dst_mac.clone();
+        let mut frame = dst_mac.to_vec();
         frame.extend_from_slice(&src_mac);
         match (from, addr) {
             (IpAddr::V4(from), IpAddr::V4(to)) => {
@@ -363,14 +349,8 @@ fn rawudp(args: &[String]) -> Result<(), String> {
                 frame.extend_from_slice(&ip);
             }
             (IpAddr::V6(from), IpAddr::V6(to)) => {
-                let mut pseudo = Vec::with_capacity(40 + udp.len());
-                pseudo.extend_from_slice(&from.octets());
-                pseudo.extend_from_slice(&to.octets());
-                pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
-                pseudo.extend_from_slice(&[0, 0, 0, UDP]);
-                pseudo.extend_from_slice(&udp);
                 // Over IPv6 a UDP checksum of 0 would mean none, which is not allowed.
-                let sum = match checksum(&pseudo) {
+                let sum = match checksum6(from, to, UDP, &udp) {
                     0 => 0xffff,
                     sum => sum,
                 };
@@ -406,19 +386,7 @@ fn advertise(args: &[String]) -> Result<(), String> {
         [iface, target, from] => (iface, Some(v6(target)?), Some(v6(from)?)),
         _ => return Err(USAGE.to_string()),
     };
-    let sys = |file: &str| {
-        let path = format!("/sys/class/net/{iface}/{file}");
-        std::fs::read_to_string(&path)
-            .map(|text| text.trim().to_string())
-            .map_err(|e| format!("{path}: {e}"))
-    };
-    let mac: [u8; 6] = sys("address")?
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .ok()
-        .and_then(|bytes| bytes.try_into().ok())
-        .ok_or_else(|| format!("{iface}: unreadable link-layer address"))?;
+    let mac = mac_of(iface)?;
     // Type, code 0, checksum (filled in below, or by the kernel), then the type's fields.
     let mut message = match target {
         None => {
@@ -495,14 +463,8 @@ fn link_local(iface: &str) -> Result<Ipv6Addr, String> {
 fn send_vlan0(iface: &str, mac: [u8; 6], from: Ipv6Addr, message: &mut [u8]) -> Result<(), String> {
     const ICMPV6: u8 = 58;
     let length = u16::try_from(message.len()).map_err(|_| "message too long".to_string())?;
-    // The checksum covers a pseudo-header: source, destination, length, next header.
-    let mut pseudo = Vec::with_capacity(40 + message.len());
-    pseudo.extend_from_slice(&from.octets());
-    pseudo.extend_from_slice(&ALL_NODES.octets());
-    pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, ICMPV6]);
-    pseudo.extend_from_slice(message);
-    message[2..4].copy_from_slice(&checksum(&pseudo).to_be_bytes());
+    let sum = checksum6(from, ALL_NODES, ICMPV6, message);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
     // Ethernet to 33:33:00:00:00:01, the tag (type 802.1Q, ID 0), then IPv6 with hop limit 255.
     let mut frame = vec![0x33, 0x33, 0, 0, 0, 1];
     frame.extend_from_slice(&mac);
@@ -526,6 +488,42 @@ fn checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// The checksum of an upper-layer `message` (its checksum field 0) over IPv6: it covers a
+/// pseudo-header of source, destination, length and next header, then the message.
+fn checksum6(from: Ipv6Addr, to: Ipv6Addr, next_header: u8, message: &[u8]) -> u16 {
+    let length = u32::try_from(message.len()).unwrap_or(u32::MAX);
+    let mut pseudo = Vec::with_capacity(40 + message.len());
+    pseudo.extend_from_slice(&from.octets());
+    pseudo.extend_from_slice(&to.octets());
+    pseudo.extend_from_slice(&length.to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, next_header]);
+    pseudo.extend_from_slice(message);
+    checksum(&pseudo)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    text.split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect::<Option<Vec<u8>>>()?
+        .try_into()
+        .ok()
+}
+
+/// `iface`'s own link-layer address.
+fn mac_of(iface: &str) -> Result<[u8; 6], String> {
+    parse_mac(&sysfs(iface, "address")?)
+        .ok_or_else(|| format!("{iface}: unreadable link-layer address"))
+}
+
+/// `/sys/class/net/IFACE/FILE` of this namespace, trimmed.
+fn sysfs(iface: &str, file: &str) -> Result<String, String> {
+    let path = format!("/sys/class/net/{iface}/{file}");
+    std::fs::read_to_string(&path)
+        .map(|text| text.trim().to_string())
+        .map_err(|e| format!("{path}: {e}"))
 }
 
 /// Writes `frame` whole on `iface`'s packet socket.
@@ -575,12 +573,9 @@ fn socket_addr(addr: IpAddr, port: u16, scope: u32) -> SocketAddr {
 
 /// The index of interface `iface` of this namespace.
 fn ifindex(iface: &str) -> Result<u32, String> {
-    let path = format!("/sys/class/net/{iface}/ifindex");
-    std::fs::read_to_string(&path)
-        .map_err(|e| format!("{path}: {e}"))?
-        .trim()
+    sysfs(iface, "ifindex")?
         .parse()
-        .map_err(|_| format!("{path}: not a number"))
+        .map_err(|_| format!("{iface}: ifindex is not a number"))
 }
 
 fn probe_one(target: &Target, timeout: Duration) -> Result<(), String> {
