@@ -26,8 +26,10 @@
 //! compiler: `NFTPOL_LAB_DUMP=DIR` writes what the nftpol modes load, per node, as
 //! `rules-{node}.nft` and `guard-{node}.nft`; `NFTPOL_LAB_EXTRA=FILE` (`{node}` in it replaced by
 //! the node's index, 0 or 1) adds the mode `networking-extra`: the networking tables and the
-//! `table` blocks of that file, deleted by name after each run. Its probes must show the lab's
-//! policy enforced when `NFTPOL_LAB_EXTRA_ENFORCES` is set, and everything reaching otherwise.
+//! `table` blocks of that file, deleted by name after each run; `{server-veth}`,
+//! `{client-veth}` and `{intruder-veth}` in it stand for those pods' veths, whose names change
+//! with each run. Its probes must show the lab's policy enforced when `NFTPOL_LAB_EXTRA_ENFORCES`
+//! is set, and everything reaching otherwise.
 
 #![allow(
     clippy::expect_used,
@@ -517,8 +519,18 @@ fn connrate() {
                 guard: guard_table(&format!("node-{i}"), &guarded),
                 networking: networking_tables(i, nodes.len()),
                 extra: if modes.contains(&Mode::NetworkingExtra) {
-                    fs::read_to_string(extra_path(i))
-                        .expect("NFTPOL_LAB_EXTRA names a readable file")
+                    let text = fs::read_to_string(extra_path(i))
+                        .expect("NFTPOL_LAB_EXTRA names a readable file");
+                    // Veth names change with each run's prefix.
+                    [
+                        ("server", &server),
+                        ("client", &client),
+                        ("intruder", &intruder),
+                    ]
+                    .into_iter()
+                    .fold(text, |text, (role, pod)| {
+                        text.replace(&format!("{{{role}-veth}}"), &pod.veth())
+                    })
                 } else {
                     String::new()
                 },
