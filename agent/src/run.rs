@@ -908,6 +908,7 @@ impl Guards {
                     pods.push(GuardedPod {
                         veth,
                         ips: pod.ips.clone(),
+                        egress_isolated: pod.ips.iter().any(|ip| compiler.isolates_egress(*ip)),
                     });
                 }
                 None => {

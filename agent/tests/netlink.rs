@@ -824,6 +824,7 @@ fn the_fingerprint_follows_our_table_and_ignores_others() {
         &[ruleset::guard::GuardedPod {
             veth: ruleset::ir::IfName::new("veth00aa11bb").unwrap(),
             ips: vec![ip("10.244.1.20")],
+            egress_isolated: false,
         }],
     );
     let outcome = in_netns(|| {

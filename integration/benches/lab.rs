@@ -507,9 +507,13 @@ fn connrate() {
             let guarded: Vec<GuardedPod> = [&server, &client, &intruder]
                 .into_iter()
                 .filter(|p| p.node == i)
-                .map(|p| GuardedPod {
-                    veth: IfName::new(&p.veth()).expect("veth name"),
-                    ips: vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)],
+                .map(|p| {
+                    let ips = vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)];
+                    GuardedPod {
+                        veth: IfName::new(&p.veth()).expect("veth name"),
+                        egress_isolated: ips.iter().any(|ip| c.isolates_egress(*ip)),
+                        ips,
+                    }
                 })
                 .collect();
             NodeSetup {

@@ -372,6 +372,17 @@ impl Lab {
         Ok(pod)
     }
 
+    /// Runs `labpod serve` in node `node`'s own namespace too (TCP and UDP 80 and 81), as a
+    /// service of the node itself (the kubelet's, say) that pods can try to reach.
+    pub fn serve_on_node(&mut self, node: usize) -> Result<(), LabError> {
+        let netns = self
+            .nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| LabError::Invalid(format!("no node {node}")))?;
+        self.start_server(&netns, &[])
+    }
+
     fn start_server(&mut self, netns: &str, ports: &[u16]) -> Result<(), LabError> {
         let mut all: Vec<u16> = DEFAULT_PORTS.iter().chain(ports).copied().collect();
         all.sort_unstable();

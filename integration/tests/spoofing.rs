@@ -16,6 +16,9 @@
 //!   datagrams (as the kernel sends them, and in unicast frames to the pod's MAC), while no
 //!   agent runs, and cannot once the agent runs; pod addresses and neighbour discovery work as
 //!   before;
+//! - link-local to the node: a pod that a policy isolates for egress reaches a service of its
+//!   node at the node's link-local address while no agent runs, and cannot once the agent runs;
+//!   a pod whose egress is open still can, and neighbour discovery works as before;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -389,13 +392,13 @@ fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)], policies: &str
     agent
 }
 
-/// The IPv6 link-local address of `pod`'s `iface` once duplicate address detection is done
+/// The IPv6 link-local address of `iface` in `netns` once duplicate address detection is done
 /// with it: the kernel does not send from a tentative address (and picks another source).
-fn link_local(pod: &Pod, iface: &str) -> String {
+fn link_local(netns: &str, iface: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = exec(
-            &pod.netns,
+            netns,
             &[
                 "ip",
                 "-6",
@@ -419,8 +422,7 @@ fn link_local(pod: &Pod, iface: &str) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "{}'s {iface} has no usable link-local address after 5 s",
-            pod.name
+            "{iface} in {netns} has no usable link-local address after 5 s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -467,7 +469,7 @@ fn a_pod_cannot_advertise_itself_as_a_router() {
         return;
     };
     // Untagged, and tagged (the tag hides the frame from the `ether type` of `icmpv6 type`).
-    let router = format!("default via {} ", link_local(&mallory, "eth0"));
+    let router = format!("default via {} ", link_local(&mallory.netns, "eth0"));
     let tags = [false, true];
 
     // No agent: teller takes mallory for a router.
@@ -612,8 +614,8 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
     );
 
     let mallory_v6 = mallory.ipv6.to_string();
-    link_local(&mallory, "eth0");
-    link_local(&teller, "eth0");
+    link_local(&mallory.netns, "eth0");
+    link_local(&teller.netns, "eth0");
     // Mallory claims teller's address from its link-local address, as the kernel sends
     // neighbour discovery, from its own pod address, which the guard lets through as a
     // source, and from that in a frame tagged VLAN 0. After each, the entry is set to
@@ -766,8 +768,8 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     ) else {
         return;
     };
-    let teller_ll = format!("{}%eth0", link_local(&teller, "eth0"));
-    let mallory_ll = format!("{}%eth0", link_local(&mallory, "eth0"));
+    let teller_ll = format!("{}%eth0", link_local(&teller.netns, "eth0"));
+    let mallory_ll = format!("{}%eth0", link_local(&mallory.netns, "eth0"));
     let counter = Counter::install(&teller, &[&mallory]);
     let (mallory_v4, mallory_v6) = (mallory.ipv4.to_string(), mallory.ipv6.to_string());
     let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
@@ -851,6 +853,69 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     for addr in [mallory_v4.as_str(), mallory_v6.as_str()] {
         assert!(
             reaches(&teller, addr),
+            "teller -> mallory at {addr}\n{}",
+            agent.describe()
+        );
+    }
+}
+
+const MALLORY_NO_EGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: mallory-deny-egress\n\
+    spec:\n  podSelector:\n    matchLabels:\n      app: mallory\n  policyTypes:\n  - Egress\n";
+
+#[test]
+fn a_pod_isolated_for_egress_cannot_reach_its_node_from_its_link_local_address() {
+    let Some((scratch, mut lab, teller, mallory)) = teller_and_mallory(
+        "a_pod_isolated_for_egress_cannot_reach_its_node_from_its_link_local_address",
+    ) else {
+        return;
+    };
+    lab.serve_on_node(0)
+        .expect("a server in node-a's namespace");
+    let node = lab.node_netns(0).unwrap().to_string();
+    let node_ll = format!("{}%eth0", link_local(&node, "cni0"));
+    let node_v6 = "fd00:10:244:1::1";
+    for pod in [&teller, &mallory] {
+        assert!(
+            reaches(pod, &node_ll),
+            "control: without the agent, {} reaches its node at {node_ll}",
+            pod.name
+        );
+    }
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+        MALLORY_NO_EGRESS,
+    );
+    assert!(
+        !reaches(&mallory, node_v6),
+        "isolated for egress, mallory reaches its node at {node_v6}\n{}",
+        agent.describe()
+    );
+    // From its link-local address, which its egress rules cannot see.
+    assert!(
+        !reaches(&mallory, &node_ll),
+        "isolated for egress, mallory reaches its node at {node_ll}\n{}",
+        agent.describe()
+    );
+    assert!(
+        reaches(&teller, &node_ll),
+        "teller, whose egress is open, reaches its node at {node_ll}\n{}",
+        agent.describe()
+    );
+    // Mallory's ingress is open, and the neighbour discovery its answers need passes: from
+    // empty neighbour caches, teller reaches it in both families.
+    for (netns, dev) in [
+        (teller.netns.as_str(), "eth0"),
+        (mallory.netns.as_str(), "eth0"),
+        (node.as_str(), "cni0"),
+    ] {
+        exec(netns, &["ip", "neigh", "flush", "dev", dev]);
+    }
+    for addr in [mallory.ipv4.to_string(), mallory.ipv6.to_string()] {
+        assert!(
+            reaches(&teller, &addr),
             "teller -> mallory at {addr}\n{}",
             agent.describe()
         );

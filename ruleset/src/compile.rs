@@ -142,6 +142,14 @@ impl Compiler {
         (self.cluster, self.table)
     }
 
+    /// Whether a policy isolates the local pod at `ip` for egress: its egress goes to a chain.
+    pub fn isolates_egress(&self, ip: IpAddr) -> bool {
+        self.table
+            .maps
+            .get(&dispatch_map(Direction::Egress, Family::of(&ip)))
+            .is_some_and(|map| map.elements.contains_key(&ip))
+    }
+
     /// The pods this node enforces policy for.
     pub fn local_pods(&self) -> impl Iterator<Item = &Pod> {
         self.cluster.pods().filter(|p| self.is_local(p))

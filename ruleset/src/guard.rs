@@ -12,11 +12,12 @@
 //! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
+//! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
-//! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else |
+//! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else, and from a pod isolated for egress, of nothing else but multicast listener reports |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
-//! | `guard` | regular chain | ARP from the pod's own addresses, ARP probes and IPv6 link-local sources return; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes return; from IPv6 link-local sources, neighbour discovery and multicast listener reports return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
@@ -38,7 +39,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::comment;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ETHERTYPE_VLAN, ND_NEIGHBOR_ADVERT, ND_TYPES, ROUTER_ND_TYPES,
+    TableFamily, Verdict, ETHERTYPE_VLAN, MLD_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES, ROUTER_ND_TYPES,
     TABLE_NAME,
 };
 
@@ -48,6 +49,9 @@ pub struct GuardedPod {
     pub veth: IfName,
     /// Every address the pod may send from.
     pub ips: Vec<IpAddr>,
+    /// Whether a policy isolates the pod for egress: then it sends from its link-local
+    /// address nothing but neighbour discovery and multicast listener reports.
+    pub egress_isolated: bool,
 }
 
 /// The guard table of `node` for `pods`.
@@ -87,6 +91,16 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             elements,
         );
     }
+    add_set(
+        "isolated",
+        SetKey::Iface,
+        false,
+        "veths of local pods isolated for egress",
+        pods.iter()
+            .filter(|p| p.egress_isolated)
+            .map(|p| Element::Iface(p.veth))
+            .collect(),
+    );
     add_set(
         "target6",
         SetKey::IfaceNdTarget,
@@ -135,15 +149,38 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "ARP claiming an address that is not the pod's",
         ),
     ];
-    guard.push(rule(
-        vec![Match::AddrInSet {
-            family: Family::V6,
-            field: AddrField::Source,
-            set: "linklocal6".into(),
-        }],
-        Verdict::Return,
-        "IPv6 neighbour discovery",
-    ));
+    let link_local_source = || Match::AddrInSet {
+        family: Family::V6,
+        field: AddrField::Source,
+        set: "linklocal6".into(),
+    };
+    let mut signalling = ND_TYPES.to_vec();
+    signalling.extend(MLD_TYPES);
+    signalling.sort_unstable();
+    // A pod's egress rules see it by its pod addresses: from its link-local address it would
+    // reach its node (`input` cannot tell which pod sent), past its egress isolation.
+    guard.extend([
+        rule(
+            vec![Match::Icmpv6Type(signalling), link_local_source()],
+            Verdict::Return,
+            "IPv6 neighbour discovery and multicast listener reports",
+        ),
+        rule(
+            vec![
+                link_local_source(),
+                Match::IifnameInSet {
+                    set: "isolated".into(),
+                },
+            ],
+            Verdict::Drop,
+            "from the link-local address of a pod isolated for egress",
+        ),
+        rule(
+            vec![link_local_source()],
+            Verdict::Return,
+            "from the link-local address of a pod whose egress is open",
+        ),
+    ]);
     guard.push(rule(
         Vec::new(),
         Verdict::Drop,
@@ -268,11 +305,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         ),
         rule(
             vec![
-                Match::AddrInSet {
-                    family: Family::V6,
-                    field: AddrField::Source,
-                    set: "linklocal6".into(),
-                },
+                link_local_source(),
                 Match::IifnameInSet {
                     set: "veths".into(),
                 },

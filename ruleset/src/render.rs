@@ -235,11 +235,15 @@ fn range(lo: IpAddr, hi: IpAddr) -> String {
 
 fn icmpv6_name(t: u8) -> String {
     match t {
+        130 => "mld-listener-query".into(),
+        131 => "mld-listener-report".into(),
+        132 => "mld-listener-done".into(),
         133 => "nd-router-solicit".into(),
         134 => "nd-router-advert".into(),
         135 => "nd-neighbor-solicit".into(),
         136 => "nd-neighbor-advert".into(),
         137 => "nd-redirect".into(),
+        143 => "mld2-listener-report".into(),
         other => other.to_string(),
     }
 }

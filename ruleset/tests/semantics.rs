@@ -1126,18 +1126,32 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     use ruleset::ir::{Element, IfName, TableFamily};
 
     let veth = IfName::new("veth0a1b2c3d").unwrap();
+    let open = IfName::new("veth0a1b2c3e").unwrap();
     let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
     let table = guard_table(
         "n1",
-        &[GuardedPod {
-            veth,
-            ips: ips.clone(),
-        }],
+        &[
+            GuardedPod {
+                veth,
+                ips: ips.clone(),
+                egress_isolated: true,
+            },
+            GuardedPod {
+                veth: open,
+                ips: Vec::new(),
+                egress_isolated: false,
+            },
+        ],
     );
     assert_eq!(table.family, TableFamily::Bridge);
     assert_eq!(
         table.sets["veths"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Iface(veth)]
+        [&Element::Iface(veth), &Element::Iface(open)]
+    );
+    assert_eq!(
+        table.sets["isolated"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Iface(veth)],
+        "only the veth of the pod isolated for egress"
     );
     assert!(table.sets["src4"]
         .elements
@@ -1152,6 +1166,10 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     let text = ruleset::render(&table);
     assert!(text.starts_with("table bridge nftpol {"), "{text}");
     assert!(text.contains("iifname @veths jump guard"), "{text}");
+    assert!(
+        text.contains("ip6 saddr @linklocal6 iifname @isolated drop"),
+        "{text}"
+    );
     for bad in ["", "a/b", "has space", "sixteen-chars-xx"] {
         assert!(
             IfName::new(bad).is_none(),

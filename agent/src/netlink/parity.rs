@@ -252,6 +252,7 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         .map(|(i, pod)| GuardedPod {
             veth: IfName::new(&format!("veth{i:08x}")).unwrap(),
             ips: pod.ips.clone(),
+            egress_isolated: i % 2 == 0,
         })
         .collect();
     assert!(!pods.is_empty());
