@@ -134,13 +134,18 @@ pub struct SourceArgs {
     agent dump-ruleset --manifests integration/examples/three-tier.yaml --node node-a\n  \
     kubectl get pods,namespaces,networkpolicies -A -o yaml > snap.yaml && \\\n    \
     agent dump-ruleset --manifests snap.yaml --node \"$(hostname)\" | nft -c -f -\n  \
-    agent dump-ruleset --node \"$NODE_NAME\"   # from the API, with the in-cluster or ~/.kube/config credentials")]
+    agent dump-ruleset --node \"$NODE_NAME\"   # from the API, with the in-cluster or ~/.kube/config credentials\n  \
+    agent dump-ruleset --node \"$NODE_NAME\" --guard   # on that node: its pods' veths too")]
 pub struct DumpArgs {
     #[command(flatten)]
     pub source: SourceArgs,
     /// The node whose pods the ruleset protects (`spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
+    /// Also print the anti-spoofing table `bridge nftpol` as the agent would write it now, for
+    /// the veths this host's kernel shows (run it on that node, as root).
+    #[arg(long)]
+    pub guard: bool,
 }
 
 /// Say whether a connection is allowed, and which policy rule decided each direction.

@@ -1,16 +1,32 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
+use ruleset::guard::{guard_table, GuardedPod};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
-use crate::{kube_source, manifests};
+use crate::{kube_source, manifests, veth};
 
 pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let cluster = load(&args.source)?;
     let compiler = Compiler::new(cluster, &args.node);
     report(&compiler);
     print!("{}", ruleset::render(compiler.table()));
+    if args.guard {
+        let discovery = veth::discover().context("listing this host's veths")?;
+        let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
+        for pod in &missing {
+            tracing::warn!(
+                %pod,
+                "no veth here carries this pod's addresses; it is enforced by address, without anti-spoofing"
+            );
+        }
+        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+        print!(
+            "\n{}",
+            ruleset::render(&guard_table(compiler.node(), &pods))
+        );
+    }
     Ok(())
 }
 

@@ -17,14 +17,13 @@
 //! delta. A failed sync is retried as a full replace, with backoff; until one lands the kernel
 //! keeps its previous rules (fail static).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
 use ruleset::guard::{guard_table, GuardedPod};
-use ruleset::ir::{IfName, Table, TableFamily, TABLE_NAME};
+use ruleset::ir::{Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -840,80 +839,10 @@ impl Guards {
                 None
             }
         };
-        // Every address each veth carries, those claimed by two veths included.
-        let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
-        if let Some(d) = &discovery {
-            for v in d.veths() {
-                carried.entry(&v.name).or_default().extend(&v.addresses);
-            }
-            for (ip, names) in d.conflicts() {
-                for name in names {
-                    carried.entry(name).or_default().insert(*ip);
-                }
-            }
-        }
-        let owner: BTreeMap<IpAddr, String> = compiler
-            .local_pods()
-            .flat_map(|p| {
-                p.ips
-                    .iter()
-                    .map(move |ip| (*ip, format!("{}/{}", p.namespace, p.name)))
-            })
-            .collect();
-        // A veth belongs to the pod whose addresses it alone carries. An address on two veths
-        // (a pod that took a neighbour's address too) proves nothing by itself: it goes to the
-        // veth no other pod owns.
-        let mut veth_owner: BTreeMap<&str, &str> = BTreeMap::new();
-        if let Some(d) = &discovery {
-            for v in d.veths() {
-                let owners: BTreeSet<&str> = v
-                    .addresses
-                    .iter()
-                    .filter_map(|ip| owner.get(ip).map(String::as_str))
-                    .collect();
-                if let [only] = owners.into_iter().collect::<Vec<_>>().as_slice() {
-                    veth_owner.insert(&v.name, only);
-                }
-            }
-        }
-        let mut pods = Vec::new();
-        let mut missing = BTreeSet::new();
-        for pod in compiler.local_pods() {
-            let id = format!("{}/{}", pod.namespace, pod.name);
-            let owned: Vec<&str> = veth_owner
-                .iter()
-                .filter(|(_, o)| **o == id)
-                .map(|(name, _)| *name)
-                .collect();
-            let candidates: Vec<&str> = if owned.is_empty() {
-                carried
-                    .iter()
-                    .filter(|(name, ips)| {
-                        !veth_owner.contains_key(*name) && pod.ips.iter().any(|ip| ips.contains(ip))
-                    })
-                    .map(|(name, _)| *name)
-                    .collect()
-            } else {
-                owned
-            };
-            let found = match candidates.as_slice() {
-                [name] => IfName::new(name),
-                _ => None,
-            };
-            match found {
-                Some(veth) => {
-                    if self.warned.remove(&id) {
-                        tracing::info!(pod = %id, %veth, "veth found; anti-spoofing on");
-                    }
-                    pods.push(GuardedPod {
-                        veth,
-                        ips: pod.ips.clone(),
-                        egress_isolated: pod.ips.iter().any(|ip| compiler.isolates_egress(*ip)),
-                    });
-                }
-                None => {
-                    missing.insert(id);
-                }
+        let (found, missing) = veth::guarded_pods(compiler, discovery.as_ref());
+        for (id, pod) in &found {
+            if self.warned.remove(id) {
+                tracing::info!(pod = %id, veth = %pod.veth, "veth found; anti-spoofing on");
             }
         }
         for id in &missing {
@@ -925,6 +854,7 @@ impl Guards {
             }
         }
         self.warned.retain(|id| missing.contains(id));
+        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
         guard_table(compiler.node(), &pods)
     }
 }

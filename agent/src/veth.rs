@@ -6,6 +6,7 @@
 //!   veths still unresolved (no netns id, dump failed):
 //!     bridge neighbours (RTM_GETNEIGH: IP -> MAC) ⋈ bridge fdb (AF_BRIDGE: MAC -> port)
 //! ─> Discovery: IP -> veth; an address two veths claim goes to neither
+//! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it
 //! ```
 //!
 //! Nothing here trusts interface names: a veth is what IFLA_INFO_KIND says, its pod is whatever
@@ -26,6 +27,9 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use ruleset::guard::GuardedPod;
+use ruleset::ir::IfName;
+use ruleset::Compiler;
 
 /// A veth's host side and the addresses found behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +181,90 @@ impl Discovery {
     pub fn failures(&self) -> &[VethError] {
         &self.failures
     }
+}
+
+/// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
+/// failed): the guarded pods with their `namespace/name`, and the names of the pods no veth
+/// was found for. A veth belongs to the pod whose addresses it alone carries.
+pub fn guarded_pods(
+    compiler: &Compiler,
+    discovery: Option<&Discovery>,
+) -> (Vec<(String, GuardedPod)>, BTreeSet<String>) {
+    // Every address each veth carries, those claimed by two veths included.
+    let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    if let Some(d) = discovery {
+        for v in d.veths() {
+            carried.entry(&v.name).or_default().extend(&v.addresses);
+        }
+        for (ip, names) in d.conflicts() {
+            for name in names {
+                carried.entry(name).or_default().insert(*ip);
+            }
+        }
+    }
+    let owner: BTreeMap<IpAddr, String> = compiler
+        .local_pods()
+        .flat_map(|p| {
+            p.ips
+                .iter()
+                .map(move |ip| (*ip, format!("{}/{}", p.namespace, p.name)))
+        })
+        .collect();
+    // A veth belongs to the pod whose addresses it alone carries. An address on two veths
+    // (a pod that took a neighbour's address too) proves nothing by itself: it goes to the
+    // veth no other pod owns.
+    let mut veth_owner: BTreeMap<&str, &str> = BTreeMap::new();
+    if let Some(d) = discovery {
+        for v in d.veths() {
+            let owners: BTreeSet<&str> = v
+                .addresses
+                .iter()
+                .filter_map(|ip| owner.get(ip).map(String::as_str))
+                .collect();
+            if let [only] = owners.into_iter().collect::<Vec<_>>().as_slice() {
+                veth_owner.insert(&v.name, only);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut missing = BTreeSet::new();
+    for pod in compiler.local_pods() {
+        let id = format!("{}/{}", pod.namespace, pod.name);
+        let owned: Vec<&str> = veth_owner
+            .iter()
+            .filter(|(_, o)| **o == id)
+            .map(|(name, _)| *name)
+            .collect();
+        let candidates: Vec<&str> = if owned.is_empty() {
+            carried
+                .iter()
+                .filter(|(name, ips)| {
+                    !veth_owner.contains_key(*name) && pod.ips.iter().any(|ip| ips.contains(ip))
+                })
+                .map(|(name, _)| *name)
+                .collect()
+        } else {
+            owned
+        };
+        let veth = match candidates.as_slice() {
+            [name] => IfName::new(name),
+            _ => None,
+        };
+        match veth {
+            Some(veth) => found.push((
+                id,
+                GuardedPod {
+                    veth,
+                    ips: pod.ips.clone(),
+                    egress_isolated: pod.ips.iter().any(|ip| compiler.isolates_egress(*ip)),
+                },
+            )),
+            None => {
+                missing.insert(id);
+            }
+        }
+    }
+    (found, missing)
 }
 
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking

@@ -19,6 +19,8 @@
 //! - link-local to the node: a pod that a policy isolates for egress reaches a service of its
 //!   node at the node's link-local address while no agent runs, and cannot once the agent runs;
 //!   a pod whose egress is open still can, and neighbour discovery works as before;
+//! - `dump-ruleset --guard`, run in the node's namespace, prints the anti-spoofing table for the
+//!   veths found there, and `nft -c` takes the output;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
 //!   agents, unreachable with them, and reachable once the snapshot lists it.
 //!
@@ -920,4 +922,57 @@ fn a_pod_isolated_for_egress_cannot_reach_its_node_from_its_link_local_address()
             agent.describe()
         );
     }
+}
+
+#[test]
+fn dump_ruleset_on_the_node_prints_the_guard_for_its_veths() {
+    let Some((scratch, lab, teller, mallory)) =
+        teller_and_mallory("dump_ruleset_on_the_node_prints_the_guard_for_its_veths")
+    else {
+        return;
+    };
+    let agent = agent_binary(Path::new(LABPOD));
+    let path = scratch.path().join("snapshot.yaml");
+    write_snapshot(
+        &path,
+        &snapshot(
+            &[(&teller, "teller"), (&mallory, "mallory")],
+            MALLORY_NO_EGRESS,
+        ),
+    );
+    let node = lab.node_netns(0).unwrap();
+    let text = exec(
+        node,
+        &[
+            agent.to_str().unwrap(),
+            "dump-ruleset",
+            "--manifests",
+            path.to_str().unwrap(),
+            "--node",
+            NODES[0],
+            "--guard",
+        ],
+    );
+    assert!(text.starts_with("table inet nftpol {"), "{text}");
+    let guard = &text[text
+        .find("table bridge nftpol {")
+        .expect("the guard table follows")..];
+    for pod in [&teller, &mallory] {
+        for addr in [pod.ipv4.to_string(), pod.ipv6.to_string()] {
+            let pair = format!("\"{}\" . {addr}", pod.veth());
+            assert!(guard.contains(&pair), "{pair} in\n{guard}");
+        }
+    }
+    let isolated = guard
+        .split("set isolated {")
+        .nth(1)
+        .and_then(|rest| rest.split('}').next())
+        .expect("set isolated");
+    assert!(
+        isolated.contains(&mallory.veth()) && !isolated.contains(&teller.veth()),
+        "only mallory is isolated for egress: {isolated}"
+    );
+    let file = scratch.path().join("dump.nft");
+    fs::write(&file, &text).expect("write the dump");
+    exec(node, &["nft", "-c", "-f", file.to_str().unwrap()]);
 }
