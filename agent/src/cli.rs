@@ -143,7 +143,8 @@ pub struct DumpArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// Also print the anti-spoofing table `bridge nftpol` as the agent would write it now, for
-    /// the veths this host's kernel shows (run it on that node, as root).
+    /// the veths this host's kernel shows, and list them in the policy table's set `veths`
+    /// (run it on that node, as root).
     #[arg(long)]
     pub guard: bool,
 }

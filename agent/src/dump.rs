@@ -1,7 +1,7 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::guard::{guard_table, GuardedPod};
+use ruleset::guard::{guard_table, veths_delta, GuardedPod};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
@@ -11,22 +11,26 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let cluster = load(&args.source)?;
     let compiler = Compiler::new(cluster, &args.node);
     report(&compiler);
-    print!("{}", ruleset::render(compiler.table()));
-    if args.guard {
-        let discovery = veth::discover().context("listing this host's veths")?;
-        let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
-        for pod in &missing {
-            tracing::warn!(
-                %pod,
-                "no veth here carries this pod's addresses; it is enforced by address, without anti-spoofing"
-            );
-        }
-        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        print!(
-            "\n{}",
-            ruleset::render(&guard_table(compiler.node(), &pods))
+    if !args.guard {
+        print!("{}", ruleset::render(compiler.table()));
+        return Ok(());
+    }
+    let discovery = veth::discover().context("listing this host's veths")?;
+    let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
+    for pod in &missing {
+        tracing::warn!(
+            %pod,
+            "no veth here carries this pod's addresses; it is enforced by address, without anti-spoofing"
         );
     }
+    let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+    let mut policy = compiler.table().clone();
+    policy.apply(&veths_delta(&policy, &pods));
+    print!(
+        "{}\n{}",
+        ruleset::render(&policy),
+        ruleset::render(&guard_table(compiler.node(), &pods))
+    );
     Ok(())
 }
 

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
-use ruleset::guard::{guard_table, GuardedPod};
+use ruleset::guard::{guard_table, veths_delta, GuardedPod};
 use ruleset::ir::{Table, TableFamily, TABLE_NAME};
-use ruleset::{diff, Compiler, Options};
+use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::RunArgs;
@@ -458,9 +458,11 @@ impl Kernel {
         let full = full
             || (self.installed.is_some()
                 && self.tables_as_left().or_else(|| self.tables_as_left()) != Some(true));
-        let guard = self.guards.table(compiler);
+        let pods = self.guards.pods(compiler);
+        let guard = guard_table(compiler.node(), &pods);
         let started = Instant::now();
         let mut policy = compiler.table().clone();
+        policy.apply(&veths_delta(&policy, &pods));
         // A change of the policy table moves to the next epoch, so no connection skips the
         // new rules; a whole table (start-up, or one changed behind our back) comes without
         // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
@@ -489,18 +491,7 @@ impl Kernel {
             Some(prev) => {
                 let policy_delta = diff(&prev.policy, policy);
                 let guard_delta = diff(&prev.guard, &guard);
-                let changes: Vec<Change> = [
-                    (TableFamily::Inet, &policy_delta),
-                    (TableFamily::Bridge, &guard_delta),
-                ]
-                .into_iter()
-                .filter(|(_, delta)| !delta.is_empty())
-                .map(|(family, delta)| Change::Delta {
-                    family,
-                    table: TABLE_NAME,
-                    delta,
-                })
-                .collect();
+                let changes = deltas(&policy_delta, &guard_delta);
                 (SyncKind::Delta, self.commit_delta(&changes))
             }
         };
@@ -643,24 +634,23 @@ impl Kernel {
         }
     }
 
-    /// Brings the guard table in step with the veths in the kernel (pods come and go between
-    /// changes, and a veth appears only once the pod's sandbox is up).
+    /// Brings the guard table, and the veths the policy table's `input` drops from, in step
+    /// with the veths in the kernel (pods come and go between changes, and a veth appears only
+    /// once the pod's sandbox is up).
     fn follow_veths(&mut self, compiler: &Compiler) {
         let Some(installed) = self.installed.as_ref() else {
             return;
         };
-        let guard = self.guards.table(compiler);
-        let delta = diff(&installed.guard, &guard);
-        if delta.is_empty() {
+        let pods = self.guards.pods(compiler);
+        let guard = guard_table(compiler.node(), &pods);
+        let guard_delta = diff(&installed.guard, &guard);
+        let veths = veths_delta(&installed.policy, &pods);
+        let changes = deltas(&veths, &guard_delta);
+        if changes.is_empty() {
             return;
         }
         let started = Instant::now();
-        let change = Change::Delta {
-            family: TableFamily::Bridge,
-            table: TABLE_NAME,
-            delta: &delta,
-        };
-        let result = self.commit_delta(&[change]);
+        let result = self.commit_delta(&changes);
         self.health
             .record_sync(SyncKind::Veths, started.elapsed(), result.is_ok());
         match result {
@@ -673,6 +663,7 @@ impl Kernel {
                 );
                 let baseline = read_baseline(&mut self.writer, expected).ok();
                 if let Some(installed) = self.installed.as_mut() {
+                    installed.policy.apply(&veths);
                     installed.guard = guard;
                     installed.baseline = baseline;
                 }
@@ -814,6 +805,19 @@ impl Kernel {
     }
 }
 
+/// The non-empty ones of a delta of the policy table and one of the guard, as changes.
+fn deltas<'a>(policy: &'a Delta, guard: &'a Delta) -> Vec<Change<'a>> {
+    [(TableFamily::Inet, policy), (TableFamily::Bridge, guard)]
+        .into_iter()
+        .filter(|(_, delta)| !delta.is_empty())
+        .map(|(family, delta)| Change::Delta {
+            family,
+            table: TABLE_NAME,
+            delta,
+        })
+        .collect()
+}
+
 /// The anti-spoofing side: which local pod sends from which veth, found in the kernel.
 #[derive(Default)]
 struct Guards {
@@ -824,8 +828,8 @@ struct Guards {
 }
 
 impl Guards {
-    /// The guard table for the local pods of `compiler`, as the kernel's veths show them now.
-    fn table(&mut self, compiler: &Compiler) -> Table {
+    /// The local pods of `compiler` and their veths, as the kernel shows them now.
+    fn pods(&mut self, compiler: &Compiler) -> Vec<GuardedPod> {
         let discovery = match veth::discover() {
             Ok(discovery) => {
                 self.failing = false;
@@ -854,8 +858,7 @@ impl Guards {
             }
         }
         self.warned.retain(|id| missing.contains(id));
-        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        guard_table(compiler.node(), &pods)
+        found.into_iter().map(|(_, pod)| pod).collect()
     }
 }
 

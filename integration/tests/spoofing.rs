@@ -104,20 +104,27 @@ struct Counter<'a> {
 
 impl<'a> Counter<'a> {
     fn install(server: &'a Pod, sources: &[&Pod]) -> Counter<'a> {
+        let addrs: Vec<String> = sources
+            .iter()
+            .flat_map(|s| [s.ipv4.to_string(), s.ipv6.to_string()])
+            .collect();
+        Counter::at(&server.netns, -10, &addrs)
+    }
+
+    /// Counts in `netns`'s input hook at `priority` (after `inet nftpol`'s when above 0).
+    fn at(netns: &'a str, priority: i32, sources: &[String]) -> Counter<'a> {
         let mut rules = String::new();
-        for source in sources {
-            for addr in [source.ipv4.to_string(), source.ipv6.to_string()] {
-                let family = if addr.contains(':') { "ip6" } else { "ip" };
-                rules.push_str(&format!(
-                    "\t\t{family} saddr {addr} udp dport 80 counter comment \"{addr}\"\n"
-                ));
-            }
+        for addr in sources {
+            let family = if addr.contains(':') { "ip6" } else { "ip" };
+            rules.push_str(&format!(
+                "\t\t{family} saddr {addr} udp dport 80 counter comment \"{addr}\"\n"
+            ));
         }
         let text = format!(
-            "table inet observe {{\n\tchain seen {{\n\t\ttype filter hook input priority -10; policy accept;\n{rules}\t}}\n}}\n"
+            "table inet observe {{\n\tchain seen {{\n\t\ttype filter hook input priority {priority}; policy accept;\n{rules}\t}}\n}}\n"
         );
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &server.netns, "nft", "-f", "-"])
+            .args(["netns", "exec", netns, "nft", "-f", "-"])
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("nft runs");
@@ -129,9 +136,7 @@ impl<'a> Counter<'a> {
             .write_all(text.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success(), "counter table loads");
-        Counter {
-            netns: &server.netns,
-        }
+        Counter { netns }
     }
 
     fn packets(&self, source: &str) -> u64 {
@@ -975,4 +980,69 @@ fn dump_ruleset_on_the_node_prints_the_guard_for_its_veths() {
     let file = scratch.path().join("dump.nft");
     fs::write(&file, &text).expect("write the dump");
     exec(node, &["nft", "-c", "-f", file.to_str().unwrap()]);
+}
+
+#[test]
+fn a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address() {
+    let Some((scratch, lab, teller, mallory)) = teller_and_mallory(
+        "a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address",
+    ) else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap();
+    // A forged IPv4 source, and mallory's link-local one, which its egress rules cannot see.
+    let forged = "10.244.1.77".to_string();
+    let link_local = link_local(&mallory.netns, "eth0");
+    let counter = Counter::at(node, 10, &[forged.clone(), link_local.clone()]);
+    let sent = SENT.to_string();
+    // Frames to the bridge's reserved group addresses: one the bridge takes through its input
+    // hook, and LLDP's, through none; both reach the node's IP stack as if from the veth.
+    let sneaked = || {
+        let before = [counter.packets(&forged), counter.packets(&link_local)];
+        for mac in ["01:80:c2:00:00:03", "01:80:c2:00:00:0e"] {
+            for (from, to) in [
+                (forged.as_str(), "10.244.1.1"),
+                (link_local.as_str(), "fd00:10:244:1::1"),
+            ] {
+                exec(
+                    &mallory.netns,
+                    &[LABPOD, "rawudp", "eth0", mac, from, to, "80", &sent],
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        [
+            counter.packets(&forged) - before[0],
+            counter.packets(&link_local) - before[1],
+        ]
+    };
+    assert_eq!(
+        sneaked(),
+        [2 * SENT, 2 * SENT],
+        "control: without the agent, the node takes mallory's datagrams (forged IPv4, link-local IPv6)"
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+        MALLORY_NO_EGRESS,
+    );
+    assert_eq!(
+        sneaked(),
+        [0, 0],
+        "the node takes mallory's datagrams to a reserved group address (forged IPv4, link-local IPv6)\n{}",
+        agent.describe()
+    );
+    // The pods still reach their node the usual way: teller, whose egress is open.
+    let mut lab = lab;
+    lab.serve_on_node(0)
+        .expect("a server in node-a's namespace");
+    for addr in ["10.244.1.1", "fd00:10:244:1::1"] {
+        assert!(
+            reaches(&teller, addr),
+            "teller reaches its node at {addr}\n{}",
+            agent.describe()
+        );
+    }
 }

@@ -913,22 +913,40 @@ fn base_table(node: &str, options: &Options) -> Table {
             "ingress of local pods",
         ));
     }
+    // A bridge takes every frame its ports receive, but hands one for a reserved group address
+    // (01:80:c2:00:00:0x, LLDP's among them) to the node as received by the port itself, past
+    // the bridge's prerouting and forward hooks where the guard's chains are: from a pod with
+    // CAP_NET_RAW, UDP or ICMP to the node from any source address. Nothing else reaches the
+    // node from a veth that is a bridge port.
+    let name = crate::guard::INPUT_VETHS.to_string();
+    table.sets.insert(
+        name.clone(),
+        Set {
+            name: name.clone(),
+            key: SetKey::Iface,
+            interval: false,
+            comment: "host-side veths of local pods, bridge ports (filled in on the node)".into(),
+            elements: BTreeSet::new(),
+        },
+    );
+    let mut input = vec![rule(
+        vec![Match::IifnameInSet { set: name }],
+        Verdict::Drop,
+        "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
+    )];
     // Most of what reaches the node (the overlay's own packets, above all) comes from no local
     // pod whose egress is isolated: one lookup lets it through, instead of the whole chain.
-    let mut input: Vec<Rule> = Family::BOTH
-        .into_iter()
-        .map(|family| {
-            rule(
-                vec![Match::AddrNotInSet {
-                    family,
-                    field: AddrField::Source,
-                    set: dispatch_map(Direction::Egress, family),
-                }],
-                Verdict::Accept,
-                "not from a local pod with isolated egress",
-            )
-        })
-        .collect();
+    input.extend(Family::BOTH.into_iter().map(|family| {
+        rule(
+            vec![Match::AddrNotInSet {
+                family,
+                field: AddrField::Source,
+                set: dispatch_map(Direction::Egress, family),
+            }],
+            Verdict::Accept,
+            "not from a local pod with isolated egress",
+        )
+    }));
     input.extend(common());
     for family in Family::BOTH {
         input.push(rule(

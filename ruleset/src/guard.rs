@@ -15,9 +15,9 @@
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
-//! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else, and from a pod isolated for egress, of nothing else but multicast listener reports |
+//! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
-//! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes return; from IPv6 link-local sources, neighbour discovery and multicast listener reports return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
@@ -30,6 +30,12 @@
 //! nft 1.0.6 has no name for the target field, so `target6` is keyed on the raw payload (`nft
 //! list` shows its addresses as 128-bit numbers); link-local targets are not checked.
 //!
+//! A frame to one of the bridge's reserved group addresses (01:80:c2:00:00:0x) meets neither
+//! chain: the bridge hands it to the node's IP stack as received by the veth itself. That is the
+//! one way from a veth to the node that is not through the bridge, and `inet nftpol`'s `input`
+//! closes it: it drops anything from the veths of [`INPUT_VETHS`], which [`veths_delta`] keeps
+//! equal to `veths` here.
+//!
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
 //! its pod is still enforced by address in `inet nftpol`.
 
@@ -37,11 +43,32 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
+use crate::diff::Delta;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ETHERTYPE_VLAN, MLD_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES, ROUTER_ND_TYPES,
-    TABLE_NAME,
+    TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
+    ROUTER_ND_TYPES, TABLE_NAME,
 };
+
+/// The set of `inet nftpol` whose veths its `input` chain drops everything from (what a bridge
+/// hands to the node as received by the port itself). The compiler leaves it empty; on the
+/// node, [`veths_delta`] fills it with the guarded veths.
+pub const INPUT_VETHS: &str = "veths";
+
+/// What brings `table`'s [`INPUT_VETHS`] set to the veths of `pods`.
+pub fn veths_delta(table: &Table, pods: &[GuardedPod]) -> Delta {
+    let want: BTreeSet<Element> = pods.iter().map(|p| Element::Iface(p.veth)).collect();
+    let mut delta = Delta::default();
+    if let Some(set) = table.sets.get(INPUT_VETHS) {
+        for element in set.elements.difference(&want) {
+            delta.remove_element(INPUT_VETHS, *element);
+        }
+        for element in want.difference(&set.elements) {
+            delta.add_element(INPUT_VETHS, *element);
+        }
+    }
+    delta
+}
 
 /// A local pod whose host-side veth the agent found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,7 +77,7 @@ pub struct GuardedPod {
     /// Every address the pod may send from.
     pub ips: Vec<IpAddr>,
     /// Whether a policy isolates the pod for egress: then it sends from its link-local
-    /// address nothing but neighbour discovery and multicast listener reports.
+    /// address nothing but neighbour discovery and MLD reports and done messages.
     pub egress_isolated: bool,
 }
 
@@ -155,7 +182,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         set: "linklocal6".into(),
     };
     let mut signalling = ND_TYPES.to_vec();
-    signalling.extend(MLD_TYPES);
+    signalling.extend(MLD_LISTENER_TYPES);
     signalling.sort_unstable();
     // A pod's egress rules see it by its pod addresses: from its link-local address it would
     // reach its node (`input` cannot tell which pod sent), past its egress isolation.
@@ -163,7 +190,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         rule(
             vec![Match::Icmpv6Type(signalling), link_local_source()],
             Verdict::Return,
-            "IPv6 neighbour discovery and multicast listener reports",
+            "IPv6 neighbour discovery, MLD reports and done messages",
         ),
         rule(
             vec![

@@ -354,8 +354,9 @@ pub enum Verdict {
 /// ICMPv6 neighbour discovery: router solicit/advert, neighbour solicit/advert, redirect.
 pub const ND_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
 
-/// ICMPv6 multicast listener query, report and done (MLD), and MLDv2 report.
-pub const MLD_TYPES: [u8; 4] = [130, 131, 132, 143];
+/// ICMPv6 multicast listener discovery as a listener sends it: report and done (MLDv1), and
+/// report (MLDv2). Queries are a router's.
+pub const MLD_LISTENER_TYPES: [u8; 3] = [131, 132, 143];
 
 /// ICMPv6 router advertisement and redirect: what only a router sends.
 pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];

@@ -235,7 +235,6 @@ fn range(lo: IpAddr, hi: IpAddr) -> String {
 
 fn icmpv6_name(t: u8) -> String {
     match t {
-        130 => "mld-listener-query".into(),
         131 => "mld-listener-report".into(),
         132 => "mld-listener-done".into(),
         133 => "nd-router-solicit".into(),

@@ -1181,3 +1181,38 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         "fifteen-chars-x"
     );
 }
+
+#[test]
+fn the_input_chain_first_drops_what_comes_straight_from_a_guarded_veth() {
+    use ruleset::guard::{veths_delta, GuardedPod, INPUT_VETHS};
+    use ruleset::ir::{Element, IfName, Match, Verdict};
+
+    let compiler = Compiler::new(Cluster::default(), "n1");
+    let first = &compiler.table().chains["input"].rules[0];
+    assert_eq!(
+        first.matches,
+        [Match::IifnameInSet {
+            set: INPUT_VETHS.into()
+        }]
+    );
+    assert_eq!(first.verdict, Verdict::Drop);
+    assert!(compiler.table().sets[INPUT_VETHS].elements.is_empty());
+
+    let pod = |name: &str| GuardedPod {
+        veth: IfName::new(name).unwrap(),
+        ips: Vec::new(),
+        egress_isolated: false,
+    };
+    let (a, b) = (pod("veth0000000a"), pod("veth0000000b"));
+    let mut table = compiler.table().clone();
+    table.apply(&veths_delta(&table, std::slice::from_ref(&a)));
+    let listed = |table: &ruleset::ir::Table| -> Vec<Element> {
+        table.sets[INPUT_VETHS].elements.iter().copied().collect()
+    };
+    assert_eq!(listed(&table), [Element::Iface(a.veth)]);
+    let delta = veths_delta(&table, std::slice::from_ref(&b));
+    assert_eq!(delta.size(), 2, "one veth out, one in: {delta:?}");
+    table.apply(&delta);
+    assert_eq!(listed(&table), [Element::Iface(b.veth)]);
+    assert!(veths_delta(&table, &[b]).is_empty());
+}

@@ -257,6 +257,12 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         .collect();
     assert!(!pods.is_empty());
     failures.extend(differences(&guard_table("node-a", &pods), "guard"));
+    let mut with_veths = isolating.table().clone();
+    with_veths.apply(&ruleset::guard::veths_delta(&with_veths, &pods));
+    assert!(!with_veths.sets[ruleset::guard::INPUT_VETHS]
+        .elements
+        .is_empty());
+    failures.extend(differences(&with_veths, "policy table with veths"));
     failures.extend(differences(&guard_table("node-a", &[]), "empty guard"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
