@@ -19,6 +19,12 @@
 //! - link-local to the node: a pod that a policy isolates for egress reaches a service of its
 //!   node at the node's link-local address while no agent runs, and cannot once the agent runs;
 //!   a pod whose egress is open still can, and neighbour discovery works as before;
+//! - reserved group addresses: frames from a pod to 01:80:c2:00:00:03 and :0e, which the bridge
+//!   hands to the node as received by the veth, reach the node with a forged IPv4 source and a
+//!   link-local IPv6 one while no agent runs, and do not once the agent runs;
+//! - VXLAN: a pod wraps a datagram "from" a pod of another node in VXLAN and sends it to its own
+//!   node's port 8472; the pod it names, which admits only that node's pods, receives it while
+//!   no agent runs, and does not once the agent runs;
 //! - `dump-ruleset --guard`, run in the node's namespace, prints the anti-spoofing table for the
 //!   veths found there, and `nft -c` takes the output;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
@@ -111,7 +117,8 @@ impl<'a> Counter<'a> {
         Counter::at(&server.netns, -10, &addrs)
     }
 
-    /// Counts in `netns`'s input hook at `priority` (after `inet nftpol`'s when above 0).
+    /// Counts datagrams to UDP port 80 in `netns`'s input hook at `priority` (after `inet
+    /// nftpol`'s when above 0).
     fn at(netns: &'a str, priority: i32, sources: &[String]) -> Counter<'a> {
         let mut rules = String::new();
         for addr in sources {
@@ -1045,4 +1052,79 @@ fn a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address() {
             agent.describe()
         );
     }
+}
+
+const TELLER_FROM_NODE_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: teller-from-node-b\n\
+    spec:\n  podSelector:\n    matchLabels:\n      app: teller\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 10.244.2.0/24\n";
+
+#[test]
+fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
+    let Some((scratch, lab, teller, mallory)) = teller_and_mallory(
+        "a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device",
+    ) else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap();
+    let vtep = exec(node, &["cat", "/sys/class/net/flannel.1/address"])
+        .trim()
+        .to_string();
+    // Teller admits only node-b's pods; mallory, beside it, wraps a datagram from one of them in
+    // VXLAN and sends it, from its own address, to its node's VXLAN port, as a datagram (no
+    // raw socket needed), at the node's pod-network and underlay addresses.
+    let forged = "10.244.2.50".to_string();
+    let own = mallory.ipv4.to_string();
+    let counter = Counter::at(&teller.netns, -10, &[forged.clone(), own.clone()]);
+    let sent = SENT.to_string();
+    let wrapped = || {
+        let before = counter.packets(&forged);
+        for addr in ["10.244.1.1", "192.168.100.1"] {
+            exec(
+                &mallory.netns,
+                &[
+                    LABPOD,
+                    "vxlan",
+                    addr,
+                    "8472",
+                    "1",
+                    &vtep,
+                    &forged,
+                    &teller.ipv4.to_string(),
+                    "80",
+                    &sent,
+                ],
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        counter.packets(&forged) - before
+    };
+    assert_eq!(
+        wrapped(),
+        2 * SENT,
+        "control: without the agent, teller receives the datagrams unwrapped by node-a"
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+        TELLER_FROM_NODE_B,
+    );
+    let before = counter.packets(&own);
+    exec(
+        &mallory.netns,
+        &[LABPOD, "send", &own, &teller.ipv4.to_string(), "80", &sent],
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        counter.packets(&own) - before,
+        0,
+        "teller admits only node-b's pods, yet mallory's own datagrams arrive\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        wrapped(),
+        0,
+        "mallory's datagrams, wrapped in VXLAN as if from node-b, reach teller\n{}",
+        agent.describe()
+    );
 }

@@ -757,6 +757,9 @@ fn rule_matches(
         .collect()
 }
 
+/// UDP ports of VXLAN: the IANA's, and the Linux kernel's default, which Flannel uses.
+const VXLAN_PORTS: [u16; 2] = [4789, 8472];
+
 /// The fixed part: base chains, dispatch maps and self sets, and with
 /// [`Options::isolate_unprogrammed`] the sets and rules isolating unknown local addresses.
 fn base_table(node: &str, options: &Options) -> Table {
@@ -778,17 +781,29 @@ fn base_table(node: &str, options: &Options) -> Table {
                 },
             );
         }
-        let name = format!("self{}", family.digit());
-        table.sets.insert(
-            name.clone(),
-            Set {
-                name,
-                key: SetKey::AddrPair(family),
-                interval: false,
-                comment: "local pod to itself".into(),
-                elements: BTreeSet::new(),
-            },
-        );
+        for (name, key, text) in [
+            (
+                format!("self{}", family.digit()),
+                SetKey::AddrPair(family),
+                "local pod to itself",
+            ),
+            (
+                format!("known{}", family.digit()),
+                SetKey::Addr(family),
+                "addresses of local pods the agent knows",
+            ),
+        ] {
+            table.sets.insert(
+                name.clone(),
+                Set {
+                    name,
+                    key,
+                    interval: false,
+                    comment: text.into(),
+                    elements: BTreeSet::new(),
+                },
+            );
+        }
     }
     let rule = |matches: Vec<Match>, verdict: Verdict, text: &str| Rule {
         matches,
@@ -819,7 +834,36 @@ fn base_table(node: &str, options: &Options) -> Table {
             ),
         ]
     };
+    let known = |family: Family| format!("known{}", family.digit());
+    // A pod has no business sending the overlay's own packets: a VXLAN datagram that a node's
+    // Flannel device takes is decapsulated and its inner packet routed as if from another
+    // node, from whatever source the pod wrote into it, past anti-spoofing and any policy that
+    // admits that source. Calico drops these from its workloads too.
+    let tunnel = |source: Option<Match>| {
+        VXLAN_PORTS.map(|port| {
+            let mut matches = vec![
+                Match::Protocol(Protocol::Udp),
+                Match::DestinationPort(port, port),
+            ];
+            matches.extend(source.clone());
+            rule(
+                matches,
+                Verdict::Drop,
+                "VXLAN from a local pod: an overlay packet of its own making",
+            )
+        })
+    };
+    let from_local = |family: Family| {
+        Some(Match::AddrInSet {
+            family,
+            field: AddrField::Source,
+            set: known(family),
+        })
+    };
     let mut forward = common();
+    for family in Family::BOTH {
+        forward.extend(tunnel(from_local(family)));
+    }
     for family in Family::BOTH {
         let cidrs: BTreeSet<Element> = options
             .isolate_unprogrammed
@@ -830,37 +874,17 @@ fn base_table(node: &str, options: &Options) -> Table {
         if cidrs.is_empty() {
             continue;
         }
-        let (podcidr, known) = (
-            format!("podcidr{}", family.digit()),
-            format!("known{}", family.digit()),
+        let podcidr = format!("podcidr{}", family.digit());
+        table.sets.insert(
+            podcidr.clone(),
+            Set {
+                name: podcidr.clone(),
+                key: SetKey::Addr(family),
+                interval: true,
+                comment: "pod CIDRs of this node".into(),
+                elements: cidrs,
+            },
         );
-        for (name, key, interval, text, elements) in [
-            (
-                &podcidr,
-                SetKey::Addr(family),
-                true,
-                "pod CIDRs of this node",
-                cidrs,
-            ),
-            (
-                &known,
-                SetKey::Addr(family),
-                false,
-                "addresses of local pods the agent knows",
-                BTreeSet::new(),
-            ),
-        ] {
-            table.sets.insert(
-                name.clone(),
-                Set {
-                    name: name.clone(),
-                    key,
-                    interval,
-                    comment: text.into(),
-                    elements,
-                },
-            );
-        }
         for (field, text) in [
             (
                 AddrField::Destination,
@@ -881,7 +905,7 @@ fn base_table(node: &str, options: &Options) -> Table {
                     Match::AddrNotInSet {
                         family,
                         field,
-                        set: known.clone(),
+                        set: known(family),
                     },
                 ],
                 Verdict::Drop,
@@ -935,18 +959,30 @@ fn base_table(node: &str, options: &Options) -> Table {
         "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
     )];
     // Most of what reaches the node (the overlay's own packets, above all) comes from no local
-    // pod whose egress is isolated: one lookup lets it through, instead of the whole chain.
-    input.extend(Family::BOTH.into_iter().map(|family| {
+    // pod: one lookup lets it through, instead of the whole chain.
+    let not_from = |family: Family, set: String, text: &str| {
         rule(
             vec![Match::AddrNotInSet {
                 family,
                 field: AddrField::Source,
-                set: dispatch_map(Direction::Egress, family),
+                set,
             }],
             Verdict::Accept,
-            "not from a local pod with isolated egress",
+            text,
         )
-    }));
+    };
+    for family in Family::BOTH {
+        input.push(not_from(family, known(family), "not from a local pod"));
+    }
+    // Past those, everything is from a local pod.
+    input.extend(tunnel(None));
+    for family in Family::BOTH {
+        input.push(not_from(
+            family,
+            dispatch_map(Direction::Egress, family),
+            "from a local pod whose egress is open",
+        ));
+    }
     input.extend(common());
     for family in Family::BOTH {
         input.push(rule(

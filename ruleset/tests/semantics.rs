@@ -912,8 +912,8 @@ fn replies_related_packets_and_neighbour_discovery_pass_isolation() {
         at_input(packet("10.0.0.2", "192.168.0.1", web, CtState::Reply)).decision,
         Decision::Accept
     );
-    // What comes from no isolated local pod (another node's overlay packets, say) is let
-    // through by one rule, not the whole chain.
+    // What comes from no local pod (another node's overlay packets, say) is let through by one
+    // rule, not the whole chain.
     let overlay = L4::Transport {
         protocol: Udp,
         dport: 8472,
@@ -930,7 +930,7 @@ fn replies_related_packets_and_neighbour_discovery_pass_isolation() {
         assert_eq!(
             seen.last_rule_in("input")
                 .and_then(|r| r.comment.as_deref()),
-            Some("not from a local pod with isolated egress"),
+            Some("not from a local pod"),
             "{from}"
         );
     }
@@ -1215,4 +1215,90 @@ fn the_input_chain_first_drops_what_comes_straight_from_a_guarded_veth() {
     table.apply(&delta);
     assert_eq!(listed(&table), [Element::Iface(b.veth)]);
     assert!(veths_delta(&table, &[b]).is_empty());
+}
+
+#[test]
+fn a_local_pod_cannot_send_vxlan_even_where_its_egress_is_open() {
+    let c = cluster(
+        vec![],
+        vec![
+            pod("a", "open", "10.0.0.1").ip("fd00::1"),
+            pod("b", "far", "10.0.1.1").ip("fd00:1::1").node("n2"),
+        ],
+        vec![],
+    );
+    let compiler = Compiler::new(c, "n1");
+    let t = compiler.table();
+    for port in [4789, 8472] {
+        let vxlan = L4::Transport {
+            protocol: Udp,
+            dport: port,
+        };
+        for (hook, from, to) in [
+            (Hook::Forward, "10.0.0.1", "192.168.0.2"),
+            (Hook::Forward, "fd00::1", "fd00:100::2"),
+            (Hook::Forward, "10.0.0.1", "10.0.1.1"),
+            (Hook::Input, "10.0.0.1", "192.168.0.1"),
+            (Hook::Input, "fd00::1", "fd00:100::1"),
+        ] {
+            let seen = evaluate(t, hook, &packet(from, to, vxlan, CtState::New));
+            assert_eq!(
+                seen.decision,
+                Decision::Drop,
+                "{hook:?} {from} -> {to}:{port}"
+            );
+            let rule = seen.last_rule_in(if hook == Hook::Input {
+                "input"
+            } else {
+                "forward"
+            });
+            assert!(
+                rule.and_then(|r| r.comment.as_deref())
+                    .is_some_and(|c| c.starts_with("VXLAN from a local pod")),
+                "{hook:?} {from} -> {to}:{port}: {rule:?}"
+            );
+        }
+        // Another node's overlay packets, and a remote pod's datagrams to that port, pass.
+        assert_eq!(
+            evaluate(
+                t,
+                Hook::Input,
+                &packet("192.168.0.2", "192.168.0.1", vxlan, CtState::New)
+            )
+            .decision,
+            Decision::Accept
+        );
+        assert_eq!(
+            evaluate(
+                t,
+                Hook::Forward,
+                &packet("10.0.1.1", "10.0.0.1", vxlan, CtState::New)
+            )
+            .decision,
+            Decision::Accept
+        );
+    }
+    // The open pod's other traffic to the node and beyond passes.
+    let dns = L4::Transport {
+        protocol: Udp,
+        dport: 53,
+    };
+    assert_eq!(
+        evaluate(
+            t,
+            Hook::Input,
+            &packet("10.0.0.1", "192.168.0.1", dns, CtState::New)
+        )
+        .decision,
+        Decision::Accept
+    );
+    assert_eq!(
+        evaluate(
+            t,
+            Hook::Forward,
+            &packet("10.0.0.1", "192.168.0.2", dns, CtState::New)
+        )
+        .decision,
+        Decision::Accept
+    );
 }

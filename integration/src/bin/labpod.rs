@@ -42,6 +42,7 @@ const USAGE: &str = "usage: labpod serve [PORT...]
        labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
+       labpod vxlan ADDR PORT VNI MAC FROM TO TO_PORT COUNT   (to ADDR:PORT, VXLAN carrying UDP FROM -> TO:TO_PORT to MAC)
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "send" => send(rest),
         Some((mode, rest)) if mode == "advertise" => advertise(rest),
         Some((mode, rest)) if mode == "rawudp" => rawudp(rest),
+        Some((mode, rest)) if mode == "vxlan" => vxlan(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -322,52 +324,114 @@ fn rawudp(args: &[String]) -> Result<(), String> {
     let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
     let port = parse_port(port)?;
     let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
-    const UDP: u8 = 17;
     for n in 0..count {
         let payload = format!("labpod rawudp {n}\n");
-        let length = u16::try_from(8 + payload.len()).map_err(|_| "too long".to_string())?;
-        let mut udp = Vec::with_capacity(usize::from(length));
-        udp.extend_from_slice(&40000u16.to_be_bytes());
-        udp.extend_from_slice(&port.to_be_bytes());
-        udp.extend_from_slice(&length.to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(payload.as_bytes());
-        let mut frame = dst_mac.to_vec();
-        frame.extend_from_slice(&src_mac);
-        match (from, addr) {
-            (IpAddr::V4(from), IpAddr::V4(to)) => {
-                // The UDP checksum is optional over IPv4: 0, none.
-                let total = length + 20;
-                let mut ip = vec![0x45, 0];
-                ip.extend_from_slice(&total.to_be_bytes());
-                ip.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]);
-                ip.extend_from_slice(&from.octets());
-                ip.extend_from_slice(&to.octets());
-                let sum = checksum(&ip);
-                ip[10..12].copy_from_slice(&sum.to_be_bytes());
-                frame.extend_from_slice(&[0x08, 0x00]);
-                frame.extend_from_slice(&ip);
-            }
-            (IpAddr::V6(from), IpAddr::V6(to)) => {
-                // Over IPv6 a UDP checksum of 0 would mean none, which is not allowed.
-                let sum = match checksum6(from, to, UDP, &udp) {
-                    0 => 0xffff,
-                    sum => sum,
-                };
-                udp[6..8].copy_from_slice(&sum.to_be_bytes());
-                frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-                frame.extend_from_slice(&length.to_be_bytes());
-                frame.extend_from_slice(&[UDP, 64]);
-                frame.extend_from_slice(&from.octets());
-                frame.extend_from_slice(&to.octets());
-            }
-            _ => return Err(format!("{from} and {addr} are of different families")),
-        }
-        frame.extend_from_slice(&udp);
+        let frame = udp_frame(dst_mac, src_mac, from, addr, port, payload.as_bytes())?;
         send_frame(iface, &frame)?;
         thread::sleep(Duration::from_millis(2));
     }
     Ok(())
+}
+
+/// Datagrams to UDP `ADDR PORT` (from this pod's own address, as its kernel sends them), each
+/// a VXLAN packet (VNI `VNI`) carrying an Ethernet frame to `MAC` with a UDP datagram from
+/// `FROM` to `TO` port `TO_PORT`: what a node's VXLAN device would take for a packet from
+/// another node.
+fn vxlan(args: &[String]) -> Result<(), String> {
+    let [addr, port, vni, mac, from, to, to_port, count] = args else {
+        return Err(USAGE.to_string());
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let port = parse_port(port)?;
+    let vni: u32 = vni
+        .parse()
+        .ok()
+        .filter(|v| *v < 1 << 24)
+        .ok_or_else(|| format!("bad VNI {vni:?}"))?;
+    let mac = parse_mac(mac).ok_or_else(|| format!("bad MAC {mac:?}"))?;
+    let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
+    let to: IpAddr = to.parse().map_err(|_| format!("bad address {to:?}"))?;
+    let to_port = parse_port(to_port)?;
+    let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    let any = if addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let socket = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    // A locally administered source MAC: the receiving device does not look at it.
+    let src_mac = [0x0e, 0, 0, 0, 0, 0x01];
+    for n in 0..count {
+        let payload = format!("labpod vxlan {n}\n");
+        let mut packet = vec![0x08, 0, 0, 0];
+        packet.extend_from_slice(&(vni << 8).to_be_bytes());
+        packet.extend(udp_frame(
+            mac,
+            src_mac,
+            from,
+            to,
+            to_port,
+            payload.as_bytes(),
+        )?);
+        socket
+            .send_to(&packet, SocketAddr::new(addr, port))
+            .map_err(|e| format!("send to {addr} port {port}: {e}"))?;
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// An Ethernet frame from `src_mac` to `dst_mac` holding a UDP datagram from `from` (source
+/// port 40000) to `to` port `port`.
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    from: IpAddr,
+    to: IpAddr,
+    port: u16,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    const UDP: u8 = 17;
+    let length = u16::try_from(8 + payload.len()).map_err(|_| "too long".to_string())?;
+    let mut udp = Vec::with_capacity(usize::from(length));
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&length.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut frame = dst_mac.to_vec();
+    frame.extend_from_slice(&src_mac);
+    match (from, to) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            // The UDP checksum is optional over IPv4: 0, none.
+            let total = length + 20;
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]);
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&[0x08, 0x00]);
+            frame.extend_from_slice(&ip);
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            // Over IPv6 a UDP checksum of 0 would mean none, which is not allowed.
+            let sum = match checksum6(from, to, UDP, &udp) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            udp[6..8].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            frame.extend_from_slice(&length.to_be_bytes());
+            frame.extend_from_slice(&[UDP, 64]);
+            frame.extend_from_slice(&from.octets());
+            frame.extend_from_slice(&to.octets());
+        }
+        _ => return Err(format!("{from} and {to} are of different families")),
+    }
+    frame.extend_from_slice(&udp);
+    Ok(frame)
 }
 
 fn advertise(args: &[String]) -> Result<(), String> {
