@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
-use ruleset::guard::{guard_table, veths_delta, GuardedPod};
-use ruleset::ir::{Table, TableFamily, TABLE_NAME};
+use ruleset::guard::{guard_table, veths_delta, GuardedPod, INPUT_VETHS};
+use ruleset::ir::{Set, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -471,7 +471,7 @@ impl Kernel {
             None => None,
             Some(prev) => {
                 epoch::apply(&mut policy, self.epoch);
-                Some((prev.policy != policy, prev.guard != guard))
+                Some((policy_changed(&prev.policy, &policy), prev.guard != guard))
             }
         };
         let next = match changed {
@@ -805,6 +805,21 @@ impl Kernel {
     }
 }
 
+/// Whether the policy table changed in more than the veths its `input` drops from, which
+/// change with the guard's and decide no connection's fate: only then the epoch moves on.
+fn policy_changed(before: &Table, after: &Table) -> bool {
+    fn rest(table: &Table) -> impl Iterator<Item = (&String, &Set)> {
+        table
+            .sets
+            .iter()
+            .filter(|(name, _)| name.as_str() != INPUT_VETHS)
+    }
+    before.chains != after.chains
+        || before.maps != after.maps
+        || before.comment != after.comment
+        || !rest(before).eq(rest(after))
+}
+
 /// The non-empty ones of a delta of the policy table and one of the guard, as changes.
 fn deltas<'a>(policy: &'a Delta, guard: &'a Delta) -> Vec<Change<'a>> {
     [(TableFamily::Inet, policy), (TableFamily::Bridge, guard)]
@@ -865,6 +880,27 @@ impl Guards {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_of_the_veths_alone_keeps_the_epoch() {
+        let compiler = Compiler::new(ruleset::Cluster::default(), "n1");
+        let before = compiler.table().clone();
+        let pod = GuardedPod {
+            veth: ruleset::ir::IfName::new("veth0000000a").unwrap(),
+            ips: Vec::new(),
+            egress_isolated: false,
+        };
+        let mut veths = before.clone();
+        veths.apply(&veths_delta(&veths, &[pod]));
+        assert_ne!(before, veths);
+        assert!(!policy_changed(&before, &veths));
+        let mut known = before.clone();
+        if let Some(set) = known.sets.get_mut("known4") {
+            set.elements
+                .insert(ruleset::ir::Element::Addr("10.0.0.1".parse().unwrap()));
+        }
+        assert!(policy_changed(&before, &known));
+    }
 
     #[test]
     fn the_loop_ticks_often_enough_for_a_short_watchdog() {

@@ -1065,19 +1065,28 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
         return;
     };
     let node = lab.node_netns(0).unwrap();
-    let vtep = exec(node, &["cat", "/sys/class/net/flannel.1/address"])
-        .trim()
-        .to_string();
+    let mac = |device: &str| {
+        exec(node, &["cat", &format!("/sys/class/net/{device}/address")])
+            .trim()
+            .to_string()
+    };
+    let (vtep, vtep6) = (mac("flannel.1"), mac("flannel-v6.1"));
+    let node_ll = format!("{}%eth0", link_local(node, "cni0"));
     // Teller admits only node-b's pods; mallory, beside it, wraps a datagram from one of them in
-    // VXLAN and sends it, from its own address, to its node's VXLAN port, as a datagram (no
-    // raw socket needed), at the node's pod-network and underlay addresses.
+    // VXLAN and sends it to its node's VXLAN port as a datagram (no raw socket needed): from
+    // its own address to the node's pod-network and underlay addresses, and from its
+    // link-local address to the node's, to the IPv6 VXLAN device.
     let forged = "10.244.2.50".to_string();
     let own = mallory.ipv4.to_string();
     let counter = Counter::at(&teller.netns, -10, &[forged.clone(), own.clone()]);
     let sent = SENT.to_string();
     let wrapped = || {
         let before = counter.packets(&forged);
-        for addr in ["10.244.1.1", "192.168.100.1"] {
+        for (addr, vtep) in [
+            ("10.244.1.1", &vtep),
+            ("192.168.100.1", &vtep),
+            (node_ll.as_str(), &vtep6),
+        ] {
             exec(
                 &mallory.netns,
                 &[
@@ -1086,7 +1095,7 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
                     addr,
                     "8472",
                     "1",
-                    &vtep,
+                    vtep,
                     &forged,
                     &teller.ipv4.to_string(),
                     "80",
@@ -1099,7 +1108,7 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
     };
     assert_eq!(
         wrapped(),
-        2 * SENT,
+        3 * SENT,
         "control: without the agent, teller receives the datagrams unwrapped by node-a"
     );
 

@@ -17,7 +17,7 @@ use crate::diff::{diff, Delta};
 use crate::epoch::{self, Epoch};
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
-    SetKey, Table, Verdict, ND_TYPES, TABLE_NAME,
+    SetKey, Table, Verdict, ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
 use crate::model::{Namespace, NetworkPolicy, Pod};
 use crate::policy::{
@@ -757,11 +757,9 @@ fn rule_matches(
         .collect()
 }
 
-/// UDP ports of VXLAN: the IANA's, and the Linux kernel's default, which Flannel uses.
-const VXLAN_PORTS: [u16; 2] = [4789, 8472];
-
-/// The fixed part: base chains, dispatch maps and self sets, and with
-/// [`Options::isolate_unprogrammed`] the sets and rules isolating unknown local addresses.
+/// The fixed part: base chains, dispatch maps, self and known sets, and with
+/// [`Options::isolate_unprogrammed`] the pod CIDR sets and the rules isolating unknown local
+/// addresses.
 fn base_table(node: &str, options: &Options) -> Table {
     let mut table = Table {
         name: TABLE_NAME.to_string(),

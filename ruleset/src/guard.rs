@@ -45,9 +45,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::comment;
 use crate::diff::Delta;
 use crate::ir::{
-    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Rule, Set, SetKey, Table,
-    TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
-    ROUTER_ND_TYPES, TABLE_NAME,
+    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Protocol, Rule, Set, SetKey,
+    Table, TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
+    ROUTER_ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
 
 /// The set of `inet nftpol` whose veths its `input` chain drops everything from (what a bridge
@@ -202,12 +202,25 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             Verdict::Drop,
             "from the link-local address of a pod isolated for egress",
         ),
-        rule(
-            vec![link_local_source()],
-            Verdict::Return,
-            "from the link-local address of a pod whose egress is open",
-        ),
     ]);
+    // `inet nftpol` drops VXLAN from local pods by their pod addresses, which a link-local
+    // source is not.
+    guard.extend(VXLAN_PORTS.map(|port| {
+        rule(
+            vec![
+                link_local_source(),
+                Match::Protocol(Protocol::Udp),
+                Match::DestinationPort(port, port),
+            ],
+            Verdict::Drop,
+            "VXLAN from a pod's link-local address: an overlay packet of its own making",
+        )
+    }));
+    guard.push(rule(
+        vec![link_local_source()],
+        Verdict::Return,
+        "from the link-local address of a pod whose egress is open",
+    ));
     guard.push(rule(
         Vec::new(),
         Verdict::Drop,

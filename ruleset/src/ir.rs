@@ -358,6 +358,9 @@ pub const ND_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
 /// report (MLDv2). Queries are a router's.
 pub const MLD_LISTENER_TYPES: [u8; 3] = [131, 132, 143];
 
+/// UDP ports of VXLAN: the IANA's, and the Linux kernel's default, which Flannel uses.
+pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
+
 /// ICMPv6 router advertisement and redirect: what only a router sends.
 pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];
 

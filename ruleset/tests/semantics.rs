@@ -1170,6 +1170,10 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         text.contains("ip6 saddr @linklocal6 iifname @isolated drop"),
         "{text}"
     );
+    assert!(
+        text.contains("ip6 saddr @linklocal6 meta l4proto udp th dport 8472 drop"),
+        "{text}"
+    );
     for bad in ["", "a/b", "has space", "sixteen-chars-xx"] {
         assert!(
             IfName::new(bad).is_none(),

@@ -333,7 +333,8 @@ fn rawudp(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Datagrams to UDP `ADDR PORT` (from this pod's own address, as its kernel sends them), each
+/// Datagrams to UDP `ADDR PORT` (`fe80::1%eth0` for a link-local one; from the source address
+/// this pod's kernel picks), each
 /// a VXLAN packet (VNI `VNI`) carrying an Ethernet frame to `MAC` with a UDP datagram from
 /// `FROM` to `TO` port `TO_PORT`: what a node's VXLAN device would take for a packet from
 /// another node.
@@ -341,7 +342,7 @@ fn vxlan(args: &[String]) -> Result<(), String> {
     let [addr, port, vni, mac, from, to, to_port, count] = args else {
         return Err(USAGE.to_string());
     };
-    let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
+    let (addr, scope) = scoped(addr)?;
     let port = parse_port(port)?;
     let vni: u32 = vni
         .parse()
@@ -374,7 +375,7 @@ fn vxlan(args: &[String]) -> Result<(), String> {
             payload.as_bytes(),
         )?);
         socket
-            .send_to(&packet, SocketAddr::new(addr, port))
+            .send_to(&packet, socket_addr(addr, port, scope))
             .map_err(|e| format!("send to {addr} port {port}: {e}"))?;
         thread::sleep(Duration::from_millis(2));
     }
