@@ -1,7 +1,7 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::guard::{guard_table, veths_delta, GuardedPod};
+use ruleset::guard::{guard_table, with_veths, GuardedPod};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
@@ -24,11 +24,9 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         );
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-    let mut policy = compiler.table().clone();
-    policy.apply(&veths_delta(&policy, &pods));
     print!(
         "{}\n{}",
-        ruleset::render(&policy),
+        ruleset::render(&with_veths(compiler.table(), &pods)),
         ruleset::render(&guard_table(compiler.node(), &pods))
     );
     Ok(())

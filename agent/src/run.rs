@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
-use ruleset::guard::{guard_table, veths_delta, GuardedPod, INPUT_VETHS};
+use ruleset::guard::{guard_table, veths_delta, with_veths, GuardedPod, INPUT_VETHS};
 use ruleset::ir::{Set, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -461,8 +461,7 @@ impl Kernel {
         let pods = self.guards.pods(compiler);
         let guard = guard_table(compiler.node(), &pods);
         let started = Instant::now();
-        let mut policy = compiler.table().clone();
-        policy.apply(&veths_delta(&policy, &pods));
+        let mut policy = with_veths(compiler.table(), &pods);
         // A change of the policy table moves to the next epoch, so no connection skips the
         // new rules; a whole table (start-up, or one changed behind our back) comes without
         // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
@@ -890,8 +889,7 @@ mod tests {
             ips: Vec::new(),
             egress_isolated: false,
         };
-        let mut veths = before.clone();
-        veths.apply(&veths_delta(&veths, &[pod]));
+        let veths = with_veths(&before, &[pod]);
         assert_ne!(before, veths);
         assert!(!policy_changed(&before, &veths));
         let mut known = before.clone();

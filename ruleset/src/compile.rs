@@ -791,16 +791,7 @@ fn base_table(node: &str, options: &Options) -> Table {
                 "addresses of local pods the agent knows",
             ),
         ] {
-            table.sets.insert(
-                name.clone(),
-                Set {
-                    name,
-                    key,
-                    interval: false,
-                    comment: text.into(),
-                    elements: BTreeSet::new(),
-                },
-            );
+            table.add_set(&name, key, false, text, BTreeSet::new());
         }
     }
     let rule = |matches: Vec<Match>, verdict: Verdict, text: &str| Rule {
@@ -873,15 +864,12 @@ fn base_table(node: &str, options: &Options) -> Table {
             continue;
         }
         let podcidr = format!("podcidr{}", family.digit());
-        table.sets.insert(
-            podcidr.clone(),
-            Set {
-                name: podcidr.clone(),
-                key: SetKey::Addr(family),
-                interval: true,
-                comment: "pod CIDRs of this node".into(),
-                elements: cidrs,
-            },
+        table.add_set(
+            &podcidr,
+            SetKey::Addr(family),
+            true,
+            "pod CIDRs of this node",
+            cidrs,
         );
         for (field, text) in [
             (
@@ -940,19 +928,16 @@ fn base_table(node: &str, options: &Options) -> Table {
     // the bridge's prerouting and forward hooks where the guard's chains are: from a pod with
     // CAP_NET_RAW, UDP or ICMP to the node from any source address. Nothing else reaches the
     // node from a veth that is a bridge port.
-    let name = crate::guard::INPUT_VETHS.to_string();
-    table.sets.insert(
-        name.clone(),
-        Set {
-            name: name.clone(),
-            key: SetKey::Iface,
-            interval: false,
-            comment: "host-side veths of local pods, bridge ports (filled in on the node)".into(),
-            elements: BTreeSet::new(),
-        },
+    let name = crate::guard::INPUT_VETHS;
+    table.add_set(
+        name,
+        SetKey::Iface,
+        false,
+        "host-side veths of local pods, bridge ports (filled in on the node)",
+        BTreeSet::new(),
     );
     let mut input = vec![rule(
-        vec![Match::IifnameInSet { set: name }],
+        vec![Match::IifnameInSet { set: name.into() }],
         Verdict::Drop,
         "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
     )];

@@ -39,13 +39,13 @@
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
 //! its pod is still enforced by address in `inet nftpol`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::compile::comment;
 use crate::diff::Delta;
 use crate::ir::{
-    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Protocol, Rule, Set, SetKey,
+    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Protocol, Rule, SetKey,
     Table, TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
     ROUTER_ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
@@ -70,6 +70,13 @@ pub fn veths_delta(table: &Table, pods: &[GuardedPod]) -> Delta {
     delta
 }
 
+/// A copy of the policy table `table` whose [`INPUT_VETHS`] set lists the veths of `pods`.
+pub fn with_veths(table: &Table, pods: &[GuardedPod]) -> Table {
+    let mut table = table.clone();
+    table.apply(&veths_delta(&table, pods));
+    table
+}
+
 /// A local pod whose host-side veth the agent found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardedPod {
@@ -83,20 +90,15 @@ pub struct GuardedPod {
 
 /// The guard table of `node` for `pods`.
 pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
-    let mut sets = BTreeMap::new();
-    let mut add_set = |name: &str, key, interval, comment: &str, elements: BTreeSet<Element>| {
-        sets.insert(
-            name.to_string(),
-            Set {
-                name: name.to_string(),
-                key,
-                interval,
-                comment: comment.to_string(),
-                elements,
-            },
-        );
+    let mut table = Table {
+        family: TableFamily::Bridge,
+        name: TABLE_NAME.to_string(),
+        comment: comment(format!(
+            "anti-spoofing for the pods of node {node}, managed by nftpol"
+        )),
+        ..Table::default()
     };
-    add_set(
+    table.add_set(
         "veths",
         SetKey::Iface,
         false,
@@ -110,7 +112,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             .filter(|(_, ip)| Family::of(ip) == family)
             .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
             .collect();
-        add_set(
+        table.add_set(
             &format!("src{}", family.digit()),
             SetKey::IfaceAddr(family),
             false,
@@ -118,7 +120,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             elements,
         );
     }
-    add_set(
+    table.add_set(
         "isolated",
         SetKey::Iface,
         false,
@@ -128,7 +130,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             .map(|p| Element::Iface(p.veth))
             .collect(),
     );
-    add_set(
+    table.add_set(
         "target6",
         SetKey::IfaceNdTarget,
         false,
@@ -143,7 +145,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     let link_local_end = Ipv6Addr::new(
         0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
     );
-    add_set(
+    table.add_set(
         "linklocal6",
         SetKey::Addr(Family::V6),
         true,
@@ -154,6 +156,9 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         ]
         .into(),
     );
+    let from_veth = || Match::IifnameInSet {
+        set: "veths".into(),
+    };
     let rule = |matches, verdict, comment: &str| Rule {
         matches,
         verdict,
@@ -270,12 +275,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     // IPv6 only, so IPv4 is accepted before it; ahead of the IPv6 source check, since an
     // advertisement sent from the pod's own address may still speak for a neighbour.
     let advertisements = rule(
-        vec![
-            Match::Icmpv6Type(spoken),
-            Match::IifnameInSet {
-                set: "veths".into(),
-            },
-        ],
+        vec![Match::Icmpv6Type(spoken), from_veth()],
         Verdict::Jump("neighbour".into()),
         "neighbour discovery from a local pod's veth that speaks for others",
     );
@@ -285,12 +285,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     // accepted before this, tagged or not: its source is checked, and nothing else is.)
     let tagged = ETHERTYPE_VLAN.map(|tag| {
         rule(
-            vec![
-                Match::EtherType(tag),
-                Match::IifnameInSet {
-                    set: "veths".into(),
-                },
-            ],
+            vec![Match::EtherType(tag), from_veth()],
             Verdict::Drop,
             "a tagged frame from a local pod's veth",
         )
@@ -301,9 +296,7 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         advertisements,
         own_address(Family::V6),
         rule(
-            vec![Match::IifnameInSet {
-                set: "veths".into(),
-            }],
+            vec![from_veth()],
             Verdict::Jump("guard".into()),
             "anything else from a local pod's veth",
         ),
@@ -344,17 +337,12 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "to a local pod's veth, to an address that is not the pod's",
         ),
         rule(
-            vec![
-                link_local_source(),
-                Match::IifnameInSet {
-                    set: "veths".into(),
-                },
-            ],
+            vec![link_local_source(), from_veth()],
             Verdict::Drop,
             "from a local pod's link-local address",
         ),
     ];
-    let chains = [
+    table.chains = [
         Chain {
             name: "forward".into(),
             base: Some(BaseChain {
@@ -389,14 +377,5 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     .into_iter()
     .map(|c| (c.name.clone(), c))
     .collect();
-    Table {
-        family: TableFamily::Bridge,
-        name: TABLE_NAME.to_string(),
-        comment: comment(format!(
-            "anti-spoofing for the pods of node {node}, managed by nftpol"
-        )),
-        sets,
-        maps: BTreeMap::new(),
-        chains,
-    }
+    table
 }

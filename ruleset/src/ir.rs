@@ -371,6 +371,27 @@ pub const ND_NEIGHBOR_ADVERT: u8 = 136;
 pub const ETHERTYPE_VLAN: [u16; 2] = [0x8100, 0x88a8];
 
 impl Table {
+    /// Adds (or replaces) the named set `name`.
+    pub fn add_set(
+        &mut self,
+        name: &str,
+        key: SetKey,
+        interval: bool,
+        comment: &str,
+        elements: BTreeSet<Element>,
+    ) {
+        self.sets.insert(
+            name.to_string(),
+            Set {
+                name: name.to_string(),
+                key,
+                interval,
+                comment: comment.to_string(),
+                elements,
+            },
+        );
+    }
+
     /// Number of rules in all chains.
     pub fn rule_count(&self) -> usize {
         self.chains.values().map(|c| c.rules.len()).sum()

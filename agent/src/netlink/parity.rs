@@ -257,8 +257,7 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         .collect();
     assert!(!pods.is_empty());
     failures.extend(differences(&guard_table("node-a", &pods), "guard"));
-    let mut with_veths = isolating.table().clone();
-    with_veths.apply(&ruleset::guard::veths_delta(&with_veths, &pods));
+    let with_veths = ruleset::guard::with_veths(isolating.table(), &pods);
     assert!(!with_veths.sets[ruleset::guard::INPUT_VETHS]
         .elements
         .is_empty());
