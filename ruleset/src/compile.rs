@@ -936,26 +936,46 @@ fn base_table(node: &str, options: &Options) -> Table {
         "host-side veths of local pods, bridge ports (filled in on the node)",
         BTreeSet::new(),
     );
-    let mut input = vec![rule(
+    // Most of what reaches the node (the overlay's own packets, above all) is unicast from no
+    // local pod: one lookup lets it through, instead of the whole chain. What a bridge hands
+    // up as received by a port is never unicast (a reserved group address is a multicast
+    // one), so it still meets the drop below; unicast from a veth comes through the bridge, as
+    // received by the bridge, and past the guard's chains. (A veth that is no bridge port has
+    // no guard at all: only what it sends to a group address is dropped here.)
+    let not_from = |family: Family, set: String, unicast: bool, text: &str| {
+        let mut matches = vec![Match::AddrNotInSet {
+            family,
+            field: AddrField::Source,
+            set,
+        }];
+        if unicast {
+            matches.insert(0, Match::PktTypeHost);
+        }
+        rule(matches, Verdict::Accept, text)
+    };
+    let mut input: Vec<Rule> = Family::BOTH
+        .into_iter()
+        .map(|family| {
+            not_from(
+                family,
+                known(family),
+                true,
+                "unicast to this node, not from a local pod",
+            )
+        })
+        .collect();
+    input.push(rule(
         vec![Match::IifnameInSet { set: name.into() }],
         Verdict::Drop,
         "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
-    )];
-    // Most of what reaches the node (the overlay's own packets, above all) comes from no local
-    // pod: one lookup lets it through, instead of the whole chain.
-    let not_from = |family: Family, set: String, text: &str| {
-        rule(
-            vec![Match::AddrNotInSet {
-                family,
-                field: AddrField::Source,
-                set,
-            }],
-            Verdict::Accept,
-            text,
-        )
-    };
+    ));
     for family in Family::BOTH {
-        input.push(not_from(family, known(family), "not from a local pod"));
+        input.push(not_from(
+            family,
+            known(family),
+            false,
+            "not from a local pod",
+        ));
     }
     // Past those, everything is from a local pod.
     input.extend(tunnel(None));
@@ -963,6 +983,7 @@ fn base_table(node: &str, options: &Options) -> Table {
         input.push(not_from(
             family,
             dispatch_map(Direction::Egress, family),
+            false,
             "from a local pod whose egress is open",
         ));
     }

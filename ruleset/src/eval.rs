@@ -214,6 +214,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::EtherType(_) => false,
         // What the evaluator models is ICMPv6 without extension headers.
         Match::Icmpv6NotNextHeader => false,
+        // ... and unicast: a `Packet` is addressed to its destination, not to a group.
+        Match::PktTypeHost => true,
     }
 }
 

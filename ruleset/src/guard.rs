@@ -34,7 +34,8 @@
 //! chain: the bridge hands it to the node's IP stack as received by the veth itself. That is the
 //! one way from a veth to the node that is not through the bridge, and `inet nftpol`'s `input`
 //! closes it: it drops anything from the veths of [`INPUT_VETHS`], which [`veths_delta`] keeps
-//! equal to `veths` here.
+//! equal to `veths` here. Only unicast from no local pod is accepted before that drop: a
+//! reserved group address is a multicast one, so such a frame is never unicast.
 //!
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
 //! its pod is still enforced by address in `inet nftpol`.

@@ -327,6 +327,9 @@ pub enum Match {
     EtherType(u16),
     /// `ip6 nexthdr != ipv6-icmp`: an extension header (a fragment, say) comes before ICMPv6.
     Icmpv6NotNextHeader,
+    /// `meta pkttype host`: the frame was addressed to the receiving interface's own MAC
+    /// (unicast), not to a group or broadcast address.
+    PktTypeHost,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,7 +19,7 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `forward` | base chain, hook forward, priority filter, policy accept | pod traffic routed or bridged through the node |
-//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, anything straight from a listed veth is dropped, then what no local pod sent is accepted, VXLAN from local pods dropped, and what local pods with open egress sent accepted |
+//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN from local pods dropped, and what local pods with open egress sent accepted |
 //! | `veths` | set of `ifname` | the guard's veths, filled in on the node ([`guard::veths_delta`]): a bridge hands the node a frame for a reserved group address as received by the port, past the guard's chains |
 //! | `ingress4`/`ingress6` | verdict map, pod address -> `jump ing_*` | ingress dispatch of local, ingress-isolated pods |
 //! | `egress4`/`egress6` | verdict map, pod address -> `jump egr_*` | egress dispatch of local, egress-isolated pods |

@@ -912,8 +912,8 @@ fn replies_related_packets_and_neighbour_discovery_pass_isolation() {
         at_input(packet("10.0.0.2", "192.168.0.1", web, CtState::Reply)).decision,
         Decision::Accept
     );
-    // What comes from no local pod (another node's overlay packets, say) is let through by one
-    // rule, not the whole chain.
+    // What comes unicast from no local pod (another node's overlay packets, say) is let
+    // through by one rule, not the whole chain.
     let overlay = L4::Transport {
         protocol: Udp,
         dport: 8472,
@@ -930,7 +930,7 @@ fn replies_related_packets_and_neighbour_discovery_pass_isolation() {
         assert_eq!(
             seen.last_rule_in("input")
                 .and_then(|r| r.comment.as_deref()),
-            Some("not from a local pod"),
+            Some("unicast to this node, not from a local pod"),
             "{from}"
         );
     }
@@ -1187,19 +1187,33 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
 }
 
 #[test]
-fn the_input_chain_first_drops_what_comes_straight_from_a_guarded_veth() {
+fn the_input_chain_drops_what_comes_straight_from_a_guarded_veth_before_it_accepts_anything_but_unicast(
+) {
     use ruleset::guard::{veths_delta, GuardedPod, INPUT_VETHS};
     use ruleset::ir::{Element, IfName, Match, Verdict};
 
     let compiler = Compiler::new(Cluster::default(), "n1");
-    let first = &compiler.table().chains["input"].rules[0];
-    assert_eq!(
-        first.matches,
-        [Match::IifnameInSet {
-            set: INPUT_VETHS.into()
-        }]
-    );
-    assert_eq!(first.verdict, Verdict::Drop);
+    let rules = &compiler.table().chains["input"].rules;
+    let drop = rules
+        .iter()
+        .position(|r| {
+            r.matches
+                == [Match::IifnameInSet {
+                    set: INPUT_VETHS.into(),
+                }]
+        })
+        .expect("input drops what comes from a listed veth");
+    assert_eq!(rules[drop].verdict, Verdict::Drop);
+    // What a bridge hands up from a port is group-addressed: before the drop, only unicast
+    // may be let through.
+    for rule in &rules[..drop] {
+        assert_eq!(
+            rule.matches.first(),
+            Some(&Match::PktTypeHost),
+            "{rule:?} comes before the drop"
+        );
+    }
+    assert!(drop > 0, "the overlay's unicast skips the veth lookup");
     assert!(compiler.table().sets[INPUT_VETHS].elements.is_empty());
 
     let pod = |name: &str| GuardedPod {

@@ -12,6 +12,8 @@ pub(super) const IP6_NEXTHDR_OFFSET: u32 = 6;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
+/// `skb->pkt_type` of a frame addressed to the receiving interface (`PACKET_HOST`).
+pub(super) const PACKET_HOST: u8 = 0;
 pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
 pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub(super) const ETHERTYPE_ARP: u16 = 0x0806;
