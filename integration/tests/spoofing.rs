@@ -25,6 +25,9 @@
 //! - VXLAN: a pod wraps a datagram "from" a pod of another node in VXLAN and sends it to its own
 //!   node's port 8472; the pod it names, which admits only that node's pods, receives it while
 //!   no agent runs, and does not once the agent runs;
+//! - IP-in-IP: a pod's IP-in-IP packets to its node and to a pod beside it arrive while no agent
+//!   runs (this kernel has no IP-in-IP device to unwrap them), and are dropped once it runs,
+//!   with no policy in place;
 //! - `dump-ruleset --guard`, run in the node's namespace, prints the anti-spoofing table for the
 //!   veths found there, and `nft -c` takes the output;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
@@ -120,12 +123,21 @@ impl<'a> Counter<'a> {
     /// Counts datagrams to UDP port 80 in `netns`'s input hook at `priority` (after `inet
     /// nftpol`'s when above 0).
     fn at(netns: &'a str, priority: i32, sources: &[String]) -> Counter<'a> {
+        let counted: Vec<(String, String)> = sources
+            .iter()
+            .map(|addr| {
+                let family = if addr.contains(':') { "ip6" } else { "ip" };
+                (addr.clone(), format!("{family} saddr {addr} udp dport 80"))
+            })
+            .collect();
+        Counter::matching(netns, priority, &counted)
+    }
+
+    /// Counts what each `(name, match)` matches in `netns`'s input hook at `priority`.
+    fn matching(netns: &'a str, priority: i32, counted: &[(String, String)]) -> Counter<'a> {
         let mut rules = String::new();
-        for addr in sources {
-            let family = if addr.contains(':') { "ip6" } else { "ip" };
-            rules.push_str(&format!(
-                "\t\t{family} saddr {addr} udp dport 80 counter comment \"{addr}\"\n"
-            ));
+        for (name, matches) in counted {
+            rules.push_str(&format!("\t\t{matches} counter comment \"{name}\"\n"));
         }
         let text = format!(
             "table inet observe {{\n\tchain seen {{\n\t\ttype filter hook input priority {priority}; policy accept;\n{rules}\t}}\n}}\n"
@@ -1052,6 +1064,71 @@ fn a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address() {
             agent.describe()
         );
     }
+}
+
+#[test]
+fn a_pod_cannot_send_ip_in_ip() {
+    let Some((scratch, lab, teller, mallory)) = teller_and_mallory("a_pod_cannot_send_ip_in_ip")
+    else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap();
+    // No policy at all: nothing but the tunnel rules stands between mallory and its targets.
+    // This kernel has no IP-in-IP device to unwrap the packets; the counters see them arrive,
+    // at the node after `inet nftpol`'s input chain, at teller before any.
+    let ipip = |name: &str| {
+        vec![(
+            name.to_string(),
+            format!("ip saddr {} ip protocol 4", mallory.ipv4),
+        )]
+    };
+    let at_node = Counter::matching(node, 10, &ipip("node"));
+    let at_teller = Counter::matching(&teller.netns, -10, &ipip("teller"));
+    let sent = SENT.to_string();
+    let wrapped = || {
+        let before = (at_node.packets("node"), at_teller.packets("teller"));
+        for addr in [
+            "10.244.1.1".to_string(),
+            "192.168.100.1".to_string(),
+            teller.ipv4.to_string(),
+        ] {
+            exec(
+                &mallory.netns,
+                &[
+                    LABPOD,
+                    "ipip",
+                    &addr,
+                    "10.244.2.50",
+                    &teller.ipv4.to_string(),
+                    "80",
+                    &sent,
+                ],
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        (
+            at_node.packets("node") - before.0,
+            at_teller.packets("teller") - before.1,
+        )
+    };
+    assert_eq!(
+        wrapped(),
+        (2 * SENT, SENT),
+        "control: without the agent, the node and teller receive mallory's IP-in-IP"
+    );
+
+    let mut agent = guard_node_a(
+        &lab,
+        scratch.path(),
+        &[(&teller, "teller"), (&mallory, "mallory")],
+        "",
+    );
+    assert_eq!(
+        wrapped(),
+        (0, 0),
+        "mallory's IP-in-IP reaches its node or teller\n{}",
+        agent.describe()
+    );
 }
 
 const TELLER_FROM_NODE_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: teller-from-node-b\n\

@@ -17,7 +17,7 @@ use crate::diff::{diff, Delta};
 use crate::epoch::{self, Epoch};
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, Map, MapEntry, Match, Protocol, Rule, Set,
-    SetKey, Table, Verdict, ND_TYPES, TABLE_NAME, VXLAN_PORTS,
+    SetKey, Table, Verdict, IPPROTO_IPIP, ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
 use crate::model::{Namespace, NetworkPolicy, Pod};
 use crate::policy::{
@@ -827,20 +827,31 @@ fn base_table(node: &str, options: &Options) -> Table {
     // A pod has no business sending the overlay's own packets: a VXLAN datagram that a node's
     // Flannel device takes is decapsulated and its inner packet routed as if from another
     // node, from whatever source the pod wrote into it, past anti-spoofing and any policy that
-    // admits that source. Calico drops these from its workloads too.
+    // admits that source. So is an IP-in-IP packet, with Flannel's `ipip` backend. Calico
+    // drops both from its workloads too.
     let tunnel = |source: Option<Match>| {
-        VXLAN_PORTS.map(|port| {
-            let mut matches = vec![
-                Match::Protocol(Protocol::Udp),
-                Match::DestinationPort(port, port),
-            ];
-            matches.extend(source.clone());
-            rule(
-                matches,
-                Verdict::Drop,
-                "VXLAN from a local pod: an overlay packet of its own making",
-            )
-        })
+        let mut rules: Vec<Rule> = VXLAN_PORTS
+            .map(|port| {
+                let mut matches = vec![
+                    Match::Protocol(Protocol::Udp),
+                    Match::DestinationPort(port, port),
+                ];
+                matches.extend(source.clone());
+                rule(
+                    matches,
+                    Verdict::Drop,
+                    "VXLAN from a local pod: an overlay packet of its own making",
+                )
+            })
+            .into();
+        let mut matches = vec![Match::L4Proto(IPPROTO_IPIP)];
+        matches.extend(source.clone());
+        rules.push(rule(
+            matches,
+            Verdict::Drop,
+            "IP-in-IP from a local pod: an overlay packet of its own making",
+        ));
+        rules
     };
     let from_local = |family: Family| {
         Some(Match::AddrInSet {

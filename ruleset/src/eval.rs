@@ -197,6 +197,10 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
             L4::Icmpv6 { .. } => false,
         },
         Match::Protocol(p) => matches!(packet.l4, L4::Transport { protocol, .. } if protocol == *p),
+        Match::L4Proto(number) => match packet.l4 {
+            L4::Transport { protocol, .. } => protocol.number() == *number,
+            L4::Icmpv6 { .. } => *number == 58,
+        },
         Match::DestinationPort(lo, hi) => {
             matches!(packet.l4, L4::Transport { dport, .. } if (*lo..=*hi).contains(&dport))
         }

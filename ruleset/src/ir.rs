@@ -293,6 +293,8 @@ pub enum Match {
     DestinationPortInSet { family: Family, set: String },
     /// `meta l4proto tcp`
     Protocol(Protocol),
+    /// `meta l4proto 4`: by number, for what a policy cannot name ([`IPPROTO_IPIP`]).
+    L4Proto(u8),
     /// `th dport 80` or `th dport 80-90`; always after a [`Match::Protocol`].
     DestinationPort(u16, u16),
     /// `ip daddr != @set` and friends.
@@ -363,6 +365,9 @@ pub const MLD_LISTENER_TYPES: [u8; 3] = [131, 132, 143];
 
 /// UDP ports of VXLAN: the IANA's, and the Linux kernel's default, which Flannel uses.
 pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
+
+/// IPv4 in IP (`ipencap`), Flannel's `ipip` backend.
+pub const IPPROTO_IPIP: u8 = 4;
 
 /// ICMPv6 router advertisement and redirect: what only a router sends.
 pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];

@@ -19,12 +19,12 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `forward` | base chain, hook forward, priority filter, policy accept | pod traffic routed or bridged through the node |
-//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN from local pods dropped, and what local pods with open egress sent accepted |
+//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN and IP-in-IP from local pods dropped, and what local pods with open egress sent accepted |
 //! | `veths` | set of `ifname` | the guard's veths, filled in on the node ([`guard::veths_delta`]): a bridge hands the node a frame for a reserved group address as received by the port, past the guard's chains |
 //! | `ingress4`/`ingress6` | verdict map, pod address -> `jump ing_*` | ingress dispatch of local, ingress-isolated pods |
 //! | `egress4`/`egress6` | verdict map, pod address -> `jump egr_*` | egress dispatch of local, egress-isolated pods |
 //! | `self4`/`self6` | set of `addr . addr` | a local pod reaching itself (hairpin) |
-//! | `known4`/`known6` | set of addresses | every local pod's addresses: `forward` and `input` drop VXLAN (UDP 4789, 8472) from them, and `--isolate-unprogrammed` drops what is in the node's pod CIDRs (`podcidr4`/`podcidr6`) but not here |
+//! | `known4`/`known6` | set of addresses | every local pod's addresses: `forward` and `input` drop VXLAN (UDP 4789, 8472) and IP-in-IP (protocol 4) from them, and `--isolate-unprogrammed` drops what is in the node's pod CIDRs (`podcidr4`/`podcidr6`) but not here |
 //! | `ing_<ns>_<hash>` | regular chain | the ingress rules of every local pod sharing namespace, selecting policies and named-port numbers; allowed packets `return` (to `forward`, which stamps and accepts them), the rest `drop` |
 //! | `egr_<ns>_<hash>` | regular chain | likewise for egress; allowed packets `return` so ingress is checked next |
 //! | `pods4_<hash>`/`pods6_<hash>` | set of addresses | pods one pod peer (namespace scope + pod selector) selects, cluster-wide |
@@ -32,7 +32,7 @@
 //! | `nport4_<hash>`/`nport6_<hash>` | set of `addr . l4proto . port` | egress named ports: each destination pod with the number it gives the name |
 //!
 //! Both base chains have the same three rules (in `input`, after the ones above; in `forward`,
-//! the VXLAN drops follow them): packets `related` to a tracked connection
+//! the VXLAN and IP-in-IP drops follow them): packets `related` to a tracked connection
 //! (ICMP errors) and replies (`established`, direction reply) are accepted, then IPv6 neighbour
 //! discovery. Every other packet is evaluated, with one shortcut in `forward` ([`epoch`]): its
 //! first rule accepts a later original-direction packet of an established connection whose ct

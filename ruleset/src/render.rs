@@ -132,6 +132,7 @@ fn match_text(m: &Match) -> String {
             addr(*family, AddrField::Destination)
         ),
         Match::Protocol(p) => format!("meta l4proto {}", p.nft_name()),
+        Match::L4Proto(number) => format!("meta l4proto {number}"),
         Match::DestinationPort(lo, hi) if lo == hi => format!("th dport {lo}"),
         Match::DestinationPort(lo, hi) => format!("th dport {lo}-{hi}"),
         Match::AddrNotInSet { family, field, set } => {

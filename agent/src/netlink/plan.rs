@@ -637,6 +637,10 @@ impl Plan {
                     exprs.meta(libc::NFT_META_L4PROTO, reg(0));
                     exprs.cmp(libc::NFT_CMP_EQ, vec![p.number()]);
                 }
+                Match::L4Proto(number) => {
+                    exprs.meta(libc::NFT_META_L4PROTO, reg(0));
+                    exprs.cmp(libc::NFT_CMP_EQ, vec![*number]);
+                }
                 Match::DestinationPort(lo, hi) => {
                     exprs.push(dport(reg(0)));
                     if lo == hi {

@@ -43,6 +43,7 @@ const USAGE: &str = "usage: labpod serve [PORT...]
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
        labpod vxlan ADDR PORT VNI MAC FROM TO TO_PORT COUNT   (to ADDR:PORT, VXLAN carrying UDP FROM -> TO:TO_PORT to MAC)
+       labpod ipip ADDR FROM TO TO_PORT COUNT   (to IPv4 ADDR, IP-in-IP carrying UDP FROM -> TO:TO_PORT)
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
 
 /// A lost UDP datagram is sent again this often until the timeout.
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "advertise" => advertise(rest),
         Some((mode, rest)) if mode == "rawudp" => rawudp(rest),
         Some((mode, rest)) if mode == "vxlan" => vxlan(rest),
+        Some((mode, rest)) if mode == "ipip" => ipip(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -377,6 +379,46 @@ fn vxlan(args: &[String]) -> Result<(), String> {
         socket
             .send_to(&packet, socket_addr(addr, port, scope))
             .map_err(|e| format!("send to {addr} port {port}: {e}"))?;
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// IP-in-IP packets to `ADDR` (IPv4), each carrying a UDP datagram from `FROM` to `TO` port
+/// `TO_PORT`: what a node's `ipip` device would take for a packet from another node. Needs
+/// CAP_NET_RAW; the kernel writes the outer header, from the address it picks.
+fn ipip(args: &[String]) -> Result<(), String> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    /// The Ethernet header `udp_frame` puts in front, which IP-in-IP does not carry.
+    const ETHERNET_HEADER: usize = 14;
+    let [addr, from, to, to_port, count] = args else {
+        return Err(USAGE.to_string());
+    };
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("bad IPv4 address {addr:?}"))?;
+    let from: Ipv4Addr = from
+        .parse()
+        .map_err(|_| format!("bad IPv4 address {from:?}"))?;
+    let to: Ipv4Addr = to.parse().map_err(|_| format!("bad IPv4 address {to:?}"))?;
+    let to_port = parse_port(to_port)?;
+    let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))
+        .map_err(|e| format!("raw IP-in-IP socket: {e}"))?;
+    let target = SockAddr::from(SocketAddr::from((addr, 0)));
+    for n in 0..count {
+        let payload = format!("labpod ipip {n}\n");
+        let frame = udp_frame(
+            [0; 6],
+            [0; 6],
+            from.into(),
+            to.into(),
+            to_port,
+            payload.as_bytes(),
+        )?;
+        socket
+            .send_to(&frame[ETHERNET_HEADER..], &target)
+            .map_err(|e| format!("send to {addr}: {e}"))?;
         thread::sleep(Duration::from_millis(2));
     }
     Ok(())
