@@ -30,8 +30,9 @@
 //!   with no policy in place;
 //! - `dump-ruleset --guard`, run in the node's namespace, prints the anti-spoofing table for the
 //!   veths found there, and `nft -c` takes the output;
-//! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable without the
-//!   agents, unreachable with them, and reachable once the snapshot lists it.
+//! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable, and reaches
+//!   its node, without the agents; with them it is unreachable and cannot reach its node (a known
+//!   pod beside it can), and both work once the snapshot lists it.
 //!
 //! Whether a datagram arrived is read from a counter in the server pod's own namespace, so the
 //! verdict does not depend on a reply that a forged source would never get.
@@ -727,6 +728,16 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     warm_up(&lab, &[&client], &newcomer);
     warm_up(&lab, &[&newcomer], &client);
     warm_up(&lab, &[&client], &known);
+    // A service of node-b, where the newcomer runs, at its addresses on the pod network.
+    lab.serve_on_node(1)
+        .expect("a server in node-b's namespace");
+    let node_b = ["10.244.2.1", "fd00:10:244:2::1"];
+    for addr in node_b {
+        assert!(
+            reaches(&newcomer, addr),
+            "control: without the agent, the newcomer reaches its node at {addr}"
+        );
+    }
 
     let path = scratch.path().join("snapshot.yaml");
     write_snapshot(
@@ -746,6 +757,31 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     let known_ok = lab.probe(&client, &to(&known)).unwrap();
     assert_eq!(before, [false, false], "the newcomer is isolated");
     assert_eq!(out, [false, false], "and cannot send");
+    // The node still reaches it (the kubelet's probes), and so gets its replies.
+    let node_b_netns = lab.node_netns(1).unwrap().to_string();
+    for addr in [newcomer.ipv4.to_string(), newcomer.ipv6.to_string()] {
+        let out = exec(
+            &node_b_netns,
+            &[LABPOD, "probe", "--timeout-ms", "1000", &addr, "tcp", "80"],
+        );
+        assert!(
+            out.trim_end().ends_with(" ok"),
+            "node-b does not reach the newcomer at {addr}: {out}\n{}",
+            agents[1].describe()
+        );
+    }
+    for addr in node_b {
+        assert!(
+            !reaches(&newcomer, addr),
+            "the newcomer reaches its node at {addr}\n{}",
+            agents[1].describe()
+        );
+        assert!(
+            reaches(&known, addr),
+            "a known pod no policy selects reaches its node at {addr}\n{}",
+            agents[1].describe()
+        );
+    }
     assert_eq!(
         known_ok,
         [true, true],
@@ -772,6 +808,13 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     );
     let after = lab.probe(&client, &to(&newcomer)).unwrap();
     assert_eq!(after, [true, true], "listed, the newcomer is reachable");
+    for addr in node_b {
+        assert!(
+            reaches(&newcomer, addr),
+            "listed, the newcomer reaches its node at {addr}\n{}",
+            agents[1].describe()
+        );
+    }
 }
 
 /// `labpod probe` from `from` to `addr` (`fe80::1%eth0` for a link-local one) on TCP 80: did

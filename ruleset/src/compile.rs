@@ -864,6 +864,8 @@ fn base_table(node: &str, options: &Options) -> Table {
     for family in Family::BOTH {
         forward.extend(tunnel(from_local(family)));
     }
+    // The families whose pod CIDRs `--isolate-unprogrammed` names, with their set.
+    let mut podcidrs: BTreeMap<Family, String> = BTreeMap::new();
     for family in Family::BOTH {
         let cidrs: BTreeSet<Element> = options
             .isolate_unprogrammed
@@ -875,6 +877,7 @@ fn base_table(node: &str, options: &Options) -> Table {
             continue;
         }
         let podcidr = format!("podcidr{}", family.digit());
+        podcidrs.insert(family, podcidr.clone());
         table.add_set(
             &podcidr,
             SetKey::Addr(family),
@@ -953,27 +956,43 @@ fn base_table(node: &str, options: &Options) -> Table {
     // one), so it still meets the drop below; unicast from a veth comes through the bridge, as
     // received by the bridge, and past the guard's chains. (A veth that is no bridge port has
     // no guard at all: only what it sends to a group address is dropped here.)
-    let not_from = |family: Family, set: String, unicast: bool, text: &str| {
+    let not_from = |family: Family, set: String, text: &str| {
+        rule(
+            vec![Match::AddrNotInSet {
+                family,
+                field: AddrField::Source,
+                set,
+            }],
+            Verdict::Accept,
+            text,
+        )
+    };
+    // From no local pod: not a known pod's address, nor (`--isolate-unprogrammed`) in the
+    // node's pod CIDRs, where a pod the agent does not know yet sends from.
+    let not_local = |family: Family, unicast: bool| {
         let mut matches = vec![Match::AddrNotInSet {
             family,
             field: AddrField::Source,
-            set,
+            set: known(family),
         }];
+        let mut text = "not from a local pod".to_string();
+        if let Some(podcidr) = podcidrs.get(&family) {
+            matches.push(Match::AddrNotInSet {
+                family,
+                field: AddrField::Source,
+                set: podcidr.clone(),
+            });
+            text = "not from a local pod nor the node's pod CIDRs".to_string();
+        }
         if unicast {
             matches.insert(0, Match::PktTypeHost);
+            text = format!("unicast to this node, {text}");
         }
-        rule(matches, Verdict::Accept, text)
+        rule(matches, Verdict::Accept, &text)
     };
     let mut input: Vec<Rule> = Family::BOTH
         .into_iter()
-        .map(|family| {
-            not_from(
-                family,
-                known(family),
-                true,
-                "unicast to this node, not from a local pod",
-            )
-        })
+        .map(|family| not_local(family, true))
         .collect();
     input.push(rule(
         vec![Match::IifnameInSet { set: name.into() }],
@@ -981,24 +1000,38 @@ fn base_table(node: &str, options: &Options) -> Table {
         "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
     ));
     for family in Family::BOTH {
-        input.push(not_from(
-            family,
-            known(family),
-            false,
-            "not from a local pod",
+        input.push(not_local(family, false));
+    }
+    // Past those, everything is from a local pod (or an address in the node's pod CIDRs).
+    input.extend(tunnel(None));
+    input.extend(common());
+    // Replies (to the kubelet's probes, say) and ICMP errors are past; the rest from an
+    // address no pod holds yet waits for the agent to know the pod.
+    for (family, podcidr) in &podcidrs {
+        input.push(rule(
+            vec![
+                Match::AddrInSet {
+                    family: *family,
+                    field: AddrField::Source,
+                    set: podcidr.clone(),
+                },
+                Match::AddrNotInSet {
+                    family: *family,
+                    field: AddrField::Source,
+                    set: known(*family),
+                },
+            ],
+            Verdict::Drop,
+            "from a local pod address not yet programmed",
         ));
     }
-    // Past those, everything is from a local pod.
-    input.extend(tunnel(None));
     for family in Family::BOTH {
         input.push(not_from(
             family,
             dispatch_map(Direction::Egress, family),
-            false,
             "from a local pod whose egress is open",
         ));
     }
-    input.extend(common());
     for family in Family::BOTH {
         input.push(rule(
             Vec::new(),

@@ -1098,6 +1098,46 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
         evaluate(compiler.table(), Hook::Forward, &reply).decision,
         Decision::Accept
     );
+    // To the node itself: an unknown local address may only answer; known pods, other nodes'
+    // overlay packets and addresses outside the CIDR pass as without the option.
+    let to_node = |compiler: &Compiler, src: &str, ct: CtState| {
+        let l4 = L4::Transport {
+            protocol: Protocol::Tcp,
+            dport: 10250,
+        };
+        evaluate(
+            compiler.table(),
+            Hook::Input,
+            &packet(src, "10.244.1.1", l4, ct),
+        )
+    };
+    let seen = to_node(&compiler, "10.244.1.9", CtState::New);
+    assert_eq!(seen.decision, Decision::Drop, "{:?}", seen.steps);
+    assert_eq!(
+        seen.last_rule_in("input")
+            .and_then(|r| r.comment.as_deref()),
+        Some("from a local pod address not yet programmed")
+    );
+    assert_eq!(
+        to_node(&plain, "10.244.1.9", CtState::New).decision,
+        Decision::Accept,
+        "without the option, an unknown local address reaches the node"
+    );
+    for (src, ct) in [
+        ("10.244.1.9", CtState::Reply),
+        ("10.244.1.9", CtState::Related),
+        ("10.244.1.5", CtState::New),
+        ("192.168.0.2", CtState::New),
+        ("10.244.3.7", CtState::New),
+    ] {
+        for (with, c) in [("with", &compiler), ("without", &plain)] {
+            assert_eq!(
+                to_node(c, src, ct).decision,
+                Decision::Accept,
+                "{src} {ct:?} to the node, {with} the option"
+            );
+        }
+    }
 
     // The pod's arrival is a delta that opens exactly its address, like a full compile.
     let delta = compiler.apply_pod(new_pod().0);
