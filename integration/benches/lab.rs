@@ -19,8 +19,10 @@
 //! seconds per run, default 3), `NFTPOL_LAB_MODES` (connrate modes to run, by key, comma
 //! separated: `rules,rules-slow,conntrack,bare,networking,networking-rules,networking-policy,
 //! networking-guard,networking-extra`, all by default; a
-//! single mode run long is what a profiler wants). Figures are printed; nothing is asserted about
-//! speed.
+//! single mode run long is what a profiler wants), `NFTPOL_LAB_THREADS` (connrate client
+//! threads, one pass each, comma separated, default `1,2`: one or two keep the CPUs partly
+//! idle, so the rate is bound by each connection's latency; more saturate them, so it is bound
+//! by CPU). Figures are printed; nothing is asserted about speed.
 //!
 //! To measure a ruleset written by hand against the same lab, before building it into the
 //! compiler: `NFTPOL_LAB_DUMP=DIR` writes what the nftpol modes load, per node, as
@@ -388,6 +390,18 @@ fn connrate_run(from: &Pod, to: &Pod, seconds: usize, parallel: usize) -> f64 {
 fn connrate() {
     let rounds = env_or("NFTPOL_LAB_ROUNDS", 10);
     let seconds = env_or("NFTPOL_LAB_SECONDS", 3);
+    let threads: Vec<usize> = match std::env::var("NFTPOL_LAB_THREADS") {
+        Ok(list) => {
+            list.split(',')
+                .map(|n| {
+                    n.trim().parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
+                        panic!("NFTPOL_LAB_THREADS: {n:?} is not a thread count")
+                    })
+                })
+                .collect()
+        }
+        Err(_) => vec![1, 2],
+    };
     // Lab node i is synthetic node-i: the server on node-0 (the 110-pod node the compile
     // benchmark uses), client and intruder on node-1 (or node-0, below).
     let mut lab = Lab::new(LABPOD, 2).expect("lab");
@@ -586,7 +600,7 @@ fn connrate() {
         "  each connection: connect, read the server's line to end of stream (the server closes first), close; no sysctl tuned"
     );
     let mut current: Option<Mode> = None;
-    for parallel in [1usize, 2] {
+    for &parallel in &threads {
         // Per mode, one rate per round, in round order.
         let mut rates: [Vec<f64>; MODES] = Default::default();
         for round in 0..rounds {

@@ -757,16 +757,21 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
     let known_ok = lab.probe(&client, &to(&known)).unwrap();
     assert_eq!(before, [false, false], "the newcomer is isolated");
     assert_eq!(out, [false, false], "and cannot send");
-    // The node still reaches it (the kubelet's probes), and so gets its replies.
+    // The node still reaches it (the kubelet's probes), and so gets its replies; and it
+    // reaches its own addresses on the pod network, which no pod holds.
     let node_b_netns = lab.node_netns(1).unwrap().to_string();
-    for addr in [newcomer.ipv4.to_string(), newcomer.ipv6.to_string()] {
+    let own = node_b.map(String::from);
+    for addr in [newcomer.ipv4.to_string(), newcomer.ipv6.to_string()]
+        .into_iter()
+        .chain(own)
+    {
         let out = exec(
             &node_b_netns,
             &[LABPOD, "probe", "--timeout-ms", "1000", &addr, "tcp", "80"],
         );
         assert!(
             out.trim_end().ends_with(" ok"),
-            "node-b does not reach the newcomer at {addr}: {out}\n{}",
+            "node-b does not reach {addr}: {out}\n{}",
             agents[1].describe()
         );
     }

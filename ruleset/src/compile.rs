@@ -1006,7 +1006,16 @@ fn base_table(node: &str, options: &Options) -> Table {
     input.extend(tunnel(None));
     input.extend(common());
     // Replies (to the kubelet's probes, say) and ICMP errors are past; the rest from an
-    // address no pod holds yet waits for the agent to know the pod.
+    // address no pod holds yet waits for the agent to know the pod. The node's own addresses
+    // on the pod network (the bridge's, the overlay device's) are in the pod CIDRs too: what
+    // the node sends itself from them comes in on `lo`.
+    if !podcidrs.is_empty() {
+        input.push(rule(
+            vec![Match::IifLoopback],
+            Verdict::Accept,
+            "the node to itself",
+        ));
+    }
     for (family, podcidr) in &podcidrs {
         input.push(rule(
             vec![

@@ -220,6 +220,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         Match::Icmpv6NotNextHeader => false,
         // ... and unicast: a `Packet` is addressed to its destination, not to a group.
         Match::PktTypeHost => true,
+        // ... from a pod or another host, not from the node to itself.
+        Match::IifLoopback => false,
     }
 }
 

@@ -329,6 +329,8 @@ pub enum Match {
     EtherType(u16),
     /// `ip6 nexthdr != ipv6-icmp`: an extension header (a fragment, say) comes before ICMPv6.
     Icmpv6NotNextHeader,
+    /// `iif "lo"`: the node to itself (loopback is interface 1 in every network namespace).
+    IifLoopback,
     /// `meta pkttype host`: the frame was addressed to the receiving interface's own MAC
     /// (unicast), not to a group or broadcast address.
     PktTypeHost,

@@ -149,6 +149,7 @@ fn match_text(m: &Match) -> String {
         Match::EtherType(other) => format!("ether type {other:#06x}"),
         Match::Icmpv6NotNextHeader => "ip6 nexthdr != ipv6-icmp".to_string(),
         Match::PktTypeHost => "meta pkttype host".to_string(),
+        Match::IifLoopback => "iif \"lo\"".to_string(),
         Match::OifnameInSet { set } => format!("oifname @{set}"),
         Match::OifnameDestinationNotInSet { family, set } => {
             format!(

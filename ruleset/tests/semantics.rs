@@ -1111,6 +1111,22 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
             &packet(src, "10.244.1.1", l4, ct),
         )
     };
+    // The node's own addresses in the CIDR (the bridge's) are no pod's: what it sends itself
+    // from them, on `lo`, is accepted before the drop.
+    let input = &compiler.table().chains["input"].rules;
+    let position = |wanted: &str| {
+        input
+            .iter()
+            .position(|r| r.comment.as_deref() == Some(wanted))
+            .unwrap_or_else(|| panic!("no rule {wanted:?} in input"))
+    };
+    assert!(
+        position("the node to itself") < position("from a local pod address not yet programmed")
+    );
+    assert_eq!(
+        input[position("the node to itself")].matches,
+        [ruleset::ir::Match::IifLoopback]
+    );
     let seen = to_node(&compiler, "10.244.1.9", CtState::New);
     assert_eq!(seen.decision, Decision::Drop, "{:?}", seen.steps);
     assert_eq!(

@@ -12,6 +12,8 @@ pub(super) const IP6_NEXTHDR_OFFSET: u32 = 6;
 /// Connection tracking state bits as the kernel exposes them (`NF_CT_STATE_BIT`).
 pub(super) const CT_STATE_RELATED: u32 = 1 << 2;
 pub(super) const CT_DIRECTION_REPLY: u8 = 1;
+/// The loopback interface's index, the same in every network namespace.
+pub(super) const LOOPBACK_IFINDEX: u32 = 1;
 /// `skb->pkt_type` of a frame addressed to the receiving interface (`PACKET_HOST`).
 pub(super) const PACKET_HOST: u8 = 0;
 pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;

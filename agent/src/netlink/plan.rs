@@ -21,7 +21,7 @@ use super::element::{
 };
 use super::expr::{
     addr_len, addr_payload, arp_sender, dport, nd_target, reg, Expr, Exprs, CT_DIRECTION_REPLY,
-    CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6, PACKET_HOST,
+    CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6, LOOPBACK_IFINDEX, PACKET_HOST,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -595,6 +595,10 @@ impl Plan {
                 }
                 Match::NdTargetNotLinkLocal => exprs.nd_target_not_link_local(),
                 Match::EtherType(ethertype) => exprs.ether_type(*ethertype),
+                Match::IifLoopback => {
+                    exprs.meta(libc::NFT_META_IIF, reg(0));
+                    exprs.cmp(libc::NFT_CMP_EQ, LOOPBACK_IFINDEX.to_ne_bytes().to_vec());
+                }
                 Match::PktTypeHost => {
                     exprs.meta(libc::NFT_META_PKTTYPE, reg(0));
                     exprs.cmp(libc::NFT_CMP_EQ, vec![PACKET_HOST]);
