@@ -20,7 +20,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     for pod in &missing {
         tracing::warn!(
             %pod,
-            "no veth here carries this pod's addresses; it is enforced by address, without anti-spoofing"
+            "no bridge port here carries this pod's addresses; it is enforced by address, without anti-spoofing"
         );
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();

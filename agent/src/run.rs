@@ -867,7 +867,7 @@ impl Guards {
             if self.warned.insert(id.clone()) {
                 tracing::warn!(
                     pod = %id,
-                    "no veth carries this pod's addresses; it is enforced by address, without anti-spoofing"
+                    "no bridge port carries this pod's addresses; it is enforced by address, without anti-spoofing"
                 );
             }
         }

@@ -36,7 +36,8 @@ use ruleset::Compiler;
 pub struct Veth {
     pub name: String,
     pub index: u32,
-    /// The bridge it is enslaved to (`cni0`, `cbr0`), if any.
+    /// The bridge it is a port of (`cni0`, `cbr0`), if any; `None` also when its master is no
+    /// bridge (a bond, say).
     pub bridge: Option<String>,
     /// The peer's netns id as seen from here (IFLA_LINK_NETNSID); `None` when the kernel gave
     /// none (same namespace, or it could not allocate one).
@@ -185,7 +186,9 @@ impl Discovery {
 
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
 /// failed): the guarded pods with their `namespace/name`, and the names of the pods no veth
-/// was found for. A veth belongs to the pod whose addresses it alone carries.
+/// was found for. A veth belongs to the pod whose addresses it alone carries. A pod whose veth
+/// is no bridge port is not guarded: the guard's chains never see its frames, and `input`'s
+/// drop of what comes straight from a guarded veth would take all its traffic to the node.
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
@@ -226,6 +229,15 @@ pub fn guarded_pods(
             }
         }
     }
+    let bridged: BTreeSet<&str> = discovery
+        .map(|d| {
+            d.veths()
+                .iter()
+                .filter(|v| v.bridge.is_some())
+                .map(|v| v.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
     let mut found = Vec::new();
     let mut missing = BTreeSet::new();
     for pod in compiler.local_pods() {
@@ -247,7 +259,7 @@ pub fn guarded_pods(
             owned
         };
         let veth = match candidates.as_slice() {
-            [name] => IfName::new(name),
+            [name] if bridged.contains(name) => IfName::new(name),
             _ => None,
         };
         match veth {
@@ -297,6 +309,8 @@ struct Link {
     master: Option<u32>,
     /// Set for veths only.
     veth: Option<Peer>,
+    /// A bridge (`cni0`, `cbr0`), whose ports' frames meet the bridge hooks.
+    is_bridge: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,6 +372,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
     let mut name = None;
     let mut master = None;
     let mut is_veth = false;
+    let mut is_bridge = false;
     let mut peer = Peer {
         netns_id: None,
         index: None,
@@ -373,6 +388,9 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
                 is_veth = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                is_bridge = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
             }
             _ => {}
         }
@@ -382,6 +400,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
         name: name?,
         master,
         veth: is_veth.then_some(peer),
+        is_bridge,
     })
 }
 
@@ -545,6 +564,11 @@ fn assemble(
     tables: Option<Result<BridgeTables, VethError>>,
 ) -> Discovery {
     let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+    let bridges: BTreeSet<u32> = links
+        .iter()
+        .filter(|l| l.is_bridge)
+        .map(|l| l.index)
+        .collect();
     let mut failures = Vec::new();
     let mut peers_ok = BTreeMap::new();
     for (netns_id, result) in peers {
@@ -591,7 +615,7 @@ fn assemble(
             Some(Veth {
                 name: link.name.clone(),
                 index: link.index,
-                bridge: link.master.map(|m| {
+                bridge: link.master.filter(|m| bridges.contains(m)).map(|m| {
                     names
                         .get(&m)
                         .map_or_else(|| format!("#{m}"), |n| n.to_string())
@@ -785,6 +809,7 @@ mod tests {
                 netns_id: peer.map(|p| p.0),
                 index: peer.map(|p| p.1),
             }),
+            is_bridge: false,
         }
     }
 
@@ -794,6 +819,7 @@ mod tests {
             name: name.into(),
             master: None,
             veth: None,
+            is_bridge: true,
         }
     }
 
@@ -812,6 +838,60 @@ mod tests {
             .find(|v| v.name == name)
             .unwrap_or_else(|| panic!("no veth {name}"));
         (&v.addresses, v.method)
+    }
+
+    #[test]
+    fn only_a_bridge_port_guards_its_pod() {
+        let pod = |name: &str, ip: &str| ruleset::model::Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            node: Some("n1".into()),
+            ips: vec![ip.parse().unwrap()],
+            phase: Some("Running".into()),
+            ..ruleset::model::Pod::default()
+        };
+        let compiler = Compiler::new(
+            ruleset::Cluster::from_objects(
+                [],
+                [
+                    pod("bridged", "10.0.0.2"),
+                    pod("alone", "10.0.0.3"),
+                    pod("bonded", "10.0.0.4"),
+                ],
+                [],
+            ),
+            "n1",
+        );
+        let links = vec![
+            bridge(1, "cni0"),
+            // A master that is no bridge: the bridge hooks never see its ports' frames.
+            Link {
+                is_bridge: false,
+                ..bridge(2, "bond0")
+            },
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", None, Some((1, 2))),
+            veth(7, "vethc", Some(2), Some((2, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(vec![at(2, "10.0.0.2")])),
+            (1, Ok(vec![at(2, "10.0.0.3")])),
+            (2, Ok(vec![at(2, "10.0.0.4")])),
+        ]);
+        let d = assemble(links, peers, None);
+        assert_eq!(addresses_of(&d, "vethc").0, [ip("10.0.0.4")]);
+        let veth_c = d.veths().iter().find(|v| v.name == "vethc").unwrap();
+        assert_eq!(veth_c.bridge, None, "bond0 is no bridge");
+        let (found, missing) = guarded_pods(&compiler, Some(&d));
+        let found: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.veth.as_str()))
+            .collect();
+        assert_eq!(found, [("shop/bridged", "vetha")]);
+        assert_eq!(
+            missing.into_iter().collect::<Vec<_>>(),
+            ["shop/alone", "shop/bonded"]
+        );
     }
 
     #[test]
@@ -1049,9 +1129,15 @@ mod tests {
             LinkAttribute::IfName("dummy0".into()),
             LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Dummy)]),
         ];
+        let mut cni0 = LinkMessage::default();
+        cni0.header.index = 3;
+        cni0.attributes = vec![
+            LinkAttribute::IfName("cni0".into()),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+        ];
         let nameless = LinkMessage::default();
         let links = parse_links(
-            [m, unassigned, dummy, nameless]
+            [m, unassigned, dummy, cni0, nameless]
                 .into_iter()
                 .map(RouteNetlinkMessage::NewLink)
                 .collect(),
@@ -1071,8 +1157,10 @@ mod tests {
                     index: 8,
                     name: "dummy0".into(),
                     master: None,
-                    veth: None
+                    veth: None,
+                    is_bridge: false,
                 },
+                bridge(3, "cni0"),
             ]
         );
     }

@@ -954,8 +954,8 @@ fn base_table(node: &str, options: &Options) -> Table {
     // local pod: one lookup lets it through, instead of the whole chain. What a bridge hands
     // up as received by a port is never unicast (a reserved group address is a multicast
     // one), so it still meets the drop below; unicast from a veth comes through the bridge, as
-    // received by the bridge, and past the guard's chains. (A veth that is no bridge port has
-    // no guard at all: only what it sends to a group address is dropped here.)
+    // received by the bridge, and past the guard's chains. (A veth that is no bridge port is
+    // not listed: the guard's chains would never see its frames.)
     let not_from = |family: Family, set: String, text: &str| {
         rule(
             vec![Match::AddrNotInSet {
