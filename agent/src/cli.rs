@@ -73,8 +73,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "MILLISECONDS", default_value = "200")]
     pub poll_ms: u64,
     /// This node's pod CIDRs. Given, forwarded traffic to or from an address in them that no
-    /// pod the agent knows holds is dropped, so a new pod is unreachable until its rules are
-    /// in place. Off by default.
+    /// pod the agent knows holds is dropped, and such an address's traffic to the node (its
+    /// replies and ICMP errors pass), so a new pod is unreachable until its rules are in place.
+    /// Off by default.
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub isolate_unprogrammed: Vec<ipnet::IpNet>,
     /// The bits of the conntrack mark holding the ruleset epoch, for the established-

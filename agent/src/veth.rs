@@ -1,12 +1,12 @@
 //! Which host-side veth carries each local pod's addresses, asked of the kernel itself.
 //!
 //! ```text
-//! RTM_GETLINK dump ─> veths: name, ifindex, bridge (IFLA_MASTER), peer (IFLA_LINK_NETNSID, IFLA_LINK)
+//! RTM_GETLINK dump ─> veths: name, ifindex, bridge (IFLA_MASTER, if a bridge), peer (IFLA_LINK_NETNSID, IFLA_LINK)
 //!   per distinct peer netns id: RTM_GETADDR dumps with IFA_TARGET_NETNSID ─> the peer's addresses
 //!   veths still unresolved (no netns id, dump failed):
 //!     bridge neighbours (RTM_GETNEIGH: IP -> MAC) ⋈ bridge fdb (AF_BRIDGE: MAC -> port)
 //! ─> Discovery: IP -> veth; an address two veths claim goes to neither
-//! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it
+//! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it, if a bridge port
 //! ```
 //!
 //! Nothing here trusts interface names: a veth is what IFLA_INFO_KIND says, its pod is whatever
@@ -185,8 +185,8 @@ impl Discovery {
 }
 
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
-/// failed): the guarded pods with their `namespace/name`, and the names of the pods no veth
-/// was found for. A veth belongs to the pod whose addresses it alone carries. A pod whose veth
+/// failed): the guarded pods with their `namespace/name`, and the names of the pods no
+/// bridge-port veth was found for. A veth belongs to the pod whose addresses it alone carries. A pod whose veth
 /// is no bridge port is not guarded: the guard's chains never see its frames, and `input`'s
 /// drop of what comes straight from a guarded veth would take all its traffic to the node.
 pub fn guarded_pods(
@@ -195,9 +195,14 @@ pub fn guarded_pods(
 ) -> (Vec<(String, GuardedPod)>, BTreeSet<String>) {
     // Every address each veth carries, those claimed by two veths included.
     let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    // The veths that are bridge ports, whose frames the guard's hooks see.
+    let mut bridged: BTreeSet<&str> = BTreeSet::new();
     if let Some(d) = discovery {
         for v in d.veths() {
             carried.entry(&v.name).or_default().extend(&v.addresses);
+            if v.bridge.is_some() {
+                bridged.insert(&v.name);
+            }
         }
         for (ip, names) in d.conflicts() {
             for name in names {
@@ -229,15 +234,6 @@ pub fn guarded_pods(
             }
         }
     }
-    let bridged: BTreeSet<&str> = discovery
-        .map(|d| {
-            d.veths()
-                .iter()
-                .filter(|v| v.bridge.is_some())
-                .map(|v| v.name.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
     let mut found = Vec::new();
     let mut missing = BTreeSet::new();
     for pod in compiler.local_pods() {

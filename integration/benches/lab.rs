@@ -21,8 +21,8 @@
 //! networking-guard,networking-extra`, all by default; a
 //! single mode run long is what a profiler wants), `NFTPOL_LAB_THREADS` (connrate client
 //! threads, one pass each, comma separated, default `1,2`: one or two keep the CPUs partly
-//! idle, so the rate is bound by each connection's latency; more saturate them, so it is bound
-//! by CPU). Figures are printed; nothing is asserted about speed.
+//! idle, so the rate is bound by each connection's latency; more threads than CPUs saturate
+//! them, so it is bound by CPU). Figures are printed; nothing is asserted about speed.
 //!
 //! To measure a ruleset written by hand against the same lab, before building it into the
 //! compiler: `NFTPOL_LAB_DUMP=DIR` writes what the nftpol modes load, per node, as
@@ -391,16 +391,16 @@ fn connrate() {
     let rounds = env_or("NFTPOL_LAB_ROUNDS", 10);
     let seconds = env_or("NFTPOL_LAB_SECONDS", 3);
     let threads: Vec<usize> = match std::env::var("NFTPOL_LAB_THREADS") {
-        Ok(list) => {
-            list.split(',')
-                .map(|n| {
-                    n.trim().parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
-                        panic!("NFTPOL_LAB_THREADS: {n:?} is not a thread count")
-                    })
-                })
-                .collect()
-        }
-        Err(_) => vec![1, 2],
+        Ok(list) => list
+            .split(',')
+            .map(|item| {
+                let count = item.trim().parse().ok().filter(|&count| count > 0);
+                count
+                    .unwrap_or_else(|| panic!("NFTPOL_LAB_THREADS: {item:?} is not a thread count"))
+            })
+            .collect(),
+        Err(std::env::VarError::NotPresent) => vec![1, 2],
+        Err(err) => panic!("NFTPOL_LAB_THREADS: {err}"),
     };
     // Lab node i is synthetic node-i: the server on node-0 (the 110-pod node the compile
     // benchmark uses), client and intruder on node-1 (or node-0, below).

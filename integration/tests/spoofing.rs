@@ -32,10 +32,12 @@
 //!   veths found there, and `nft -c` takes the output;
 //! - `--isolate-unprogrammed`: a pod that is not in the snapshot yet is reachable, and reaches
 //!   its node, without the agents; with them it is unreachable and cannot reach its node (a known
-//!   pod beside it can), and both work once the snapshot lists it.
+//!   pod beside it can), while the node still reaches it and its own addresses in the pod CIDR;
+//!   both work once the snapshot lists it.
 //!
-//! Whether a datagram arrived is read from a counter in the server pod's own namespace, so the
-//! verdict does not depend on a reply that a forged source would never get.
+//! Whether a datagram arrived is read from a counter in the receiving namespace (the server
+//! pod's, or the node's), so the verdict does not depend on a reply that a forged source would
+//! never get.
 
 #![allow(
     clippy::expect_used,
@@ -107,7 +109,8 @@ fn start_agents(lab: &Lab, snapshot: &Path, extra: &[&[&str]; 2]) -> Vec<Agent> 
     agents
 }
 
-/// Packets counted in `netns` from `source` to UDP port 80, per address family of `source`.
+/// Packets counted by name in `netns`'s input hook: by default those from each source address to
+/// UDP port 80.
 struct Counter<'a> {
     netns: &'a str,
 }
@@ -765,13 +768,9 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
         .into_iter()
         .chain(own)
     {
-        let out = exec(
-            &node_b_netns,
-            &[LABPOD, "probe", "--timeout-ms", "1000", &addr, "tcp", "80"],
-        );
         assert!(
-            out.trim_end().ends_with(" ok"),
-            "node-b does not reach {addr}: {out}\n{}",
+            reaches_from(&node_b_netns, &addr),
+            "node-b does not reach {addr}\n{}",
             agents[1].describe()
         );
     }
@@ -825,8 +824,13 @@ fn unprogrammed_pods_stay_isolated_until_the_snapshot_lists_them() {
 /// `labpod probe` from `from` to `addr` (`fe80::1%eth0` for a link-local one) on TCP 80: did
 /// it connect and get the server's reply?
 fn reaches(from: &Pod, addr: &str) -> bool {
+    reaches_from(&from.netns, addr)
+}
+
+/// The same from any namespace (a node's).
+fn reaches_from(netns: &str, addr: &str) -> bool {
     let out = exec(
-        &from.netns,
+        netns,
         &[LABPOD, "probe", "--timeout-ms", "1000", addr, "tcp", "80"],
     );
     out.trim_end().ends_with(" ok")
@@ -1124,28 +1128,41 @@ fn a_pod_cannot_send_ip_in_ip() {
     // No policy at all: nothing but the tunnel rules stands between mallory and its targets.
     // This kernel has no IP-in-IP device to unwrap the packets; the counters see them arrive,
     // at the node after `inet nftpol`'s input chain, at teller before any.
-    let ipip = |name: &str| {
-        vec![(
-            name.to_string(),
+    // Plain UDP from mallory is counted too: the agent must stop the tunnel, not mallory.
+    let counted = [
+        (
+            "ipip".to_string(),
             format!("ip saddr {} ip protocol 4", mallory.ipv4),
-        )]
-    };
-    let at_node = Counter::matching(node, 10, &ipip("node"));
-    let at_teller = Counter::matching(&teller.netns, -10, &ipip("teller"));
+        ),
+        (
+            "udp".to_string(),
+            format!("ip saddr {} udp dport 80", mallory.ipv4),
+        ),
+    ];
+    let at_node = Counter::matching(node, 10, &counted);
+    let at_teller = Counter::matching(&teller.netns, -10, &counted);
     let sent = SENT.to_string();
+    let own = mallory.ipv4.to_string();
+    let plain = || {
+        let before = (at_node.packets("udp"), at_teller.packets("udp"));
+        for addr in ["10.244.1.1".to_string(), teller.ipv4.to_string()] {
+            exec(&mallory.netns, &[LABPOD, "send", &own, &addr, "80", &sent]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        (
+            at_node.packets("udp") - before.0,
+            at_teller.packets("udp") - before.1,
+        )
+    };
     let wrapped = || {
-        let before = (at_node.packets("node"), at_teller.packets("teller"));
-        for addr in [
-            "10.244.1.1".to_string(),
-            "192.168.100.1".to_string(),
-            teller.ipv4.to_string(),
-        ] {
+        let before = (at_node.packets("ipip"), at_teller.packets("ipip"));
+        for addr in ["10.244.1.1", "192.168.100.1", &teller.ipv4.to_string()] {
             exec(
                 &mallory.netns,
                 &[
                     LABPOD,
                     "ipip",
-                    &addr,
+                    addr,
                     "10.244.2.50",
                     &teller.ipv4.to_string(),
                     "80",
@@ -1155,8 +1172,8 @@ fn a_pod_cannot_send_ip_in_ip() {
         }
         std::thread::sleep(Duration::from_millis(100));
         (
-            at_node.packets("node") - before.0,
-            at_teller.packets("teller") - before.1,
+            at_node.packets("ipip") - before.0,
+            at_teller.packets("ipip") - before.1,
         )
     };
     assert_eq!(
@@ -1175,6 +1192,12 @@ fn a_pod_cannot_send_ip_in_ip() {
         wrapped(),
         (0, 0),
         "mallory's IP-in-IP reaches its node or teller\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        plain(),
+        (SENT, SENT),
+        "mallory's plain datagrams no longer reach its node and teller\n{}",
         agent.describe()
     );
 }

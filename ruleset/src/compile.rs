@@ -32,8 +32,9 @@ const COMMENT_MAX: usize = 128;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// The node's pod CIDRs. With any, forwarded traffic to or from an address in them that no
-    /// known local pod holds is dropped, so a new pod is unreachable (and cannot send) until
-    /// its rules are in place. Off (empty) by default, as upstream NetworkPolicy leaves pods
+    /// known local pod holds is dropped, and such an address's traffic to the node (but for
+    /// replies, related packets and neighbour discovery; the node's own, on `lo`, passes), so a
+    /// new pod is unreachable (and cannot send from its address) until its rules are in place. Off (empty) by default, as upstream NetworkPolicy leaves pods
     /// that no policy selects open.
     pub isolate_unprogrammed: Vec<IpNet>,
     /// The ruleset epoch stamped on allowed connections and, with its fast path on, trusted
@@ -829,29 +830,28 @@ fn base_table(node: &str, options: &Options) -> Table {
     // node, from whatever source the pod wrote into it, past anti-spoofing and any policy that
     // admits that source. So is an IP-in-IP packet, with Flannel's `ipip` backend. Calico
     // drops both from its workloads too.
-    let tunnel = |source: Option<Match>| {
-        let mut rules: Vec<Rule> = VXLAN_PORTS
-            .map(|port| {
-                let mut matches = vec![
+    let tunnel = |source: Option<Match>| -> Vec<Rule> {
+        let vxlan = VXLAN_PORTS.map(|port| {
+            (
+                vec![
                     Match::Protocol(Protocol::Udp),
                     Match::DestinationPort(port, port),
-                ];
-                matches.extend(source.clone());
-                rule(
-                    matches,
-                    Verdict::Drop,
-                    "VXLAN from a local pod: an overlay packet of its own making",
-                )
-            })
-            .into();
-        let mut matches = vec![Match::L4Proto(IPPROTO_IPIP)];
-        matches.extend(source.clone());
-        rules.push(rule(
-            matches,
-            Verdict::Drop,
+                ],
+                "VXLAN from a local pod: an overlay packet of its own making",
+            )
+        });
+        let ipip = (
+            vec![Match::L4Proto(IPPROTO_IPIP)],
             "IP-in-IP from a local pod: an overlay packet of its own making",
-        ));
-        rules
+        );
+        vxlan
+            .into_iter()
+            .chain([ipip])
+            .map(|(mut matches, text)| {
+                matches.extend(source.clone());
+                rule(matches, Verdict::Drop, text)
+            })
+            .collect()
     };
     let from_local = |family: Family| {
         Some(Match::AddrInSet {
@@ -864,8 +864,28 @@ fn base_table(node: &str, options: &Options) -> Table {
     for family in Family::BOTH {
         forward.extend(tunnel(from_local(family)));
     }
-    // The families whose pod CIDRs `--isolate-unprogrammed` names, with their set.
-    let mut podcidrs: BTreeMap<Family, String> = BTreeMap::new();
+    // `--isolate-unprogrammed`: the families it names pod CIDRs of, each in set `podcidr4/6`.
+    let podcidr = |family: Family| format!("podcidr{}", family.digit());
+    let mut isolating: BTreeSet<Family> = BTreeSet::new();
+    // What comes from (or goes to) an address in the pod CIDRs that no known pod holds.
+    let unprogrammed = |family: Family, field: AddrField, text: &str| {
+        rule(
+            vec![
+                Match::AddrInSet {
+                    family,
+                    field,
+                    set: podcidr(family),
+                },
+                Match::AddrNotInSet {
+                    family,
+                    field,
+                    set: known(family),
+                },
+            ],
+            Verdict::Drop,
+            text,
+        )
+    };
     for family in Family::BOTH {
         let cidrs: BTreeSet<Element> = options
             .isolate_unprogrammed
@@ -876,42 +896,24 @@ fn base_table(node: &str, options: &Options) -> Table {
         if cidrs.is_empty() {
             continue;
         }
-        let podcidr = format!("podcidr{}", family.digit());
-        podcidrs.insert(family, podcidr.clone());
+        isolating.insert(family);
         table.add_set(
-            &podcidr,
+            &podcidr(family),
             SetKey::Addr(family),
             true,
             "pod CIDRs of this node",
             cidrs,
         );
-        for (field, text) in [
-            (
-                AddrField::Destination,
-                "to a local pod address not yet programmed",
-            ),
-            (
-                AddrField::Source,
-                "from a local pod address not yet programmed",
-            ),
-        ] {
-            forward.push(rule(
-                vec![
-                    Match::AddrInSet {
-                        family,
-                        field,
-                        set: podcidr.clone(),
-                    },
-                    Match::AddrNotInSet {
-                        family,
-                        field,
-                        set: known(family),
-                    },
-                ],
-                Verdict::Drop,
-                text,
-            ));
-        }
+        forward.push(unprogrammed(
+            family,
+            AddrField::Destination,
+            "to a local pod address not yet programmed",
+        ));
+        forward.push(unprogrammed(
+            family,
+            AddrField::Source,
+            "from a local pod address not yet programmed",
+        ));
     }
     for family in Family::BOTH {
         forward.push(rule(
@@ -956,43 +958,32 @@ fn base_table(node: &str, options: &Options) -> Table {
     // one), so it still meets the drop below; unicast from a veth comes through the bridge, as
     // received by the bridge, and past the guard's chains. (A veth that is no bridge port is
     // not listed: the guard's chains would never see its frames.)
-    let not_from = |family: Family, set: String, text: &str| {
-        rule(
-            vec![Match::AddrNotInSet {
-                family,
-                field: AddrField::Source,
-                set,
-            }],
-            Verdict::Accept,
-            text,
-        )
+    let not_from = |family: Family, set: String| Match::AddrNotInSet {
+        family,
+        field: AddrField::Source,
+        set,
     };
     // From no local pod: not a known pod's address, nor (`--isolate-unprogrammed`) in the
     // node's pod CIDRs, where a pod the agent does not know yet sends from.
-    let not_local = |family: Family, unicast: bool| {
-        let mut matches = vec![Match::AddrNotInSet {
-            family,
-            field: AddrField::Source,
-            set: known(family),
-        }];
-        let mut text = "not from a local pod".to_string();
-        if let Some(podcidr) = podcidrs.get(&family) {
-            matches.push(Match::AddrNotInSet {
-                family,
-                field: AddrField::Source,
-                set: podcidr.clone(),
-            });
-            text = "not from a local pod nor the node's pod CIDRs".to_string();
+    let not_local = |family: Family| -> (Vec<Match>, &str) {
+        let mut matches = vec![not_from(family, known(family))];
+        if isolating.contains(&family) {
+            matches.push(not_from(family, podcidr(family)));
+            (matches, "not from a local pod nor the node's pod CIDRs")
+        } else {
+            (matches, "not from a local pod")
         }
-        if unicast {
-            matches.insert(0, Match::PktTypeHost);
-            text = format!("unicast to this node, {text}");
-        }
-        rule(matches, Verdict::Accept, &text)
     };
     let mut input: Vec<Rule> = Family::BOTH
         .into_iter()
-        .map(|family| not_local(family, true))
+        .map(|family| {
+            let (matches, text) = not_local(family);
+            rule(
+                [Match::PktTypeHost].into_iter().chain(matches).collect(),
+                Verdict::Accept,
+                &format!("unicast to this node, {text}"),
+            )
+        })
         .collect();
     input.push(rule(
         vec![Match::IifnameInSet { set: name.into() }],
@@ -1000,7 +991,8 @@ fn base_table(node: &str, options: &Options) -> Table {
         "IP straight from a local pod's veth, past the bridge: a frame to a reserved group address",
     ));
     for family in Family::BOTH {
-        input.push(not_local(family, false));
+        let (matches, text) = not_local(family);
+        input.push(rule(matches, Verdict::Accept, text));
     }
     // Past those, everything is from a local pod (or an address in the node's pod CIDRs).
     input.extend(tunnel(None));
@@ -1009,35 +1001,24 @@ fn base_table(node: &str, options: &Options) -> Table {
     // address no pod holds yet waits for the agent to know the pod. The node's own addresses
     // on the pod network (the bridge's, the overlay device's) are in the pod CIDRs too: what
     // the node sends itself from them comes in on `lo`.
-    if !podcidrs.is_empty() {
+    if !isolating.is_empty() {
         input.push(rule(
             vec![Match::IifLoopback],
             Verdict::Accept,
             "the node to itself",
         ));
     }
-    for (family, podcidr) in &podcidrs {
-        input.push(rule(
-            vec![
-                Match::AddrInSet {
-                    family: *family,
-                    field: AddrField::Source,
-                    set: podcidr.clone(),
-                },
-                Match::AddrNotInSet {
-                    family: *family,
-                    field: AddrField::Source,
-                    set: known(*family),
-                },
-            ],
-            Verdict::Drop,
+    for family in &isolating {
+        input.push(unprogrammed(
+            *family,
+            AddrField::Source,
             "from a local pod address not yet programmed",
         ));
     }
     for family in Family::BOTH {
-        input.push(not_from(
-            family,
-            dispatch_map(Direction::Egress, family),
+        input.push(rule(
+            vec![not_from(family, dispatch_map(Direction::Egress, family))],
+            Verdict::Accept,
             "from a local pod whose egress is open",
         ));
     }

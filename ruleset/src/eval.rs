@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use crate::ir::{AddrField, Chain, Element, Family, Hook, Match, Protocol, Rule, Table, Verdict};
+use crate::ir::{
+    AddrField, Chain, Element, Family, Hook, Match, Protocol, Rule, Table, Verdict, IPPROTO_ICMPV6,
+};
 
 /// A packet as it reaches a hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,7 +201,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         Match::Protocol(p) => matches!(packet.l4, L4::Transport { protocol, .. } if protocol == *p),
         Match::L4Proto(number) => match packet.l4 {
             L4::Transport { protocol, .. } => protocol.number() == *number,
-            L4::Icmpv6 { .. } => *number == 58,
+            L4::Icmpv6 { .. } => *number == IPPROTO_ICMPV6,
         },
         Match::DestinationPort(lo, hi) => {
             matches!(packet.l4, L4::Transport { dport, .. } if (*lo..=*hi).contains(&dport))

@@ -37,8 +37,8 @@
 //! equal to `veths` here. Only unicast from no local pod is accepted before that drop: a
 //! reserved group address is a multicast one, so such a frame is never unicast.
 //!
-//! A veth not in `veths` (another bridge port, a pod whose veth was not found) is not touched:
-//! its pod is still enforced by address in `inet nftpol`.
+//! A veth not in `veths` (another bridge port, a pod whose veth was not found, a veth that is
+//! no bridge port) is not touched: its pod is still enforced by address in `inet nftpol`.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

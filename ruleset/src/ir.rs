@@ -371,6 +371,9 @@ pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
 /// IPv4 in IP (`ipencap`), Flannel's `ipip` backend.
 pub const IPPROTO_IPIP: u8 = 4;
 
+/// ICMPv6's protocol number.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
 /// ICMPv6 router advertisement and redirect: what only a router sends.
 pub const ROUTER_ND_TYPES: [u8; 2] = [134, 137];
 

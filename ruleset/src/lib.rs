@@ -19,7 +19,7 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `forward` | base chain, hook forward, priority filter, policy accept | pod traffic routed or bridged through the node |
-//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN and IP-in-IP from local pods dropped; past the three rules below (and, with `--isolate-unprogrammed`, a drop of what comes from an address in the node's pod CIDRs that no known pod holds; the accepts before it then leave those addresses out), what local pods with open egress sent is accepted |
+//! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup, two with `--isolate-unprogrammed`), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN and IP-in-IP from local pods dropped; past the three rules below (and, with `--isolate-unprogrammed`, an accept of what arrives on `lo`, then a drop of what comes from an address in the node's pod CIDRs that no known pod holds; the accepts before them leave those addresses out), what local pods with open egress sent is accepted |
 //! | `veths` | set of `ifname` | the guard's veths, filled in on the node ([`guard::veths_delta`]): a bridge hands the node a frame for a reserved group address as received by the port, past the guard's chains |
 //! | `ingress4`/`ingress6` | verdict map, pod address -> `jump ing_*` | ingress dispatch of local, ingress-isolated pods |
 //! | `egress4`/`egress6` | verdict map, pod address -> `jump egr_*` | egress dispatch of local, egress-isolated pods |
@@ -32,12 +32,13 @@
 //! | `nport4_<hash>`/`nport6_<hash>` | set of `addr . l4proto . port` | egress named ports: each destination pod with the number it gives the name |
 //!
 //! Both base chains have the same three rules (in `input`, after the VXLAN and IP-in-IP drops;
-//! in `forward`, first, and those drops follow them): packets `related` to a tracked connection
-//! (ICMP errors) and replies (`established`, direction reply) are accepted, then IPv6 neighbour
-//! discovery. Every other packet is evaluated, with one shortcut in `forward` ([`epoch`]): its
-//! first rule accepts a later original-direction packet of an established connection whose ct
-//! mark carries the current ruleset epoch, which its last rule stamped when a full evaluation
-//! let the connection through. Every change of the table moves to a new epoch, so when a policy
+//! in `forward`, at the top, and those drops follow them): packets `related` to a tracked
+//! connection (ICMP errors) and replies (`established`, direction reply) are accepted, then IPv6
+//! neighbour discovery. Every other packet is evaluated, with one shortcut in `forward`
+//! ([`epoch`]): its second rule, between the reply and related accepts, accepts a later
+//! original-direction packet of an established connection whose ct mark carries the current
+//! ruleset epoch, which its last rule stamped when a full evaluation let the connection
+//! through. Every change of the table moves to a new epoch, so when a policy
 //! change stops allowing a connection, its next packet is evaluated again and dropped.
 //!
 //! In `forward`, after the self sets, the source address is looked up in `egress4/6` and the
