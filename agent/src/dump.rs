@@ -18,10 +18,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let discovery = veth::discover().context("listing this host's veths")?;
     let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
     for pod in &missing {
-        tracing::warn!(
-            %pod,
-            "no bridge port here carries this pod's addresses; it is enforced by address, without anti-spoofing"
-        );
+        tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
     print!(

@@ -865,10 +865,7 @@ impl Guards {
         }
         for id in &missing {
             if self.warned.insert(id.clone()) {
-                tracing::warn!(
-                    pod = %id,
-                    "no bridge port carries this pod's addresses; it is enforced by address, without anti-spoofing"
-                );
+                tracing::warn!(pod = %id, "{}", veth::UNGUARDED);
             }
         }
         self.warned.retain(|id| missing.contains(id));

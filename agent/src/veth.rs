@@ -184,11 +184,16 @@ impl Discovery {
     }
 }
 
+/// What the agent logs for each pod [`guarded_pods`] reports missing.
+pub const UNGUARDED: &str =
+    "no bridge port carries this pod's addresses; it is enforced by address, without anti-spoofing";
+
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
 /// failed): the guarded pods with their `namespace/name`, and the names of the pods no
-/// bridge-port veth was found for. A veth belongs to the pod whose addresses it alone carries. A pod whose veth
-/// is no bridge port is not guarded: the guard's chains never see its frames, and `input`'s
-/// drop of what comes straight from a guarded veth would take all its traffic to the node.
+/// bridge-port veth was found for. A veth belongs to the pod whose addresses it alone carries.
+/// A pod whose veth is no bridge port is not guarded: the guard's chains never see its frames,
+/// and `input`'s drop of what comes straight from a guarded veth would take all its traffic to
+/// the node.
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
@@ -259,14 +264,7 @@ pub fn guarded_pods(
             _ => None,
         };
         match veth {
-            Some(veth) => found.push((
-                id,
-                GuardedPod {
-                    veth,
-                    ips: pod.ips.clone(),
-                    egress_isolated: pod.ips.iter().any(|ip| compiler.isolates_egress(*ip)),
-                },
-            )),
+            Some(veth) => found.push((id, GuardedPod::new(compiler, veth, pod.ips.clone()))),
             None => {
                 missing.insert(id);
             }

@@ -522,12 +522,11 @@ fn connrate() {
                 .into_iter()
                 .filter(|p| p.node == i)
                 .map(|p| {
-                    let ips = vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)];
-                    GuardedPod {
-                        veth: IfName::new(&p.veth()).expect("veth name"),
-                        egress_isolated: ips.iter().any(|ip| c.isolates_egress(*ip)),
-                        ips,
-                    }
+                    GuardedPod::new(
+                        c,
+                        IfName::new(&p.veth()).expect("veth name"),
+                        vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)],
+                    )
                 })
                 .collect();
             NodeSetup {

@@ -208,6 +208,19 @@ fn borrow_addresses(attacker: &Pod, victim: &Pod) {
     );
 }
 
+/// How many packets each `(counter, name)` counted while `send` ran, waiting 100 ms after it
+/// for the last ones in flight.
+fn arrivals<const N: usize>(counted: [(&Counter, &str); N], send: impl FnOnce()) -> [u64; N] {
+    let before = counted.map(|(counter, name)| counter.packets(name));
+    send();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut counts = counted.map(|(counter, name)| counter.packets(name));
+    for (count, before) in counts.iter_mut().zip(before) {
+        *count -= before;
+    }
+    counts
+}
+
 /// Sends `SENT` datagrams from `from` (an address of `sender`) to UDP 80 of `to`; how many the
 /// counter saw arrive, per family.
 fn delivered(sender: &Pod, as_of: &Pod, to: &Pod, counter: &Counter) -> [u64; 2] {
@@ -215,17 +228,15 @@ fn delivered(sender: &Pod, as_of: &Pod, to: &Pod, counter: &Counter) -> [u64; 2]
         (as_of.ipv4.to_string(), to.ipv4.to_string()),
         (as_of.ipv6.to_string(), to.ipv6.to_string()),
     ];
-    let mut counts = [0; 2];
-    for (i, (from, dst)) in pairs.iter().enumerate() {
-        let before = counter.packets(from);
-        exec(
-            &sender.netns,
-            &[LABPOD, "send", from, dst, "80", &SENT.to_string()],
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        counts[i] = counter.packets(from) - before;
-    }
-    counts
+    pairs.map(|(from, dst)| {
+        let [count] = arrivals([(counter, &from)], || {
+            exec(
+                &sender.netns,
+                &[LABPOD, "send", &from, &dst, "80", &SENT.to_string()],
+            );
+        });
+        count
+    })
 }
 
 /// Probes TCP 80 from each of `from` to `to` in both families until all pass (IPv6 neighbour
@@ -861,30 +872,26 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     // multicast), and in unicast frames to teller's MAC, which teller's kernel takes as well;
     // how many reached teller's input, per family.
     let flooded = || {
-        let before = [counter.packets(&mallory_v4), counter.packets(&mallory_v6)];
-        for (from, to) in [
-            (&mallory_v4, "255.255.255.255"),
-            (&mallory_v4, subnet_broadcast.as_str()),
-            (&mallory_v4, "224.0.0.1"),
-            (&mallory_v6, "ff02::1%eth0"),
-        ] {
-            exec(&mallory.netns, &[LABPOD, "send", from, to, "80", &sent]);
-        }
-        for (from, to) in [
-            (&mallory_v4, "255.255.255.255"),
-            (&mallory_v4, "224.0.0.1"),
-            (&mallory_v6, "ff02::1"),
-        ] {
-            exec(
-                &mallory.netns,
-                &[LABPOD, "rawudp", "eth0", &teller_mac, from, to, "80", &sent],
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        [
-            counter.packets(&mallory_v4) - before[0],
-            counter.packets(&mallory_v6) - before[1],
-        ]
+        arrivals([(&counter, &mallory_v4), (&counter, &mallory_v6)], || {
+            for (from, to) in [
+                (&mallory_v4, "255.255.255.255"),
+                (&mallory_v4, subnet_broadcast.as_str()),
+                (&mallory_v4, "224.0.0.1"),
+                (&mallory_v6, "ff02::1%eth0"),
+            ] {
+                exec(&mallory.netns, &[LABPOD, "send", from, to, "80", &sent]);
+            }
+            for (from, to) in [
+                (&mallory_v4, "255.255.255.255"),
+                (&mallory_v4, "224.0.0.1"),
+                (&mallory_v6, "ff02::1"),
+            ] {
+                exec(
+                    &mallory.netns,
+                    &[LABPOD, "rawudp", "eth0", &teller_mac, from, to, "80", &sent],
+                );
+            }
+        })
     };
     assert!(
         reaches(&mallory, &teller_ll),
@@ -1069,23 +1076,19 @@ fn a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address() {
     // Frames to the bridge's reserved group addresses: one the bridge takes through its input
     // hook, and LLDP's, through none; both reach the node's IP stack as if from the veth.
     let sneaked = || {
-        let before = [counter.packets(&forged), counter.packets(&link_local)];
-        for mac in ["01:80:c2:00:00:03", "01:80:c2:00:00:0e"] {
-            for (from, to) in [
-                (forged.as_str(), "10.244.1.1"),
-                (link_local.as_str(), "fd00:10:244:1::1"),
-            ] {
-                exec(
-                    &mallory.netns,
-                    &[LABPOD, "rawudp", "eth0", mac, from, to, "80", &sent],
-                );
+        arrivals([(&counter, &forged), (&counter, &link_local)], || {
+            for mac in ["01:80:c2:00:00:03", "01:80:c2:00:00:0e"] {
+                for (from, to) in [
+                    (forged.as_str(), "10.244.1.1"),
+                    (link_local.as_str(), "fd00:10:244:1::1"),
+                ] {
+                    exec(
+                        &mallory.netns,
+                        &[LABPOD, "rawudp", "eth0", mac, from, to, "80", &sent],
+                    );
+                }
             }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        [
-            counter.packets(&forged) - before[0],
-            counter.packets(&link_local) - before[1],
-        ]
+        })
     };
     assert_eq!(
         sneaked(),
@@ -1144,41 +1147,33 @@ fn a_pod_cannot_send_ip_in_ip() {
     let sent = SENT.to_string();
     let own = mallory.ipv4.to_string();
     let plain = || {
-        let before = (at_node.packets("udp"), at_teller.packets("udp"));
-        for addr in ["10.244.1.1".to_string(), teller.ipv4.to_string()] {
-            exec(&mallory.netns, &[LABPOD, "send", &own, &addr, "80", &sent]);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        (
-            at_node.packets("udp") - before.0,
-            at_teller.packets("udp") - before.1,
-        )
+        arrivals([(&at_node, "udp"), (&at_teller, "udp")], || {
+            for addr in ["10.244.1.1".to_string(), teller.ipv4.to_string()] {
+                exec(&mallory.netns, &[LABPOD, "send", &own, &addr, "80", &sent]);
+            }
+        })
     };
     let wrapped = || {
-        let before = (at_node.packets("ipip"), at_teller.packets("ipip"));
-        for addr in ["10.244.1.1", "192.168.100.1", &teller.ipv4.to_string()] {
-            exec(
-                &mallory.netns,
-                &[
-                    LABPOD,
-                    "ipip",
-                    addr,
-                    "10.244.2.50",
-                    &teller.ipv4.to_string(),
-                    "80",
-                    &sent,
-                ],
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        (
-            at_node.packets("ipip") - before.0,
-            at_teller.packets("ipip") - before.1,
-        )
+        arrivals([(&at_node, "ipip"), (&at_teller, "ipip")], || {
+            for addr in ["10.244.1.1", "192.168.100.1", &teller.ipv4.to_string()] {
+                exec(
+                    &mallory.netns,
+                    &[
+                        LABPOD,
+                        "ipip",
+                        addr,
+                        "10.244.2.50",
+                        &teller.ipv4.to_string(),
+                        "80",
+                        &sent,
+                    ],
+                );
+            }
+        })
     };
     assert_eq!(
         wrapped(),
-        (2 * SENT, SENT),
+        [2 * SENT, SENT],
         "control: without the agent, the node and teller receive mallory's IP-in-IP"
     );
 
@@ -1190,13 +1185,13 @@ fn a_pod_cannot_send_ip_in_ip() {
     );
     assert_eq!(
         wrapped(),
-        (0, 0),
+        [0, 0],
         "mallory's IP-in-IP reaches its node or teller\n{}",
         agent.describe()
     );
     assert_eq!(
         plain(),
-        (SENT, SENT),
+        [SENT, SENT],
         "mallory's plain datagrams no longer reach its node and teller\n{}",
         agent.describe()
     );
@@ -1229,34 +1224,33 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
     let counter = Counter::at(&teller.netns, -10, &[forged.clone(), own.clone()]);
     let sent = SENT.to_string();
     let wrapped = || {
-        let before = counter.packets(&forged);
-        for (addr, vtep) in [
-            ("10.244.1.1", &vtep),
-            ("192.168.100.1", &vtep),
-            (node_ll.as_str(), &vtep6),
-        ] {
-            exec(
-                &mallory.netns,
-                &[
-                    LABPOD,
-                    "vxlan",
-                    addr,
-                    "8472",
-                    "1",
-                    vtep,
-                    &forged,
-                    &teller.ipv4.to_string(),
-                    "80",
-                    &sent,
-                ],
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        counter.packets(&forged) - before
+        arrivals([(&counter, &forged)], || {
+            for (addr, vtep) in [
+                ("10.244.1.1", &vtep),
+                ("192.168.100.1", &vtep),
+                (node_ll.as_str(), &vtep6),
+            ] {
+                exec(
+                    &mallory.netns,
+                    &[
+                        LABPOD,
+                        "vxlan",
+                        addr,
+                        "8472",
+                        "1",
+                        vtep,
+                        &forged,
+                        &teller.ipv4.to_string(),
+                        "80",
+                        &sent,
+                    ],
+                );
+            }
+        })
     };
     assert_eq!(
         wrapped(),
-        3 * SENT,
+        [3 * SENT],
         "control: without the agent, teller receives the datagrams unwrapped by node-a"
     );
 
@@ -1266,21 +1260,21 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
         &[(&teller, "teller"), (&mallory, "mallory")],
         TELLER_FROM_NODE_B,
     );
-    let before = counter.packets(&own);
-    exec(
-        &mallory.netns,
-        &[LABPOD, "send", &own, &teller.ipv4.to_string(), "80", &sent],
-    );
-    std::thread::sleep(Duration::from_millis(100));
+    let own_sent = arrivals([(&counter, &own)], || {
+        exec(
+            &mallory.netns,
+            &[LABPOD, "send", &own, &teller.ipv4.to_string(), "80", &sent],
+        );
+    });
     assert_eq!(
-        counter.packets(&own) - before,
-        0,
+        own_sent,
+        [0],
         "teller admits only node-b's pods, yet mallory's own datagrams arrive\n{}",
         agent.describe()
     );
     assert_eq!(
         wrapped(),
-        0,
+        [0],
         "mallory's datagrams, wrapped in VXLAN as if from node-b, reach teller\n{}",
         agent.describe()
     );

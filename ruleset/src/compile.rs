@@ -34,8 +34,9 @@ pub struct Options {
     /// The node's pod CIDRs. With any, forwarded traffic to or from an address in them that no
     /// known local pod holds is dropped, and such an address's traffic to the node (but for
     /// replies, related packets and neighbour discovery; the node's own, on `lo`, passes), so a
-    /// new pod is unreachable (and cannot send from its address) until its rules are in place. Off (empty) by default, as upstream NetworkPolicy leaves pods
-    /// that no policy selects open.
+    /// new pod is unreachable (and cannot send from its address) until its rules are in place.
+    /// Off (empty) by default, as upstream NetworkPolicy leaves pods that no policy selects
+    /// open.
     pub isolate_unprogrammed: Vec<IpNet>,
     /// The ruleset epoch stamped on allowed connections and, with its fast path on, trusted
     /// for their later packets (see [`crate::epoch`]). Default: epoch 1 in the top byte.
@@ -279,10 +280,18 @@ impl Compiler {
                 delta.add_map_entry(&map_name, ip, entry);
             }
         }
-        let self_set = format!("self{}", family.digit());
-        self.set_member(&self_set, Element::AddrPair(ip, ip), owner.is_some(), delta);
-        let known = format!("known{}", family.digit());
-        self.set_member(&known, Element::Addr(ip), owner.is_some(), delta);
+        self.set_member(
+            &self_set(family),
+            Element::AddrPair(ip, ip),
+            owner.is_some(),
+            delta,
+        );
+        self.set_member(
+            &known_set(family),
+            Element::Addr(ip),
+            owner.is_some(),
+            delta,
+        );
     }
 
     /// The chain holding the rules for `pod` in one direction, built on first use; `None` when
@@ -564,6 +573,16 @@ fn dispatch_map(direction: Direction, family: Family) -> String {
     format!("{}{}", direction.as_str(), family.digit())
 }
 
+/// The set of every local pod's addresses the agent knows.
+fn known_set(family: Family) -> String {
+    format!("known{}", family.digit())
+}
+
+/// The set of local pod addresses paired with themselves (a pod reaching itself).
+fn self_set(family: Family) -> String {
+    format!("self{}", family.digit())
+}
+
 fn fnv(text: &str) -> u64 {
     let mut h = FnvHasher::default();
     h.write(text.as_bytes());
@@ -782,12 +801,12 @@ fn base_table(node: &str, options: &Options) -> Table {
         }
         for (name, key, text) in [
             (
-                format!("self{}", family.digit()),
+                self_set(family),
                 SetKey::AddrPair(family),
                 "local pod to itself",
             ),
             (
-                format!("known{}", family.digit()),
+                known_set(family),
                 SetKey::Addr(family),
                 "addresses of local pods the agent knows",
             ),
@@ -824,7 +843,6 @@ fn base_table(node: &str, options: &Options) -> Table {
             ),
         ]
     };
-    let known = |family: Family| format!("known{}", family.digit());
     // A pod has no business sending the overlay's own packets: a VXLAN datagram that a node's
     // Flannel device takes is decapsulated and its inner packet routed as if from another
     // node, from whatever source the pod wrote into it, past anti-spoofing and any policy that
@@ -857,7 +875,7 @@ fn base_table(node: &str, options: &Options) -> Table {
         Some(Match::AddrInSet {
             family,
             field: AddrField::Source,
-            set: known(family),
+            set: known_set(family),
         })
     };
     let mut forward = common();
@@ -879,7 +897,7 @@ fn base_table(node: &str, options: &Options) -> Table {
                 Match::AddrNotInSet {
                     family,
                     field,
-                    set: known(family),
+                    set: known_set(family),
                 },
             ],
             Verdict::Drop,
@@ -919,7 +937,7 @@ fn base_table(node: &str, options: &Options) -> Table {
         forward.push(rule(
             vec![Match::AddrPairInSet {
                 family,
-                set: format!("self{}", family.digit()),
+                set: self_set(family),
             }],
             Verdict::Accept,
             "a pod reaching itself",
@@ -966,7 +984,7 @@ fn base_table(node: &str, options: &Options) -> Table {
     // From no local pod: not a known pod's address, nor (`--isolate-unprogrammed`) in the
     // node's pod CIDRs, where a pod the agent does not know yet sends from.
     let not_local = |family: Family| -> (Vec<Match>, &str) {
-        let mut matches = vec![not_from(family, known(family))];
+        let mut matches = vec![not_from(family, known_set(family))];
         if isolating.contains(&family) {
             matches.push(not_from(family, podcidr(family)));
             (matches, "not from a local pod nor the node's pod CIDRs")

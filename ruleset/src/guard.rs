@@ -43,7 +43,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::compile::comment;
+use crate::compile::{comment, Compiler};
 use crate::diff::Delta;
 use crate::ir::{
     AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Protocol, Rule, SetKey,
@@ -87,6 +87,18 @@ pub struct GuardedPod {
     /// Whether a policy isolates the pod for egress: then it sends from its link-local
     /// address nothing but neighbour discovery and MLD reports and done messages.
     pub egress_isolated: bool,
+}
+
+impl GuardedPod {
+    /// The local pod at `ips` behind `veth`, isolated for egress as `compiler`'s policies say.
+    pub fn new(compiler: &Compiler, veth: IfName, ips: Vec<IpAddr>) -> Self {
+        let egress_isolated = ips.iter().any(|ip| compiler.isolates_egress(*ip));
+        Self {
+            veth,
+            ips,
+            egress_isolated,
+        }
+    }
 }
 
 /// The guard table of `node` for `pods`.

@@ -389,8 +389,8 @@ fn vxlan(args: &[String]) -> Result<(), String> {
 /// CAP_NET_RAW; the kernel writes the outer header, from the address it picks.
 fn ipip(args: &[String]) -> Result<(), String> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    /// The Ethernet header `udp_frame` puts in front, which IP-in-IP does not carry.
-    const ETHERNET_HEADER: usize = 14;
+    /// IPv4 in IP (`ipencap`).
+    const IPPROTO_IPIP: i32 = 4;
     let [addr, from, to, to_port, count] = args else {
         return Err(USAGE.to_string());
     };
@@ -403,21 +403,14 @@ fn ipip(args: &[String]) -> Result<(), String> {
     let to: Ipv4Addr = to.parse().map_err(|_| format!("bad IPv4 address {to:?}"))?;
     let to_port = parse_port(to_port)?;
     let count: u32 = count.parse().map_err(|_| format!("bad count {count:?}"))?;
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(IPPROTO_IPIP)))
         .map_err(|e| format!("raw IP-in-IP socket: {e}"))?;
     let target = SockAddr::from(SocketAddr::from((addr, 0)));
     for n in 0..count {
         let payload = format!("labpod ipip {n}\n");
-        let frame = udp_frame(
-            [0; 6],
-            [0; 6],
-            from.into(),
-            to.into(),
-            to_port,
-            payload.as_bytes(),
-        )?;
+        let (_, packet) = udp_packet(from.into(), to.into(), to_port, payload.as_bytes())?;
         socket
-            .send_to(&frame[ETHERNET_HEADER..], &target)
+            .send_to(&packet, &target)
             .map_err(|e| format!("send to {addr}: {e}"))?;
         thread::sleep(Duration::from_millis(2));
     }
@@ -434,6 +427,22 @@ fn udp_frame(
     port: u16,
     payload: &[u8],
 ) -> Result<Vec<u8>, String> {
+    let (ethertype, packet) = udp_packet(from, to, port, payload)?;
+    let mut frame = dst_mac.to_vec();
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ethertype);
+    frame.extend_from_slice(&packet);
+    Ok(frame)
+}
+
+/// An IP packet holding a UDP datagram from `from` (source port 40000) to `to` port `port`,
+/// with the Ethernet type that announces it.
+fn udp_packet(
+    from: IpAddr,
+    to: IpAddr,
+    port: u16,
+    payload: &[u8],
+) -> Result<([u8; 2], Vec<u8>), String> {
     const UDP: u8 = 17;
     let length = u16::try_from(8 + payload.len()).map_err(|_| "too long".to_string())?;
     let mut udp = Vec::with_capacity(usize::from(length));
@@ -442,9 +451,7 @@ fn udp_frame(
     udp.extend_from_slice(&length.to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
-    let mut frame = dst_mac.to_vec();
-    frame.extend_from_slice(&src_mac);
-    match (from, to) {
+    let (ethertype, mut packet) = match (from, to) {
         (IpAddr::V4(from), IpAddr::V4(to)) => {
             // The UDP checksum is optional over IPv4: 0, none.
             let total = length + 20;
@@ -455,8 +462,7 @@ fn udp_frame(
             ip.extend_from_slice(&to.octets());
             let sum = checksum(&ip);
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
-            frame.extend_from_slice(&[0x08, 0x00]);
-            frame.extend_from_slice(&ip);
+            ([0x08, 0x00], ip)
         }
         (IpAddr::V6(from), IpAddr::V6(to)) => {
             // Over IPv6 a UDP checksum of 0 would mean none, which is not allowed.
@@ -465,16 +471,17 @@ fn udp_frame(
                 sum => sum,
             };
             udp[6..8].copy_from_slice(&sum.to_be_bytes());
-            frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-            frame.extend_from_slice(&length.to_be_bytes());
-            frame.extend_from_slice(&[UDP, 64]);
-            frame.extend_from_slice(&from.octets());
-            frame.extend_from_slice(&to.octets());
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&length.to_be_bytes());
+            ip.extend_from_slice(&[UDP, 64]);
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            ([0x86, 0xdd], ip)
         }
         _ => return Err(format!("{from} and {to} are of different families")),
-    }
-    frame.extend_from_slice(&udp);
-    Ok(frame)
+    };
+    packet.extend_from_slice(&udp);
+    Ok((ethertype, packet))
 }
 
 fn advertise(args: &[String]) -> Result<(), String> {
