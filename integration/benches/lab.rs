@@ -22,7 +22,10 @@
 //! single mode run long is what a profiler wants), `NFTPOL_LAB_THREADS` (connrate client
 //! threads, one pass each, comma separated, default `1,2`: one or two keep the CPUs partly
 //! idle, so the rate is bound by each connection's latency; more threads than CPUs saturate
-//! them, so it is bound by CPU). Figures are printed; nothing is asserted about speed.
+//! them, so it is bound by CPU). Figures are printed; nothing is asserted about speed. A ratio
+//! between two modes is printed twice: of their medians, and as the median of the per-round
+//! ratios with the interval that holds the true median at 95% whatever the spread
+//! (`measure::median_interval`).
 //!
 //! To measure a ruleset written by hand against the same lab, before building it into the
 //! compiler: `NFTPOL_LAB_DUMP=DIR` writes what the nftpol modes load, per node, as
@@ -50,8 +53,8 @@ use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{networking_tables, Lab, Pod, Protocol, Target, NETWORKING_TABLES_DELETE};
 use integration::measure::{
-    enter_netns, env_or, loadavg, pct, summary, until_verdict, wants, Jitter, CONNECT_TIMEOUT, GAP,
-    STAGGER,
+    enter_netns, env_or, loadavg, median_interval, pct, summary, until_verdict, wants, Jitter,
+    CONNECT_TIMEOUT, GAP, STAGGER,
 };
 use integration::netns;
 use integration::synthetic::{self, LARGE};
@@ -670,8 +673,12 @@ fn connrate() {
                 .zip(&rates[b as usize])
                 .map(|(x, y)| x / y * 100.0)
                 .collect();
+            let interval = match median_interval(&per_round, 0.95) {
+                Some((lo, hi)) => format!("95% interval {lo:.1}-{hi:.1}"),
+                None => "too few rounds for a 95% interval".to_string(),
+            };
             println!(
-                "    {label}: {:.1}% of medians, {:.1}% median of rounds (per round: {} %)",
+                "    {label}: {:.1}% of medians, {:.1}% median of rounds ({interval}; per round: {} %)",
                 ratio(a, b),
                 median(&per_round),
                 joined(&per_round, 1)

@@ -54,6 +54,35 @@ pub fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// An interval that holds the median of what `values` were drawn from with probability at
+/// least `level`, whatever the distribution: the k-th smallest and the k-th largest value,
+/// k as large as the sign test allows (the chance that fewer than k of n values fall below the
+/// median, Binomial(n, 1/2), is at most (1 - level) / 2). `None` when there are too few values
+/// for any such interval (fewer than 6 at 95%). The benchmarks print it beside a median of
+/// per-round ratios, so a figure near a target says whether the rounds can tell.
+pub fn median_interval(values: &[f64], level: f64) -> Option<(f64, f64)> {
+    let n = values.len();
+    let tail = (1.0 - level) / 2.0;
+    // P(X = i) for X ~ Binomial(n, 1/2), in logarithms: 0.5^n underflows past ~1,070 values.
+    let mut ln_p = -(n as f64) * std::f64::consts::LN_2;
+    let (mut below, mut k) = (0.0, 0);
+    for i in 0..n {
+        let p = ln_p.exp();
+        if below + p > tail {
+            break;
+        }
+        below += p;
+        k = i + 1;
+        ln_p += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((sorted[k - 1], sorted[n - k]))
+}
+
 /// `n, min, p50, p90, p99, max` of `values` (not empty).
 pub fn summary(values: &[f64], unit: &str) -> String {
     let mut v = values.to_vec();
@@ -361,6 +390,21 @@ mod tests {
         assert_eq!(pct(&v, 0.99), 99.0);
         assert_eq!(pct(&v, 1.0), 100.0);
         assert_eq!(pct(&[7.0], 0.99), 7.0);
+    }
+
+    #[test]
+    fn median_intervals_are_the_sign_test_order_statistics() {
+        let upto = |n: u32| -> Vec<f64> { (1..=n).rev().map(f64::from).collect() };
+        // The published 95% table: n = 6 -> (1, 6), 10 -> (2, 9), 20 -> (6, 15), 50 -> (18, 33).
+        assert_eq!(median_interval(&upto(5), 0.95), None);
+        assert_eq!(median_interval(&upto(6), 0.95), Some((1.0, 6.0)));
+        assert_eq!(median_interval(&upto(10), 0.95), Some((2.0, 9.0)));
+        assert_eq!(median_interval(&upto(20), 0.95), Some((6.0, 15.0)));
+        assert_eq!(median_interval(&upto(50), 0.95), Some((18.0, 33.0)));
+        // A lower level narrows it; many values do not underflow to no interval at all.
+        assert_eq!(median_interval(&upto(50), 0.80), Some((20.0, 31.0)));
+        let (lo, hi) = median_interval(&upto(2_000), 0.95).expect("2,000 values");
+        assert_eq!((lo, hi), (956.0, 1_045.0));
     }
 
     #[test]
