@@ -409,11 +409,15 @@ fn teller_and_mallory(test: &str) -> Option<(tempfile::TempDir, Lab, Pod, Pod)> 
     Some((scratch, lab, teller, mallory))
 }
 
-/// One agent on node 0 of `lab` for `pods` and `policies`, from a snapshot in `scratch`, once
-/// its guard lists every pod's veth.
-fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[(&Pod, &str)], policies: &str) -> Agent {
+/// One agent on node 0 of `lab` for `pods` (each labelled `app` with its name) and `policies`,
+/// from a snapshot in `scratch`, once its guard lists every pod's veth.
+fn guard_node_a(lab: &Lab, scratch: &Path, pods: &[&Pod], policies: &str) -> Agent {
     let path = scratch.join("snapshot.yaml");
-    write_snapshot(&path, &snapshot(pods, policies));
+    let labelled: Vec<(&Pod, &str)> = pods
+        .iter()
+        .map(|pod| (*pod, pod.name.split_once('/').map_or("", |(_, name)| name)))
+        .collect();
+    write_snapshot(&path, &snapshot(&labelled, policies));
     let mut agent = Agent::start(Path::new(LABPOD), lab, 0, NODES[0], &path, &[]);
     wait_for(
         std::slice::from_mut(&mut agent),
@@ -524,12 +528,7 @@ fn a_pod_cannot_advertise_itself_as_a_router() {
         );
     }
 
-    let mut agent = guard_node_a(
-        &lab,
-        scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
-        "",
-    );
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
     let learnt = tags.map(|vlan0| advertise(&mallory, vlan0, &teller));
     println!(
         "with the agent: teller's routes from advertisements, untagged and tagged: {learnt:?}"
@@ -581,12 +580,7 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
         teller.ipv4
     );
 
-    let mut agent = guard_node_a(
-        &lab,
-        scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
-        "",
-    );
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
     let claimed = arp_claim(&lab, &mallory, &teller);
     let genuine = arp_claim(&lab, &teller, &teller);
     println!("with the agent: the node holds {claimed:?} for teller after mallory's claim, {genuine:?} after teller's own ARP");
@@ -698,12 +692,7 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
         mallory.name
     );
 
-    let mut agent = guard_node_a(
-        &lab,
-        scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
-        "",
-    );
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
     let with_agent = claims();
     println!(
         "with the agent: after each of mallory's advertisements, then teller's own, the node holds {with_agent:?}"
@@ -903,12 +892,7 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
         "control: without the agent, teller receives mallory's broadcast and multicast (IPv4, IPv6)"
     );
 
-    let mut agent = guard_node_a(
-        &lab,
-        scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
-        TELLER_ISOLATED,
-    );
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], TELLER_ISOLATED);
     assert!(
         !reaches(&mallory, &teller.ipv6.to_string()),
         "teller is isolated for ingress: mallory reaches its pod address\n{}",
@@ -970,7 +954,7 @@ fn a_pod_isolated_for_egress_cannot_reach_its_node_from_its_link_local_address()
     let mut agent = guard_node_a(
         &lab,
         scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
+        &[&teller, &mallory],
         MALLORY_NO_EGRESS,
     );
     assert!(
@@ -1099,7 +1083,7 @@ fn a_pod_cannot_reach_its_node_past_the_bridge_with_a_reserved_group_address() {
     let mut agent = guard_node_a(
         &lab,
         scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
+        &[&teller, &mallory],
         MALLORY_NO_EGRESS,
     );
     assert_eq!(
@@ -1177,12 +1161,7 @@ fn a_pod_cannot_send_ip_in_ip() {
         "control: without the agent, the node and teller receive mallory's IP-in-IP"
     );
 
-    let mut agent = guard_node_a(
-        &lab,
-        scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
-        "",
-    );
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
     assert_eq!(
         wrapped(),
         [0, 0],
@@ -1193,6 +1172,92 @@ fn a_pod_cannot_send_ip_in_ip() {
         plain(),
         [SENT, SENT],
         "mallory's plain datagrams no longer reach its node and teller\n{}",
+        agent.describe()
+    );
+}
+
+#[test]
+fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
+    let Some((scratch, mut lab, teller, mallory)) =
+        teller_and_mallory("a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does")
+    else {
+        return;
+    };
+    // The stranger is in no snapshot: a pod the agent has not been told of yet, or one whose
+    // veth it did not find. Its raw frames go to cni0 and on to the node's own address.
+    let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
+    let node = lab.node_netns(0).unwrap();
+    let cni0 = exec(node, &["cat", "/sys/class/net/cni0/address"])
+        .trim()
+        .to_string();
+    let sources = [
+        teller.ipv4.to_string(),
+        teller.ipv6.to_string(),
+        stranger.ipv4.to_string(),
+        stranger.ipv6.to_string(),
+    ];
+    let counter = Counter::at(node, 10, &sources);
+    let sent = SENT.to_string();
+    let sent_as = |as_of: &Pod| {
+        let from = [as_of.ipv4.to_string(), as_of.ipv6.to_string()];
+        arrivals([(&counter, &from[0]), (&counter, &from[1])], || {
+            for (from, to) in from.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
+                exec(
+                    &stranger.netns,
+                    &[LABPOD, "rawudp", "eth0", &cni0, from, to, "80", &sent],
+                );
+            }
+        })
+    };
+    assert_eq!(
+        sent_as(&teller),
+        [SENT, SENT],
+        "control: without the agent, the node takes the stranger's datagrams as teller's"
+    );
+    // An ARP request to the node as `as_of`: what the node then holds for that address.
+    let stranger_mac = exec(&stranger.netns, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    let claim = |as_of: &Pod| {
+        let addr = as_of.ipv4.to_string();
+        exec(node, &["ip", "neigh", "flush", "dev", "cni0"]);
+        exec(
+            &stranger.netns,
+            &[LABPOD, "arp", "eth0", &addr, "10.244.1.1"],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        neighbour(&lab, 0, &addr)
+    };
+    assert_eq!(
+        claim(&teller).as_ref(),
+        Some(&stranger_mac),
+        "control: without the agent, the node takes the stranger's ARP for teller's address"
+    );
+
+    // No policy: teller's egress is open, so `inet nftpol` lets its address through.
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    assert_eq!(
+        sent_as(&teller),
+        [0, 0],
+        "the node takes the stranger's datagrams as teller's\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        sent_as(&stranger),
+        [SENT, SENT],
+        "the stranger's datagrams from its own addresses no longer reach the node\n{}",
+        agent.describe()
+    );
+    assert_ne!(
+        claim(&teller).as_ref(),
+        Some(&stranger_mac),
+        "the node takes the stranger's ARP for teller's address\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        claim(&stranger).as_ref(),
+        Some(&stranger_mac),
+        "the node no longer takes the stranger's ARP for its own address\n{}",
         agent.describe()
     );
 }
@@ -1257,7 +1322,7 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
     let mut agent = guard_node_a(
         &lab,
         scratch.path(),
-        &[(&teller, "teller"), (&mallory, "mallory")],
+        &[&teller, &mallory],
         TELLER_FROM_NODE_B,
     );
     let own_sent = arrivals([(&counter, &own)], || {

@@ -211,6 +211,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         Match::Arp
         | Match::ArpSender(_)
         | Match::IifnameArpSenderInSet { .. }
+        | Match::ArpSenderInSet { .. }
         | Match::IifnameInSet { .. }
         | Match::OifnameInSet { .. }
         | Match::OifnameDestinationNotInSet { .. }

@@ -9,15 +9,16 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard` |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other port (a pod not guarded yet, or whose veth was not found), IP and ARP from a guarded pod's address are dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
+//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other port |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
-//! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses is accepted, ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
@@ -38,7 +39,9 @@
 //! reserved group address is a multicast one, so such a frame is never unicast.
 //!
 //! A veth not in `veths` (another bridge port, a pod whose veth was not found, a veth that is
-//! no bridge port) is not touched: its pod is still enforced by address in `inet nftpol`.
+//! no bridge port) is not checked against its own pod: its pod is still enforced by address in
+//! `inet nftpol`. If it is a bridge port, it may not send IP or ARP from a guarded pod's address,
+//! which only that pod's veth carries (its neighbour advertisements are not checked).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -50,6 +53,11 @@ use crate::ir::{
     Table, TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
     ROUTER_ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
+
+/// The guard's set of the addresses of `family` that guarded pods send from.
+fn guarded_set(family: Family) -> String {
+    format!("guarded{}", family.digit())
+}
 
 /// The set of `inet nftpol` whose veths its `input` chain drops everything from (what a bridge
 /// hands to the node as received by the port itself). The compiler leaves it empty; on the
@@ -132,6 +140,19 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "each veth with its pod's addresses",
             elements,
         );
+        let addresses = pods
+            .iter()
+            .flat_map(|p| p.ips.iter())
+            .filter(|ip| Family::of(ip) == family)
+            .map(|ip| Element::Addr(*ip))
+            .collect();
+        table.add_set(
+            &guarded_set(family),
+            SetKey::Addr(family),
+            false,
+            "the addresses of the pods on veths: sent from those veths only",
+            addresses,
+        );
     }
     table.add_set(
         "isolated",
@@ -178,9 +199,11 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         comment: Some(comment.to_string()),
     };
     let mut guard = vec![
+        // Accepted here rather than returned: `prerouting` goes on to drop ARP from a guarded
+        // pod's address, meant for other ports.
         rule(
             vec![Match::IifnameArpSenderInSet { set: "src4".into() }],
-            Verdict::Return,
+            Verdict::Accept,
             "ARP from the pod's own address",
         ),
         rule(
@@ -314,6 +337,27 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
+    // From any other port: a pod the agent was not told of yet, or whose veth it did not
+    // find, can send what it likes, but not as a guarded pod. (Last, so a guarded pod's own
+    // frames never meet it: they were accepted or judged above.)
+    prerouting.extend(Family::BOTH.map(|family| {
+        rule(
+            vec![Match::AddrInSet {
+                family,
+                field: AddrField::Source,
+                set: guarded_set(family),
+            }],
+            Verdict::Drop,
+            "a guarded pod's address from a port that is not its veth",
+        )
+    }));
+    prerouting.push(rule(
+        vec![Match::ArpSenderInSet {
+            set: guarded_set(Family::V4),
+        }],
+        Verdict::Drop,
+        "ARP claiming a guarded pod's address from a port that is not its veth",
+    ));
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's
     // Ethernet destination) would pass the inet table untouched, past any isolation. Pod to

@@ -309,6 +309,8 @@ pub enum Match {
     ArpSender(Ipv4Addr),
     /// `iifname . arp saddr ip @set` (bridge tables).
     IifnameArpSenderInSet { set: String },
+    /// `arp saddr ip @set` (bridge tables).
+    ArpSenderInSet { set: String },
     /// `iifname @set`.
     IifnameInSet { set: String },
     /// `oifname @set` (bridge tables: the port a frame leaves by).

@@ -1179,7 +1179,7 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
 #[test]
 fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     use ruleset::guard::{guard_table, GuardedPod};
-    use ruleset::ir::{Element, IfName, TableFamily};
+    use ruleset::ir::{Element, IfName, Match, TableFamily, Verdict};
 
     let veth = IfName::new("veth0a1b2c3d").unwrap();
     let open = IfName::new("veth0a1b2c3e").unwrap();
@@ -1218,6 +1218,37 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         table.sets["src4"].elements.len() + table.sets["src6"].elements.len(),
         2
+    );
+    assert_eq!(
+        table.sets["guarded4"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Addr(ips[0])]
+    );
+    assert_eq!(
+        table.sets["guarded6"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Addr(ips[1])]
+    );
+    // From any other port a guarded pod's address is dropped, after every rule for the veths;
+    // a veth's own ARP is accepted in `guard`, so that it does not come back to meet them.
+    assert!(table.chains["guard"].rules.iter().any(|r| r.matches
+        == [Match::IifnameArpSenderInSet { set: "src4".into() }]
+        && r.verdict == Verdict::Accept));
+    let prerouting: Vec<String> = table.chains["prerouting"]
+        .rules
+        .iter()
+        .map(ruleset::render::rule_text)
+        .collect();
+    let last_for_veths = prerouting
+        .iter()
+        .rposition(|r| r.contains("@veths") || r.contains("@src"))
+        .expect("rules for the veths");
+    assert_eq!(
+        prerouting[last_for_veths + 1..],
+        [
+            "ip saddr @guarded4 drop comment \"a guarded pod's address from a port that is not its veth\"",
+            "ip6 saddr @guarded6 drop comment \"a guarded pod's address from a port that is not its veth\"",
+            "arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from a port that is not its veth\"",
+        ],
+        "{prerouting:#?}"
     );
     let text = ruleset::render(&table);
     assert!(text.starts_with("table bridge nftpol {"), "{text}");

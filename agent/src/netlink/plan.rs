@@ -568,6 +568,11 @@ impl Plan {
                     exprs.push(arp_sender(reg(0)));
                     exprs.cmp(libc::NFT_CMP_EQ, addr.octets().to_vec());
                 }
+                Match::ArpSenderInSet { set } => {
+                    exprs.arp();
+                    exprs.push(arp_sender(reg(0)));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
                 Match::IifnameArpSenderInSet { set } => {
                     exprs.arp();
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));

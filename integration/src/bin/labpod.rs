@@ -42,6 +42,7 @@ const USAGE: &str = "usage: labpod serve [PORT...]
        labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
+       labpod arp IFACE SENDER TARGET   (a broadcast ARP request for TARGET from SENDER at IFACE's MAC)
        labpod vxlan ADDR PORT VNI MAC FROM TO TO_PORT COUNT   (to ADDR:PORT, VXLAN carrying UDP FROM -> TO:TO_PORT to MAC)
        labpod ipip ADDR FROM TO TO_PORT COUNT   (to IPv4 ADDR, IP-in-IP carrying UDP FROM -> TO:TO_PORT)
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Some((mode, rest)) if mode == "send" => send(rest),
         Some((mode, rest)) if mode == "advertise" => advertise(rest),
         Some((mode, rest)) if mode == "rawudp" => rawudp(rest),
+        Some((mode, rest)) if mode == "arp" => arp(rest),
         Some((mode, rest)) if mode == "vxlan" => vxlan(rest),
         Some((mode, rest)) if mode == "ipip" => ipip(rest),
         _ => Err(USAGE.to_string()),
@@ -333,6 +335,30 @@ fn rawudp(args: &[String]) -> Result<(), String> {
         thread::sleep(Duration::from_millis(2));
     }
     Ok(())
+}
+
+/// One ARP request, broadcast on `IFACE`, asking for `TARGET` as `SENDER` at `IFACE`'s own
+/// link-layer address, whatever addresses the pod holds: whoever holds `TARGET` learns that
+/// `SENDER` is here.
+fn arp(args: &[String]) -> Result<(), String> {
+    let [iface, sender, target] = args else {
+        return Err(USAGE.to_string());
+    };
+    let parse = |text: &String| -> Result<Ipv4Addr, String> {
+        text.parse()
+            .map_err(|_| format!("bad IPv4 address {text:?}"))
+    };
+    let (sender, target) = (parse(sender)?, parse(target)?);
+    let mac = mac_of(iface)?;
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    // ARP, Ethernet and IPv4, 6- and 4-byte addresses, a request.
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&sender.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target.octets());
+    send_frame(iface, &frame)
 }
 
 /// Datagrams to UDP `ADDR PORT` (`fe80::1%eth0` for a link-local one; from the source address
