@@ -1,7 +1,7 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::guard::{guard_table, with_veths, GuardedPod};
+use ruleset::guard::{guard_table, with_veths, Guard, GuardedPod};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
@@ -21,10 +21,12 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+    let ports = veth::bridge_ports(Some(&discovery), &pods);
+    let guard = Guard { pods, ports };
     print!(
         "{}\n{}",
-        ruleset::render(&with_veths(compiler.table(), &pods)),
-        ruleset::render(&guard_table(compiler.node(), &pods))
+        ruleset::render(&with_veths(compiler.table(), &guard)),
+        ruleset::render(&guard_table(compiler.node(), &guard))
     );
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
-use ruleset::guard::{guard_table, veths_delta, with_veths, GuardedPod, INPUT_VETHS};
+use ruleset::guard::{guard_table, veths_delta, with_veths, Guard, GuardedPod, INPUT_VETHS};
 use ruleset::ir::{Set, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -458,10 +458,10 @@ impl Kernel {
         let full = full
             || (self.installed.is_some()
                 && self.tables_as_left().or_else(|| self.tables_as_left()) != Some(true));
-        let pods = self.guards.pods(compiler);
-        let guard = guard_table(compiler.node(), &pods);
+        let ports = self.guards.guard(compiler);
+        let guard = guard_table(compiler.node(), &ports);
         let started = Instant::now();
-        let mut policy = with_veths(compiler.table(), &pods);
+        let mut policy = with_veths(compiler.table(), &ports);
         // A change of the policy table moves to the next epoch, so no connection skips the
         // new rules; a whole table (start-up, or one changed behind our back) comes without
         // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
@@ -640,10 +640,10 @@ impl Kernel {
         let Some(installed) = self.installed.as_ref() else {
             return;
         };
-        let pods = self.guards.pods(compiler);
-        let guard = guard_table(compiler.node(), &pods);
+        let ports = self.guards.guard(compiler);
+        let guard = guard_table(compiler.node(), &ports);
         let guard_delta = diff(&installed.guard, &guard);
-        let veths = veths_delta(&installed.policy, &pods);
+        let veths = veths_delta(&installed.policy, &ports);
         let changes = deltas(&veths, &guard_delta);
         if changes.is_empty() {
             return;
@@ -842,8 +842,9 @@ struct Guards {
 }
 
 impl Guards {
-    /// The local pods of `compiler` and their veths, as the kernel shows them now.
-    fn pods(&mut self, compiler: &Compiler) -> Vec<GuardedPod> {
+    /// The local pods of `compiler` and their veths, and the other veths on their bridges, as
+    /// the kernel shows them now.
+    fn guard(&mut self, compiler: &Compiler) -> Guard {
         let discovery = match veth::discover() {
             Ok(discovery) => {
                 self.failing = false;
@@ -869,7 +870,9 @@ impl Guards {
             }
         }
         self.warned.retain(|id| missing.contains(id));
-        found.into_iter().map(|(_, pod)| pod).collect()
+        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+        let ports = veth::bridge_ports(discovery.as_ref(), &pods);
+        Guard { pods, ports }
     }
 }
 
@@ -886,7 +889,13 @@ mod tests {
             ips: Vec::new(),
             egress_isolated: false,
         };
-        let veths = with_veths(&before, &[pod]);
+        let veths = with_veths(
+            &before,
+            &Guard {
+                pods: vec![pod],
+                ports: Vec::new(),
+            },
+        );
         assert_ne!(before, veths);
         assert!(!policy_changed(&before, &veths));
         let mut known = before.clone();

@@ -273,6 +273,25 @@ pub fn guarded_pods(
     (found, missing)
 }
 
+/// Every veth of `discovery` that is a port of a bridge one of `pods`' veths is a port of:
+/// the pods' own veths, and those of pods the agent does not guard.
+pub fn bridge_ports(discovery: Option<&Discovery>, pods: &[GuardedPod]) -> Vec<IfName> {
+    let Some(d) = discovery else {
+        return Vec::new();
+    };
+    let bridges: BTreeSet<&str> = d
+        .veths()
+        .iter()
+        .filter(|v| pods.iter().any(|p| p.veth.as_str() == v.name))
+        .filter_map(|v| v.bridge.as_deref())
+        .collect();
+    d.veths()
+        .iter()
+        .filter(|v| v.bridge.as_deref().is_some_and(|b| bridges.contains(b)))
+        .filter_map(|v| IfName::new(&v.name))
+        .collect()
+}
+
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
 /// netlink dumps. Fails only when the link dump does; later dumps that fail are reported in
 /// [`Discovery::failures`] and leave their veths to the fallback or [`Method::Unknown`].
@@ -886,6 +905,54 @@ mod tests {
             missing.into_iter().collect::<Vec<_>>(),
             ["shop/alone", "shop/bonded"]
         );
+    }
+
+    #[test]
+    fn the_ports_are_every_veth_on_a_guarded_pods_bridge() {
+        let compiler = Compiler::new(
+            ruleset::Cluster::from_objects(
+                [],
+                [ruleset::model::Pod {
+                    namespace: "shop".into(),
+                    name: "known".into(),
+                    node: Some("n1".into()),
+                    ips: vec![ip("10.0.0.2")],
+                    phase: Some("Running".into()),
+                    ..ruleset::model::Pod::default()
+                }],
+                [],
+            ),
+            "n1",
+        );
+        let links = vec![
+            bridge(1, "cni0"),
+            bridge(2, "docker0"),
+            veth(5, "vethknown", Some(1), Some((0, 2))),
+            // A pod the agent was not told of, on the same bridge.
+            veth(6, "vethstranger", Some(1), Some((1, 2))),
+            // A container on another bridge, and a veth on none.
+            veth(7, "vethdocker", Some(2), Some((2, 2))),
+            veth(8, "vethalone", None, Some((3, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(vec![at(2, "10.0.0.2")])),
+            (1, Ok(vec![at(2, "10.0.0.9")])),
+            (2, Ok(vec![at(2, "172.17.0.2")])),
+            (3, Ok(vec![at(2, "10.0.0.10")])),
+        ]);
+        let d = assemble(links, peers, None);
+        let (found, _) = guarded_pods(&compiler, Some(&d));
+        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+        let ports: Vec<String> = bridge_ports(Some(&d), &pods)
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
+        assert_eq!(ports, ["vethknown", "vethstranger"]);
+        assert!(
+            bridge_ports(Some(&d), &[]).is_empty(),
+            "no guarded pod, no bridge"
+        );
+        assert!(bridge_ports(None, &pods).is_empty());
     }
 
     #[test]

@@ -821,11 +821,12 @@ fn the_fingerprint_follows_our_table_and_ignores_others() {
     let compiler = compile("three-tier.yaml", "node-a");
     let guard = ruleset::guard::guard_table(
         "node-a",
-        &[ruleset::guard::GuardedPod {
+        &vec![ruleset::guard::GuardedPod {
             veth: ruleset::ir::IfName::new("veth00aa11bb").unwrap(),
             ips: vec![ip("10.244.1.20")],
             egress_isolated: false,
-        }],
+        }]
+        .into(),
     );
     let outcome = in_netns(|| {
         let mut writer = Writer::new().unwrap();

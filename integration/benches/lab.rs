@@ -536,7 +536,7 @@ fn connrate() {
                 netns: netns.clone(),
                 rules: c.table().clone(),
                 slow,
-                guard: guard_table(&format!("node-{i}"), &guarded),
+                guard: guard_table(&format!("node-{i}"), &guarded.into()),
                 networking: networking_tables(i, nodes.len()),
                 extra: if modes.contains(&Mode::NetworkingExtra) {
                     let text = fs::read_to_string(extra_path(i))

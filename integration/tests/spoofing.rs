@@ -1184,7 +1184,9 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         return;
     };
     // The stranger is in no snapshot: a pod the agent has not been told of yet, or one whose
-    // veth it did not find. Its raw frames go to cni0 and on to the node's own address.
+    // veth it did not match. Its raw frames go to the node's own address, through cni0 and
+    // past it (LLDP's reserved group address, which the bridge hands up as received by the
+    // veth).
     let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
     let node = lab.node_netns(0).unwrap();
     let cni0 = exec(node, &["cat", "/sys/class/net/cni0/address"])
@@ -1198,65 +1200,71 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     ];
     let counter = Counter::at(node, 10, &sources);
     let sent = SENT.to_string();
-    let sent_as = |as_of: &Pod| {
+    let sent_as = |as_of: &Pod, mac: &str| {
         let from = [as_of.ipv4.to_string(), as_of.ipv6.to_string()];
         arrivals([(&counter, &from[0]), (&counter, &from[1])], || {
             for (from, to) in from.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
                 exec(
                     &stranger.netns,
-                    &[LABPOD, "rawudp", "eth0", &cni0, from, to, "80", &sent],
+                    &[LABPOD, "rawudp", "eth0", mac, from, to, "80", &sent],
                 );
             }
         })
     };
+    const LLDP: &str = "01:80:c2:00:00:0e";
     assert_eq!(
-        sent_as(&teller),
-        [SENT, SENT],
-        "control: without the agent, the node takes the stranger's datagrams as teller's"
+        [sent_as(&teller, &cni0), sent_as(&teller, LLDP)],
+        [[SENT, SENT]; 2],
+        "control: without the agent, the node takes the stranger's datagrams as teller's (through cni0, past it)"
     );
-    // An ARP request to the node as `as_of`: what the node then holds for that address.
+    // An ARP request to the node as `as_of`, untagged and with a VLAN tag of ID 0 (which the
+    // node takes for none): what the node then holds for that address after each.
     let stranger_mac = exec(&stranger.netns, &["cat", "/sys/class/net/eth0/address"])
         .trim()
         .to_string();
     let claim = |as_of: &Pod| {
         let addr = as_of.ipv4.to_string();
-        exec(node, &["ip", "neigh", "flush", "dev", "cni0"]);
-        exec(
-            &stranger.netns,
-            &[LABPOD, "arp", "eth0", &addr, "10.244.1.1"],
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        neighbour(&lab, 0, &addr)
+        [&[][..], &["--vlan0"][..]].map(|flag| {
+            exec(node, &["ip", "neigh", "flush", "dev", "cni0"]);
+            let mut args = vec![LABPOD, "arp"];
+            args.extend(flag);
+            args.extend(["eth0", &addr, "10.244.1.1"]);
+            exec(&stranger.netns, &args);
+            std::thread::sleep(Duration::from_millis(200));
+            neighbour(&lab, 0, &addr)
+        })
     };
+    let stranger_at = Some(stranger_mac.clone());
     assert_eq!(
-        claim(&teller).as_ref(),
-        Some(&stranger_mac),
-        "control: without the agent, the node takes the stranger's ARP for teller's address"
+        claim(&teller),
+        [stranger_at.clone(), stranger_at.clone()],
+        "control: without the agent, the node takes the stranger's ARP for teller's address (untagged, tagged)"
     );
 
     // No policy: teller's egress is open, so `inet nftpol` lets its address through.
     let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
     assert_eq!(
-        sent_as(&teller),
-        [0, 0],
-        "the node takes the stranger's datagrams as teller's\n{}",
+        [sent_as(&teller, &cni0), sent_as(&teller, LLDP)],
+        [[0, 0]; 2],
+        "the node takes the stranger's datagrams as teller's (through cni0, past it)\n{}",
+        agent.describe()
+    );
+    // From its own addresses, through cni0 as before; past it, not at all.
+    assert_eq!(
+        [sent_as(&stranger, &cni0), sent_as(&stranger, LLDP)],
+        [[SENT, SENT], [0, 0]],
+        "the stranger's datagrams from its own addresses (through cni0, past it)\n{}",
+        agent.describe()
+    );
+    let claimed = claim(&teller);
+    assert!(
+        !claimed.contains(&stranger_at),
+        "the node takes the stranger's ARP for teller's address (untagged, tagged): {claimed:?}\n{}",
         agent.describe()
     );
     assert_eq!(
-        sent_as(&stranger),
-        [SENT, SENT],
-        "the stranger's datagrams from its own addresses no longer reach the node\n{}",
-        agent.describe()
-    );
-    assert_ne!(
-        claim(&teller).as_ref(),
-        Some(&stranger_mac),
-        "the node takes the stranger's ARP for teller's address\n{}",
-        agent.describe()
-    );
-    assert_eq!(
-        claim(&stranger).as_ref(),
-        Some(&stranger_mac),
+        claim(&stranger)[0],
+        stranger_at,
         "the node no longer takes the stranger's ARP for its own address\n{}",
         agent.describe()
     );

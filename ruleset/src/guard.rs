@@ -9,12 +9,13 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from a guarded veth are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other port (a pod not guarded yet, or whose veth was not found), IP and ARP from a guarded pod's address are dropped |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth in `ports` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from the other veths in `ports` (a pod not guarded yet, or not matched to its veth), IP and ARP from a guarded pod's address are dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
+//! | `ports` | set of `ifname` | every veth on those veths' bridges, the guarded ones and those of pods the agent does not guard |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
-//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other port |
+//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from the other veths in `ports` |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
@@ -35,13 +36,17 @@
 //! chain: the bridge hands it to the node's IP stack as received by the veth itself. That is the
 //! one way from a veth to the node that is not through the bridge, and `inet nftpol`'s `input`
 //! closes it: it drops anything from the veths of [`INPUT_VETHS`], which [`veths_delta`] keeps
-//! equal to `veths` here. Only unicast from no local pod is accepted before that drop: a
+//! equal to `ports` here. Only unicast from no local pod is accepted before that drop: a
 //! reserved group address is a multicast one, so such a frame is never unicast.
 //!
-//! A veth not in `veths` (another bridge port, a pod whose veth was not found, a veth that is
-//! no bridge port) is not checked against its own pod: its pod is still enforced by address in
-//! `inet nftpol`. If it is a bridge port, it may not send IP or ARP from a guarded pod's address,
-//! which only that pod's veth carries (its neighbour advertisements are not checked).
+//! A veth not in `veths` (a pod the agent was not told of yet, a pod not matched to its veth,
+//! a veth that is no bridge port) is not checked against its own pod: its pod is still enforced
+//! by address in `inet nftpol`. If it is a port of a guarded pod's bridge (so in `ports`), it
+//! sends no tagged frames, nothing straight to the node, and no IP or ARP from a guarded pod's
+//! address, which only that pod's veth carries; its neighbour advertisements, and what it sends
+//! from other addresses (a remote pod's included), are not checked. The agent lists a new veth
+//! within a second of its appearing; other bridges (`docker0`, one holding the uplink) are not
+//! touched.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -64,9 +69,9 @@ fn guarded_set(family: Family) -> String {
 /// node, [`veths_delta`] fills it with the guarded veths.
 pub const INPUT_VETHS: &str = "veths";
 
-/// What brings `table`'s [`INPUT_VETHS`] set to the veths of `pods`.
-pub fn veths_delta(table: &Table, pods: &[GuardedPod]) -> Delta {
-    let want: BTreeSet<Element> = pods.iter().map(|p| Element::Iface(p.veth)).collect();
+/// What brings `table`'s [`INPUT_VETHS`] set to the ports of `guard`.
+pub fn veths_delta(table: &Table, guard: &Guard) -> Delta {
+    let want: BTreeSet<Element> = guard.all_ports().map(Element::Iface).collect();
     let mut delta = Delta::default();
     if let Some(set) = table.sets.get(INPUT_VETHS) {
         for element in set.elements.difference(&want) {
@@ -79,11 +84,44 @@ pub fn veths_delta(table: &Table, pods: &[GuardedPod]) -> Delta {
     delta
 }
 
-/// A copy of the policy table `table` whose [`INPUT_VETHS`] set lists the veths of `pods`.
-pub fn with_veths(table: &Table, pods: &[GuardedPod]) -> Table {
+/// A copy of the policy table `table` whose [`INPUT_VETHS`] set lists the ports of `guard`.
+pub fn with_veths(table: &Table, guard: &Guard) -> Table {
     let mut table = table.clone();
-    table.apply(&veths_delta(&table, pods));
+    table.apply(&veths_delta(&table, guard));
     table
+}
+
+/// What a node's guard is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// The local pods whose veths the agent found.
+    pub pods: Vec<GuardedPod>,
+    /// Every veth that is a port of those pods' bridges: theirs, and those of pods the agent
+    /// does not guard (not told of yet, or not matched to a veth).
+    pub ports: Vec<IfName>,
+}
+
+impl From<Vec<GuardedPod>> for Guard {
+    /// `pods`, with no veth on their bridges but theirs.
+    fn from(pods: Vec<GuardedPod>) -> Self {
+        Self {
+            pods,
+            ports: Vec::new(),
+        }
+    }
+}
+
+impl Guard {
+    /// The guarded pods' veths and the other ports, each once.
+    fn all_ports(&self) -> impl Iterator<Item = IfName> + '_ {
+        let all: BTreeSet<IfName> = self
+            .pods
+            .iter()
+            .map(|p| p.veth)
+            .chain(self.ports.iter().copied())
+            .collect();
+        all.into_iter()
+    }
 }
 
 /// A local pod whose host-side veth the agent found.
@@ -109,8 +147,9 @@ impl GuardedPod {
     }
 }
 
-/// The guard table of `node` for `pods`.
-pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
+/// The guard table of `node`.
+pub fn guard_table(node: &str, guard: &Guard) -> Table {
+    let pods = &guard.pods;
     let mut table = Table {
         family: TableFamily::Bridge,
         name: TABLE_NAME.to_string(),
@@ -125,6 +164,13 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
         false,
         "host-side veths of local pods",
         pods.iter().map(|p| Element::Iface(p.veth)).collect(),
+    );
+    table.add_set(
+        "ports",
+        SetKey::Iface,
+        false,
+        "every veth on those veths' bridges, guarded or not",
+        guard.all_ports().map(Element::Iface).collect(),
     );
     for family in Family::BOTH {
         let elements = pods
@@ -319,11 +365,16 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
     // protocol past any VLAN tag: a tagged frame would meet only the latter, and receivers take
     // a tag of ID 0 for none. Pods send untagged frames. (IPv4 from the pod's own address is
     // accepted before this, tagged or not: its source is checked, and nothing else is.)
+    // From any pod's veth on those bridges, guarded or not: the drops of a guarded pod's
+    // address from other veths below read the protocol past one tag at most (ARP's, none).
+    let from_port = || Match::IifnameInSet {
+        set: "ports".into(),
+    };
     let tagged = ETHERTYPE_VLAN.map(|tag| {
         rule(
-            vec![Match::EtherType(tag), from_veth()],
+            vec![Match::EtherType(tag), from_port()],
             Verdict::Drop,
-            "a tagged frame from a local pod's veth",
+            "a tagged frame from a pod's veth",
         )
     });
     let mut prerouting = vec![own_address(Family::V4)];
@@ -337,26 +388,33 @@ pub fn guard_table(node: &str, pods: &[GuardedPod]) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
-    // From any other port: a pod the agent was not told of yet, or whose veth it did not
-    // find, can send what it likes, but not as a guarded pod. (Last, so a guarded pod's own
-    // frames never meet it: they were accepted or judged above.)
+    // From the other veths on those bridges: a pod the agent was not told of yet, or whose
+    // veth it did not match, can send what it likes, but not as a guarded pod. (Last, so a
+    // guarded pod's own frames never meet these with its own address: they were accepted or
+    // judged above.)
     prerouting.extend(Family::BOTH.map(|family| {
         rule(
-            vec![Match::AddrInSet {
-                family,
-                field: AddrField::Source,
-                set: guarded_set(family),
-            }],
+            vec![
+                from_port(),
+                Match::AddrInSet {
+                    family,
+                    field: AddrField::Source,
+                    set: guarded_set(family),
+                },
+            ],
             Verdict::Drop,
-            "a guarded pod's address from a port that is not its veth",
+            "a guarded pod's address from another pod's veth",
         )
     }));
     prerouting.push(rule(
-        vec![Match::ArpSenderInSet {
-            set: guarded_set(Family::V4),
-        }],
+        vec![
+            from_port(),
+            Match::ArpSenderInSet {
+                set: guarded_set(Family::V4),
+            },
+        ],
         Verdict::Drop,
-        "ARP claiming a guarded pod's address from a port that is not its veth",
+        "ARP claiming a guarded pod's address from another pod's veth",
     ));
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's

@@ -1178,31 +1178,45 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
 
 #[test]
 fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
-    use ruleset::guard::{guard_table, GuardedPod};
+    use ruleset::guard::{guard_table, Guard, GuardedPod};
     use ruleset::ir::{Element, IfName, Match, TableFamily, Verdict};
 
     let veth = IfName::new("veth0a1b2c3d").unwrap();
     let open = IfName::new("veth0a1b2c3e").unwrap();
+    // A veth on the same bridge whose pod the agent does not guard.
+    let stranger = IfName::new("veth0a1b2c3f").unwrap();
     let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
     let table = guard_table(
         "n1",
-        &[
-            GuardedPod {
-                veth,
-                ips: ips.clone(),
-                egress_isolated: true,
-            },
-            GuardedPod {
-                veth: open,
-                ips: Vec::new(),
-                egress_isolated: false,
-            },
-        ],
+        &Guard {
+            pods: vec![
+                GuardedPod {
+                    veth,
+                    ips: ips.clone(),
+                    egress_isolated: true,
+                },
+                GuardedPod {
+                    veth: open,
+                    ips: Vec::new(),
+                    egress_isolated: false,
+                },
+            ],
+            ports: vec![stranger],
+        },
     );
     assert_eq!(table.family, TableFamily::Bridge);
     assert_eq!(
         table.sets["veths"].elements.iter().collect::<Vec<_>>(),
         [&Element::Iface(veth), &Element::Iface(open)]
+    );
+    assert_eq!(
+        table.sets["ports"].elements.iter().collect::<Vec<_>>(),
+        [
+            &Element::Iface(veth),
+            &Element::Iface(open),
+            &Element::Iface(stranger)
+        ],
+        "every veth on the bridge, the guarded ones too"
     );
     assert_eq!(
         table.sets["isolated"].elements.iter().collect::<Vec<_>>(),
@@ -1227,7 +1241,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         table.sets["guarded6"].elements.iter().collect::<Vec<_>>(),
         [&Element::Addr(ips[1])]
     );
-    // From any other port a guarded pod's address is dropped, after every rule for the veths;
+    // Tagged frames are dropped from every veth on the bridge (the drops below read past one
+    // tag, or none), and from the other veths a guarded pod's address, after every rule for
+    // the guarded ones;
     // a veth's own ARP is accepted in `guard`, so that it does not come back to meet them.
     assert!(table.chains["guard"].rules.iter().any(|r| r.matches
         == [Match::IifnameArpSenderInSet { set: "src4".into() }]
@@ -1237,6 +1253,14 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         .iter()
         .map(ruleset::render::rule_text)
         .collect();
+    for tag in ["8021q", "8021ad"] {
+        assert!(
+            prerouting
+                .iter()
+                .any(|r| r.starts_with(&format!("ether type {tag} iifname @ports drop"))),
+            "{prerouting:#?}"
+        );
+    }
     let last_for_veths = prerouting
         .iter()
         .rposition(|r| r.contains("@veths") || r.contains("@src"))
@@ -1244,9 +1268,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         prerouting[last_for_veths + 1..],
         [
-            "ip saddr @guarded4 drop comment \"a guarded pod's address from a port that is not its veth\"",
-            "ip6 saddr @guarded6 drop comment \"a guarded pod's address from a port that is not its veth\"",
-            "arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from a port that is not its veth\"",
+            "iifname @ports ip saddr @guarded4 drop comment \"a guarded pod's address from another pod's veth\"",
+            "iifname @ports ip6 saddr @guarded6 drop comment \"a guarded pod's address from another pod's veth\"",
+            "iifname @ports arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another pod's veth\"",
         ],
         "{prerouting:#?}"
     );
@@ -1275,7 +1299,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
 
 #[test]
 fn input_accepts_only_unicast_before_it_drops_what_comes_straight_from_a_veth() {
-    use ruleset::guard::{veths_delta, GuardedPod, INPUT_VETHS};
+    use ruleset::guard::{veths_delta, Guard, GuardedPod, INPUT_VETHS};
     use ruleset::ir::{Element, IfName, Match, Verdict};
 
     let compiler = Compiler::new(Cluster::default(), "n1");
@@ -1310,16 +1334,28 @@ fn input_accepts_only_unicast_before_it_drops_what_comes_straight_from_a_veth() 
     };
     let (a, b) = (pod("veth0000000a"), pod("veth0000000b"));
     let mut table = compiler.table().clone();
-    table.apply(&veths_delta(&table, std::slice::from_ref(&a)));
+    table.apply(&veths_delta(&table, &vec![a.clone()].into()));
     let listed = |table: &ruleset::ir::Table| -> Vec<Element> {
         table.sets[INPUT_VETHS].elements.iter().copied().collect()
     };
     assert_eq!(listed(&table), [Element::Iface(a.veth)]);
-    let delta = veths_delta(&table, std::slice::from_ref(&b));
+    let delta = veths_delta(&table, &vec![b.clone()].into());
     assert_eq!(delta.size(), 2, "one veth out, one in: {delta:?}");
     table.apply(&delta);
     assert_eq!(listed(&table), [Element::Iface(b.veth)]);
-    assert!(veths_delta(&table, &[b]).is_empty());
+    assert!(veths_delta(&table, &vec![b.clone()].into()).is_empty());
+    // The other veths on the pods' bridges too: nothing reaches the node straight from them
+    // either.
+    let other = IfName::new("veth0000000c").unwrap();
+    let both = Guard {
+        pods: vec![b.clone()],
+        ports: vec![other, b.veth],
+    };
+    table.apply(&veths_delta(&table, &both));
+    assert_eq!(
+        listed(&table),
+        [Element::Iface(b.veth), Element::Iface(other)]
+    );
 }
 
 #[test]

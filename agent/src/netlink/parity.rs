@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use ruleset::epoch::{CtMarkBits, Epoch};
-use ruleset::guard::{guard_table, GuardedPod};
+use ruleset::guard::{guard_table, Guard, GuardedPod};
 use ruleset::ir::{IfName, Table};
 use ruleset::Compiler;
 
@@ -256,13 +256,20 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         })
         .collect();
     assert!(!pods.is_empty());
-    failures.extend(differences(&guard_table("node-a", &pods), "guard"));
-    let with_veths = ruleset::guard::with_veths(isolating.table(), &pods);
+    let guard = Guard {
+        pods,
+        ports: vec![IfName::new("vethffffffff").unwrap()],
+    };
+    failures.extend(differences(&guard_table("node-a", &guard), "guard"));
+    let with_veths = ruleset::guard::with_veths(isolating.table(), &guard);
     assert!(!with_veths.sets[ruleset::guard::INPUT_VETHS]
         .elements
         .is_empty());
     failures.extend(differences(&with_veths, "policy table with veths"));
-    failures.extend(differences(&guard_table("node-a", &[]), "empty guard"));
+    failures.extend(differences(
+        &guard_table("node-a", &Guard::default()),
+        "empty guard",
+    ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -42,7 +42,7 @@ const USAGE: &str = "usage: labpod serve [PORT...]
        labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
        labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
-       labpod arp IFACE SENDER TARGET   (a broadcast ARP request for TARGET from SENDER at IFACE's MAC)
+       labpod arp [--vlan0] IFACE SENDER TARGET   (a broadcast ARP request for TARGET from SENDER at IFACE's MAC)
        labpod vxlan ADDR PORT VNI MAC FROM TO TO_PORT COUNT   (to ADDR:PORT, VXLAN carrying UDP FROM -> TO:TO_PORT to MAC)
        labpod ipip ADDR FROM TO TO_PORT COUNT   (to IPv4 ADDR, IP-in-IP carrying UDP FROM -> TO:TO_PORT)
        labpod connrate [--seconds S] [--parallel P] ADDR PORT";
@@ -339,8 +339,12 @@ fn rawudp(args: &[String]) -> Result<(), String> {
 
 /// One ARP request, broadcast on `IFACE`, asking for `TARGET` as `SENDER` at `IFACE`'s own
 /// link-layer address, whatever addresses the pod holds: whoever holds `TARGET` learns that
-/// `SENDER` is here.
+/// `SENDER` is here. With `--vlan0`, in a frame with a VLAN tag of ID 0.
 fn arp(args: &[String]) -> Result<(), String> {
+    let (vlan0, args) = match args {
+        [flag, rest @ ..] if flag == "--vlan0" => (true, rest),
+        _ => (false, args),
+    };
     let [iface, sender, target] = args else {
         return Err(USAGE.to_string());
     };
@@ -352,6 +356,9 @@ fn arp(args: &[String]) -> Result<(), String> {
     let mac = mac_of(iface)?;
     let mut frame = vec![0xff; 6];
     frame.extend_from_slice(&mac);
+    if vlan0 {
+        frame.extend_from_slice(&[0x81, 0x00, 0, 0]);
+    }
     // ARP, Ethernet and IPv4, 6- and 4-byte addresses, a request.
     frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
     frame.extend_from_slice(&mac);
