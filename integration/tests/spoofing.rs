@@ -1188,7 +1188,8 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     // past it (LLDP's reserved group address, which the bridge hands up as received by the
     // veth).
     let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
-    let node = lab.node_netns(0).unwrap();
+    let node = lab.node_netns(0).unwrap().to_string();
+    let node = node.as_str();
     let cni0 = exec(node, &["cat", "/sys/class/net/cni0/address"])
         .trim()
         .to_string();
@@ -1267,6 +1268,28 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         stranger_at,
         "the node no longer takes the stranger's ARP for its own address\n{}",
         agent.describe()
+    );
+
+    // With the agent gone (its tables stay), a pod that starts now is in no list at all, but
+    // its veth is still a veth: it cannot send as teller either.
+    drop(agent);
+    let latecomer = lab.add_pod(0, "bank/latecomer", 13).expect("pod");
+    let as_teller = [teller.ipv4.to_string(), teller.ipv6.to_string()];
+    let late = arrivals(
+        [(&counter, &as_teller[0]), (&counter, &as_teller[1])],
+        || {
+            for (from, to) in as_teller.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
+                exec(
+                    &latecomer.netns,
+                    &[LABPOD, "rawudp", "eth0", &cni0, from, to, "80", &sent],
+                );
+            }
+        },
+    );
+    assert_eq!(
+        late,
+        [0, 0],
+        "with no agent running, the node takes a new pod's datagrams as teller's"
     );
 }
 

@@ -967,7 +967,7 @@ fn base_table(node: &str, options: &Options) -> Table {
         name,
         SetKey::Iface,
         false,
-        "host-side veths of local pods, bridge ports (filled in on the node)",
+        "veths on local pods' bridges (filled in on the node)",
         BTreeSet::new(),
     );
     // Most of what reaches the node (the overlay's own packets, above all) is unicast from no

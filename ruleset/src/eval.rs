@@ -212,6 +212,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::ArpSender(_)
         | Match::IifnameArpSenderInSet { .. }
         | Match::ArpSenderInSet { .. }
+        | Match::IifkindVeth
         | Match::IifnameInSet { .. }
         | Match::OifnameInSet { .. }
         | Match::OifnameDestinationNotInSet { .. }

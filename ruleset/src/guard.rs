@@ -9,13 +9,13 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth in `ports` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from the other veths in `ports` (a pod not guarded yet, or not matched to its veth), IP and ARP from a guarded pod's address are dropped |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth in `ports` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth (a pod not guarded yet, or not matched to its veth; by kind, whatever its name or bridge), IP and ARP from a guarded pod's address are dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `ports` | set of `ifname` | every veth on those veths' bridges, the guarded ones and those of pods the agent does not guard |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
-//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from the other veths in `ports` |
+//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
@@ -41,12 +41,12 @@
 //!
 //! A veth not in `veths` (a pod the agent was not told of yet, a pod not matched to its veth,
 //! a veth that is no bridge port) is not checked against its own pod: its pod is still enforced
-//! by address in `inet nftpol`. If it is a port of a guarded pod's bridge (so in `ports`), it
-//! sends no tagged frames, nothing straight to the node, and no IP or ARP from a guarded pod's
-//! address, which only that pod's veth carries; its neighbour advertisements, and what it sends
-//! from other addresses (a remote pod's included), are not checked. The agent lists a new veth
-//! within a second of its appearing; other bridges (`docker0`, one holding the uplink) are not
-//! touched.
+//! by address in `inet nftpol`. It sends no IP or ARP from a guarded pod's address, which only
+//! that pod's veth carries (a rule on the interface's kind, so from the moment it appears); if
+//! it is a port of a guarded pod's bridge (in `ports`, which the agent fills within a second of
+//! its appearing, while it runs), it also sends no tagged frames and nothing straight to the
+//! node. Its neighbour advertisements, and what it sends from other addresses (a remote pod's
+//! included), are not checked. Other ports of other bridges (an uplink) are not touched.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -66,7 +66,7 @@ fn guarded_set(family: Family) -> String {
 
 /// The set of `inet nftpol` whose veths its `input` chain drops everything from (what a bridge
 /// hands to the node as received by the port itself). The compiler leaves it empty; on the
-/// node, [`veths_delta`] fills it with the guarded veths.
+/// node, [`veths_delta`] fills it with the veths on the guarded pods' bridges (`ports`).
 pub const INPUT_VETHS: &str = "veths";
 
 /// What brings `table`'s [`INPUT_VETHS`] set to the ports of `guard`.
@@ -388,14 +388,16 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
-    // From the other veths on those bridges: a pod the agent was not told of yet, or whose
-    // veth it did not match, can send what it likes, but not as a guarded pod. (Last, so a
+    // From any other veth: a pod the agent was not told of yet, or whose veth it did not
+    // match, can send what it likes, but not as a guarded pod. By kind, not by name, so a veth
+    // that appeared since the last look at the kernel (or while no agent runs) is held to it
+    // too, and a container's on another bridge; a bridge's uplink is no veth. (Last, so a
     // guarded pod's own frames never meet these with its own address: they were accepted or
     // judged above.)
     prerouting.extend(Family::BOTH.map(|family| {
         rule(
             vec![
-                from_port(),
+                Match::IifkindVeth,
                 Match::AddrInSet {
                     family,
                     field: AddrField::Source,
@@ -403,18 +405,18 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
                 },
             ],
             Verdict::Drop,
-            "a guarded pod's address from another pod's veth",
+            "a guarded pod's address from another veth",
         )
     }));
     prerouting.push(rule(
         vec![
-            from_port(),
+            Match::IifkindVeth,
             Match::ArpSenderInSet {
                 set: guarded_set(Family::V4),
             },
         ],
         Verdict::Drop,
-        "ARP claiming a guarded pod's address from another pod's veth",
+        "ARP claiming a guarded pod's address from another veth",
     ));
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's

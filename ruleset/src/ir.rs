@@ -311,6 +311,8 @@ pub enum Match {
     IifnameArpSenderInSet { set: String },
     /// `arp saddr ip @set` (bridge tables).
     ArpSenderInSet { set: String },
+    /// `meta iifkind "veth"`: the input interface is a veth, whatever its name.
+    IifkindVeth,
     /// `iifname @set`.
     IifnameInSet { set: String },
     /// `oifname @set` (bridge tables: the port a frame leaves by).

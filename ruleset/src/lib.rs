@@ -20,7 +20,7 @@
 //! | --- | --- | --- |
 //! | `forward` | base chain, hook forward, priority filter, policy accept | pod traffic routed or bridged through the node |
 //! | `input` | base chain, hook input, priority filter, policy accept | pod traffic to the node itself (egress only); first, unicast that no local pod sent is accepted (the overlay's datagrams: one lookup, two with `--isolate-unprogrammed`), then anything straight from a listed veth (never unicast) is dropped, then what no local pod sent is accepted, VXLAN and IP-in-IP from local pods dropped; past the three rules below (and, with `--isolate-unprogrammed`, an accept of what arrives on `lo`, then a drop of what comes from an address in the node's pod CIDRs that no known pod holds; the accepts before them leave those addresses out), what local pods with open egress sent is accepted |
-//! | `veths` | set of `ifname` | the guard's veths, filled in on the node ([`guard::veths_delta`]): a bridge hands the node a frame for a reserved group address as received by the port, past the guard's chains |
+//! | `veths` | set of `ifname` | the veths on the guarded pods' bridges (the guard's `ports`), filled in on the node ([`guard::veths_delta`]): a bridge hands the node a frame for a reserved group address as received by the port, past the guard's chains |
 //! | `ingress4`/`ingress6` | verdict map, pod address -> `jump ing_*` | ingress dispatch of local, ingress-isolated pods |
 //! | `egress4`/`egress6` | verdict map, pod address -> `jump egr_*` | egress dispatch of local, egress-isolated pods |
 //! | `self4`/`self6` | set of `addr . addr` | a local pod reaching itself (hairpin) |

@@ -142,6 +142,7 @@ fn match_text(m: &Match) -> String {
         Match::ArpSender(addr) => format!("arp saddr ip {addr}"),
         Match::IifnameArpSenderInSet { set } => format!("iifname . arp saddr ip @{set}"),
         Match::ArpSenderInSet { set } => format!("arp saddr ip @{set}"),
+        Match::IifkindVeth => "meta iifkind \"veth\"".to_string(),
         Match::IifnameInSet { set } => format!("iifname @{set}"),
         Match::IifnameNdTargetNotInSet { set } => format!("iifname . {ND_TARGET} != @{set}"),
         Match::NdTargetNotLinkLocal => "@th,64,16 & 0xffc0 != 0xfe80".to_string(),

@@ -1242,7 +1242,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         [&Element::Addr(ips[1])]
     );
     // Tagged frames are dropped from every veth on the bridge (the drops below read past one
-    // tag, or none), and from the other veths a guarded pod's address, after every rule for
+    // tag, or none), and from any other veth a guarded pod's address, after every rule for
     // the guarded ones;
     // a veth's own ARP is accepted in `guard`, so that it does not come back to meet them.
     assert!(table.chains["guard"].rules.iter().any(|r| r.matches
@@ -1268,9 +1268,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         prerouting[last_for_veths + 1..],
         [
-            "iifname @ports ip saddr @guarded4 drop comment \"a guarded pod's address from another pod's veth\"",
-            "iifname @ports ip6 saddr @guarded6 drop comment \"a guarded pod's address from another pod's veth\"",
-            "iifname @ports arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another pod's veth\"",
+            "meta iifkind \"veth\" ip saddr @guarded4 drop comment \"a guarded pod's address from another veth\"",
+            "meta iifkind \"veth\" ip6 saddr @guarded6 drop comment \"a guarded pod's address from another veth\"",
+            "meta iifkind \"veth\" arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another veth\"",
         ],
         "{prerouting:#?}"
     );

@@ -19,6 +19,8 @@ pub(super) const PACKET_HOST: u8 = 0;
 pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
 pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub(super) const ETHERTYPE_ARP: u16 = 0x0806;
+/// The input interface's kind (`rtnl_link_ops->kind`); the libc crate has no name for it.
+const NFT_META_IIFKIND: libc::c_int = 26;
 
 /// One nf_tables expression, as nft would generate it.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,6 +118,14 @@ impl Exprs {
                 self.cmp(libc::NFT_CMP_EQ, ethertype.to_be_bytes().to_vec());
             }
         }
+    }
+
+    /// `meta iifkind "veth"`: the kind as the kernel names it, NUL-padded to a name's 16 bytes.
+    pub(super) fn iifkind_veth(&mut self) {
+        self.meta(NFT_META_IIFKIND, reg(0));
+        let mut kind = b"veth".to_vec();
+        kind.resize(16, 0);
+        self.cmp(libc::NFT_CMP_EQ, kind);
     }
 
     /// `ether type arp`: what nft puts before any ARP field in a `bridge` table.

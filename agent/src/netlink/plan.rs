@@ -568,6 +568,7 @@ impl Plan {
                     exprs.push(arp_sender(reg(0)));
                     exprs.cmp(libc::NFT_CMP_EQ, addr.octets().to_vec());
                 }
+                Match::IifkindVeth => exprs.iifkind_veth(),
                 Match::ArpSenderInSet { set } => {
                     exprs.arp();
                     exprs.push(arp_sender(reg(0)));
