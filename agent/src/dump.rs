@@ -21,8 +21,12 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-    let ports = veth::bridge_ports(Some(&discovery), &pods);
-    let guard = Guard { pods, ports };
+    let (ports, elsewhere) = veth::bridge_ports(Some(&discovery), &pods);
+    let guard = Guard {
+        pods,
+        ports,
+        elsewhere,
+    };
     print!(
         "{}\n{}",
         ruleset::render(&with_veths(compiler.table(), &guard)),

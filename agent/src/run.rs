@@ -871,8 +871,12 @@ impl Guards {
         }
         self.warned.retain(|id| missing.contains(id));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        let ports = veth::bridge_ports(discovery.as_ref(), &pods);
-        Guard { pods, ports }
+        let (ports, elsewhere) = veth::bridge_ports(discovery.as_ref(), &pods);
+        Guard {
+            pods,
+            ports,
+            elsewhere,
+        }
     }
 }
 
@@ -889,13 +893,7 @@ mod tests {
             ips: Vec::new(),
             egress_isolated: false,
         };
-        let veths = with_veths(
-            &before,
-            &Guard {
-                pods: vec![pod],
-                ports: Vec::new(),
-            },
-        );
+        let veths = with_veths(&before, &vec![pod].into());
         assert_ne!(before, veths);
         assert!(!policy_changed(&before, &veths));
         let mut known = before.clone();

@@ -273,11 +273,15 @@ pub fn guarded_pods(
     (found, missing)
 }
 
-/// Every veth of `discovery` that is a port of a bridge one of `pods`' veths is a port of:
-/// the pods' own veths, and those of pods the agent does not guard.
-pub fn bridge_ports(discovery: Option<&Discovery>, pods: &[GuardedPod]) -> Vec<IfName> {
+/// The veths of `discovery` that are bridge ports, in two lists: those on a bridge one of
+/// `pods`' veths is a port of (the pods' own, and those of pods the agent does not guard), and
+/// those on other bridges (`docker0`, a secondary network's).
+pub fn bridge_ports(
+    discovery: Option<&Discovery>,
+    pods: &[GuardedPod],
+) -> (Vec<IfName>, Vec<IfName>) {
     let Some(d) = discovery else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let bridges: BTreeSet<&str> = d
         .veths()
@@ -285,11 +289,13 @@ pub fn bridge_ports(discovery: Option<&Discovery>, pods: &[GuardedPod]) -> Vec<I
         .filter(|v| pods.iter().any(|p| p.veth.as_str() == v.name))
         .filter_map(|v| v.bridge.as_deref())
         .collect();
-    d.veths()
+    let (ours, others): (Vec<&Veth>, Vec<&Veth>) = d
+        .veths()
         .iter()
-        .filter(|v| v.bridge.as_deref().is_some_and(|b| bridges.contains(b)))
-        .filter_map(|v| IfName::new(&v.name))
-        .collect()
+        .filter(|v| v.bridge.is_some())
+        .partition(|v| v.bridge.as_deref().is_some_and(|b| bridges.contains(b)));
+    let names = |veths: Vec<&Veth>| veths.iter().filter_map(|v| IfName::new(&v.name)).collect();
+    (names(ours), names(others))
 }
 
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
@@ -943,16 +949,20 @@ mod tests {
         let d = assemble(links, peers, None);
         let (found, _) = guarded_pods(&compiler, Some(&d));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        let ports: Vec<String> = bridge_ports(Some(&d), &pods)
-            .iter()
-            .map(|p| p.as_str().to_string())
-            .collect();
-        assert_eq!(ports, ["vethknown", "vethstranger"]);
-        assert!(
-            bridge_ports(Some(&d), &[]).is_empty(),
-            "no guarded pod, no bridge"
+        let names = |veths: Vec<IfName>| -> Vec<String> {
+            veths.iter().map(|p| p.as_str().to_string()).collect()
+        };
+        let (ports, elsewhere) = bridge_ports(Some(&d), &pods);
+        assert_eq!(names(ports), ["vethknown", "vethstranger"]);
+        assert_eq!(
+            names(elsewhere),
+            ["vethdocker"],
+            "vethalone is on no bridge"
         );
-        assert!(bridge_ports(None, &pods).is_empty());
+        let (ports, elsewhere) = bridge_ports(Some(&d), &[]);
+        assert!(ports.is_empty(), "no guarded pod, no bridge of theirs");
+        assert_eq!(elsewhere.len(), 3);
+        assert_eq!(bridge_ports(None, &pods), (Vec::new(), Vec::new()));
     }
 
     #[test]

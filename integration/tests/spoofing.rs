@@ -1241,6 +1241,36 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         [stranger_at.clone(), stranger_at.clone()],
         "control: without the agent, the node takes the stranger's ARP for teller's address (untagged, tagged)"
     );
+    // The same in IPv6: a neighbour advertisement for teller's address, from the stranger's
+    // link-local address, over the entry the node holds for teller.
+    let teller_v6 = teller.ipv6.to_string();
+    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    link_local(&stranger.netns, "eth0");
+    let advertised = || {
+        exec(
+            node,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &teller_v6,
+                "lladdr",
+                &teller_mac,
+                "dev",
+                "cni0",
+                "nud",
+                "stale",
+            ],
+        );
+        nd_claim(&lab, &stranger, false, &teller_v6, None)
+    };
+    assert_eq!(
+        advertised(),
+        stranger_at,
+        "control: without the agent, the node takes the stranger's advertisement for teller's IPv6 address"
+    );
 
     // No policy: teller's egress is open, so `inet nftpol` lets its address through.
     let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
@@ -1267,6 +1297,12 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         claim(&stranger)[0],
         stranger_at,
         "the node no longer takes the stranger's ARP for its own address\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        advertised(),
+        Some(teller_mac.clone()),
+        "the node takes the stranger's advertisement for teller's IPv6 address\n{}",
         agent.describe()
     );
 

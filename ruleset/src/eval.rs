@@ -213,6 +213,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::IifnameArpSenderInSet { .. }
         | Match::ArpSenderInSet { .. }
         | Match::IifkindVeth
+        | Match::IifnameNotInSet { .. }
+        | Match::NdTargetInSet { .. }
         | Match::IifnameInSet { .. }
         | Match::OifnameInSet { .. }
         | Match::OifnameDestinationNotInSet { .. }

@@ -9,17 +9,18 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth in `ports` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth (a pod not guarded yet, or not matched to its veth; by kind, whatever its name or bridge), IP and ARP from a guarded pod's address are dropped |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
-//! | `ports` | set of `ifname` | every veth on those veths' bridges, the guarded ones and those of pods the agent does not guard |
+//! | `elsewhere` | set of `ifname` | the veths on other bridges (`docker0`, a secondary network's), which the rules for other veths leave alone |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth |
+//! | `targets6` | set of `typeof @th,64,128` | the addresses of `guarded6`, keyed on a neighbour advertisement's target |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
-//! | `guard` | regular chain | ARP from the pod's own addresses is accepted, ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages return, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses is accepted, ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages are accepted, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
@@ -36,17 +37,19 @@
 //! chain: the bridge hands it to the node's IP stack as received by the veth itself. That is the
 //! one way from a veth to the node that is not through the bridge, and `inet nftpol`'s `input`
 //! closes it: it drops anything from the veths of [`INPUT_VETHS`], which [`veths_delta`] keeps
-//! equal to `ports` here. Only unicast from no local pod is accepted before that drop: a
+//! equal to the veths on the guarded pods' bridges ([`Guard::ports`]). Only unicast from no local pod is accepted before that drop: a
 //! reserved group address is a multicast one, so such a frame is never unicast.
 //!
 //! A veth not in `veths` (a pod the agent was not told of yet, a pod not matched to its veth,
 //! a veth that is no bridge port) is not checked against its own pod: its pod is still enforced
-//! by address in `inet nftpol`. It sends no IP or ARP from a guarded pod's address, which only
-//! that pod's veth carries (a rule on the interface's kind, so from the moment it appears); if
-//! it is a port of a guarded pod's bridge (in `ports`, which the agent fills within a second of
-//! its appearing, while it runs), it also sends no tagged frames and nothing straight to the
-//! node. Its neighbour advertisements, and what it sends from other addresses (a remote pod's
-//! included), are not checked. Other ports of other bridges (an uplink) are not touched.
+//! by address in `inet nftpol`. Unless it is known to be on another bridge (`elsewhere`), it
+//! sends no tagged frames, no IP or ARP from a guarded pod's address (which only that pod's
+//! veth carries), and no neighbour advertisement for one. These rules go by the interface's
+//! kind, so they hold from the moment a veth appears, and while no agent runs; the agent lists
+//! a veth of another bridge within a second of its appearing, while it runs. If it is a port of
+//! a guarded pod's bridge ([`Guard::ports`]), it sends nothing straight to the node either.
+//! What it sends from other addresses (a remote pod's included) is not checked. A port that is
+//! no veth (an uplink) is not touched.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -99,14 +102,17 @@ pub struct Guard {
     /// Every veth that is a port of those pods' bridges: theirs, and those of pods the agent
     /// does not guard (not told of yet, or not matched to a veth).
     pub ports: Vec<IfName>,
+    /// The veths that are ports of other bridges (`docker0`, a secondary network's), which
+    /// the guard leaves alone.
+    pub elsewhere: Vec<IfName>,
 }
 
 impl From<Vec<GuardedPod>> for Guard {
-    /// `pods`, with no veth on their bridges but theirs.
+    /// `pods`, with no veth on their bridges but theirs and none on other bridges.
     fn from(pods: Vec<GuardedPod>) -> Self {
         Self {
             pods,
-            ports: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -166,11 +172,11 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         pods.iter().map(|p| Element::Iface(p.veth)).collect(),
     );
     table.add_set(
-        "ports",
+        "elsewhere",
         SetKey::Iface,
         false,
-        "every veth on those veths' bridges, guarded or not",
-        guard.all_ports().map(Element::Iface).collect(),
+        "veths on other bridges, left alone",
+        guard.elsewhere.iter().map(|v| Element::Iface(*v)).collect(),
     );
     for family in Family::BOTH {
         let elements = pods
@@ -208,6 +214,17 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         pods.iter()
             .filter(|p| p.egress_isolated)
             .map(|p| Element::Iface(p.veth))
+            .collect(),
+    );
+    table.add_set(
+        "targets6",
+        SetKey::NdTarget,
+        false,
+        "the addresses of guarded6, as the target of a neighbour advertisement",
+        pods.iter()
+            .flat_map(|p| p.ips.iter())
+            .filter(|ip| ip.is_ipv6())
+            .map(|ip| Element::Addr(*ip))
             .collect(),
     );
     table.add_set(
@@ -274,9 +291,11 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     // A pod's egress rules see it by its pod addresses: from its link-local address it would
     // reach its node (`input` cannot tell which pod sent), past its egress isolation.
     guard.extend([
+        // Accepted rather than returned, as ARP above: `prerouting` goes on to drop
+        // advertisements for a guarded pod's address, meant for other veths.
         rule(
             vec![Match::Icmpv6Type(signalling), link_local_source()],
-            Verdict::Return,
+            Verdict::Accept,
             "IPv6 neighbour discovery, MLD reports and done messages",
         ),
         rule(
@@ -365,17 +384,22 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     // protocol past any VLAN tag: a tagged frame would meet only the latter, and receivers take
     // a tag of ID 0 for none. Pods send untagged frames. (IPv4 from the pod's own address is
     // accepted before this, tagged or not: its source is checked, and nothing else is.)
-    // From any pod's veth on those bridges, guarded or not: the drops of a guarded pod's
-    // address from other veths below read the protocol past one tag at most (ARP's, none).
-    let from_port = || Match::IifnameInSet {
-        set: "ports".into(),
+    // The same for every veth but those on other bridges (`elsewhere`): the drops of a
+    // guarded pod's address from other veths below read the protocol past one tag at most
+    // (ARP's and advertisements', none). By kind, not by a list of the pods' veths, so a veth
+    // that appeared since the agent last looked (or while no agent runs) is held to them too.
+    let from_pods_veth = || {
+        [
+            Match::IifkindVeth,
+            Match::IifnameNotInSet {
+                set: "elsewhere".into(),
+            },
+        ]
     };
     let tagged = ETHERTYPE_VLAN.map(|tag| {
-        rule(
-            vec![Match::EtherType(tag), from_port()],
-            Verdict::Drop,
-            "a tagged frame from a pod's veth",
-        )
+        let mut matches = vec![Match::EtherType(tag)];
+        matches.extend(from_pods_veth());
+        rule(matches, Verdict::Drop, "a tagged frame from a pod's veth")
     });
     let mut prerouting = vec![own_address(Family::V4)];
     prerouting.extend(tagged);
@@ -388,36 +412,44 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             "anything else from a local pod's veth",
         ),
     ]);
-    // From any other veth: a pod the agent was not told of yet, or whose veth it did not
-    // match, can send what it likes, but not as a guarded pod. By kind, not by name, so a veth
-    // that appeared since the last look at the kernel (or while no agent runs) is held to it
-    // too, and a container's on another bridge; a bridge's uplink is no veth. (Last, so a
-    // guarded pod's own frames never meet these with its own address: they were accepted or
-    // judged above.)
-    prerouting.extend(Family::BOTH.map(|family| {
-        rule(
-            vec![
-                Match::IifkindVeth,
+    // From any other pod's veth: a pod the agent was not told of yet, or whose veth it did
+    // not match, can send what it likes, but not as a guarded pod. (Last, so a guarded pod's
+    // own frames never meet these with its own address: they were accepted or judged above.)
+    let claims = Family::BOTH
+        .map(|family| {
+            (
                 Match::AddrInSet {
                     family,
                     field: AddrField::Source,
                     set: guarded_set(family),
                 },
-            ],
-            Verdict::Drop,
-            "a guarded pod's address from another veth",
-        )
-    }));
-    prerouting.push(rule(
-        vec![
-            Match::IifkindVeth,
-            Match::ArpSenderInSet {
-                set: guarded_set(Family::V4),
-            },
-        ],
-        Verdict::Drop,
-        "ARP claiming a guarded pod's address from another veth",
-    ));
+                "a guarded pod's address from another veth",
+            )
+        })
+        .into_iter()
+        .chain([
+            (
+                Match::ArpSenderInSet {
+                    set: guarded_set(Family::V4),
+                },
+                "ARP claiming a guarded pod's address from another veth",
+            ),
+            (
+                Match::NdTargetInSet {
+                    set: "targets6".into(),
+                },
+                "neighbour advertisement for a guarded pod's address from another veth",
+            ),
+        ]);
+    for (claim, comment) in claims {
+        let mut matches = Vec::new();
+        if matches!(claim, Match::NdTargetInSet { .. }) {
+            matches.push(Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT]));
+        }
+        matches.extend(from_pods_veth());
+        matches.push(claim);
+        prerouting.push(rule(matches, Verdict::Drop, comment));
+    }
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's
     // Ethernet destination) would pass the inet table untouched, past any isolation. Pod to

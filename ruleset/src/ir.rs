@@ -168,6 +168,9 @@ pub enum SetKey {
     /// concatenated (`typeof iifname . @th,64,128`: nft 1.0.6 has no name for the field).
     /// Elements are [`Element::IfaceAddr`] with IPv6 addresses.
     IfaceNdTarget,
+    /// The target address of an IPv6 neighbour advertisement alone (`typeof @th,64,128`).
+    /// Elements are [`Element::Addr`] with IPv6 addresses.
+    NdTarget,
 }
 
 impl SetKey {
@@ -178,7 +181,7 @@ impl SetKey {
             | SetKey::AddrPair(f)
             | SetKey::AddrProtoPort(f)
             | SetKey::IfaceAddr(f) => Some(f),
-            SetKey::IfaceNdTarget => Some(Family::V6),
+            SetKey::IfaceNdTarget | SetKey::NdTarget => Some(Family::V6),
             SetKey::Iface => None,
         }
     }
@@ -313,8 +316,12 @@ pub enum Match {
     ArpSenderInSet { set: String },
     /// `meta iifkind "veth"`: the input interface is a veth, whatever its name.
     IifkindVeth,
+    /// `@th,64,128 @set`: the target address of a neighbour advertisement is in `set`.
+    NdTargetInSet { set: String },
     /// `iifname @set`.
     IifnameInSet { set: String },
+    /// `iifname != @set`.
+    IifnameNotInSet { set: String },
     /// `oifname @set` (bridge tables: the port a frame leaves by).
     OifnameInSet { set: String },
     /// `oifname . ip daddr != @set` (bridge tables): the destination is not an address of the

@@ -54,6 +54,9 @@ fn write_set(out: &mut String, set: &Set) -> fmt::Result {
                 (SetKey::IfaceNdTarget, Element::IfaceAddr(name, IpAddr::V6(ip))) => {
                     format!("{} . {:#034x}", quote(name.as_str()), u128::from(*ip))
                 }
+                (SetKey::NdTarget, Element::Addr(IpAddr::V6(ip))) => {
+                    format!("{:#034x}", u128::from(*ip))
+                }
                 _ => element(e),
             })
             .collect();
@@ -143,6 +146,8 @@ fn match_text(m: &Match) -> String {
         Match::IifnameArpSenderInSet { set } => format!("iifname . arp saddr ip @{set}"),
         Match::ArpSenderInSet { set } => format!("arp saddr ip @{set}"),
         Match::IifkindVeth => "meta iifkind \"veth\"".to_string(),
+        Match::IifnameNotInSet { set } => format!("iifname != @{set}"),
+        Match::NdTargetInSet { set } => format!("{ND_TARGET} @{set}"),
         Match::IifnameInSet { set } => format!("iifname @{set}"),
         Match::IifnameNdTargetNotInSet { set } => format!("iifname . {ND_TARGET} != @{set}"),
         Match::NdTargetNotLinkLocal => "@th,64,16 & 0xffc0 != 0xfe80".to_string(),
@@ -204,6 +209,7 @@ fn key_type(key: SetKey) -> &'static str {
         SetKey::IfaceAddr(Family::V6) => "type ifname . ipv6_addr",
         // nft 1.0.6 has no name for the field: the key is declared by the expressions.
         SetKey::IfaceNdTarget => "typeof iifname . @th,64,128",
+        SetKey::NdTarget => "typeof @th,64,128",
     }
 }
 

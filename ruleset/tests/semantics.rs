@@ -1183,8 +1183,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
 
     let veth = IfName::new("veth0a1b2c3d").unwrap();
     let open = IfName::new("veth0a1b2c3e").unwrap();
-    // A veth on the same bridge whose pod the agent does not guard.
+    // A veth on the same bridge whose pod the agent does not guard, and one on another bridge.
     let stranger = IfName::new("veth0a1b2c3f").unwrap();
+    let docker = IfName::new("veth0d0c4e55").unwrap();
     let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
     let table = guard_table(
         "n1",
@@ -1202,6 +1203,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
                 },
             ],
             ports: vec![stranger],
+            elsewhere: vec![docker],
         },
     );
     assert_eq!(table.family, TableFamily::Bridge);
@@ -1210,13 +1212,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         [&Element::Iface(veth), &Element::Iface(open)]
     );
     assert_eq!(
-        table.sets["ports"].elements.iter().collect::<Vec<_>>(),
-        [
-            &Element::Iface(veth),
-            &Element::Iface(open),
-            &Element::Iface(stranger)
-        ],
-        "every veth on the bridge, the guarded ones too"
+        table.sets["elsewhere"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Iface(docker)],
+        "only the veths on other bridges"
     );
     assert_eq!(
         table.sets["isolated"].elements.iter().collect::<Vec<_>>(),
@@ -1241,6 +1239,10 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         table.sets["guarded6"].elements.iter().collect::<Vec<_>>(),
         [&Element::Addr(ips[1])]
     );
+    assert_eq!(
+        table.sets["targets6"].elements.iter().collect::<Vec<_>>(),
+        [&Element::Addr(ips[1])]
+    );
     // Tagged frames are dropped from every veth on the bridge (the drops below read past one
     // tag, or none), and from any other veth a guarded pod's address, after every rule for
     // the guarded ones;
@@ -1248,6 +1250,11 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert!(table.chains["guard"].rules.iter().any(|r| r.matches
         == [Match::IifnameArpSenderInSet { set: "src4".into() }]
         && r.verdict == Verdict::Accept));
+    // Nor its neighbour discovery, whose advertisements name its own address.
+    assert!(table.chains["guard"].rules.iter().any(|r| matches!(
+        r.matches.first(),
+        Some(Match::Icmpv6Type(types)) if types.contains(&136)
+    ) && r.verdict == Verdict::Accept));
     let prerouting: Vec<String> = table.chains["prerouting"]
         .rules
         .iter()
@@ -1255,9 +1262,9 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         .collect();
     for tag in ["8021q", "8021ad"] {
         assert!(
-            prerouting
-                .iter()
-                .any(|r| r.starts_with(&format!("ether type {tag} iifname @ports drop"))),
+            prerouting.iter().any(|r| r.starts_with(&format!(
+                "ether type {tag} meta iifkind \"veth\" iifname != @elsewhere drop"
+            ))),
             "{prerouting:#?}"
         );
     }
@@ -1268,9 +1275,10 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         prerouting[last_for_veths + 1..],
         [
-            "meta iifkind \"veth\" ip saddr @guarded4 drop comment \"a guarded pod's address from another veth\"",
-            "meta iifkind \"veth\" ip6 saddr @guarded6 drop comment \"a guarded pod's address from another veth\"",
-            "meta iifkind \"veth\" arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another veth\"",
+            "meta iifkind \"veth\" iifname != @elsewhere ip saddr @guarded4 drop comment \"a guarded pod's address from another veth\"",
+            "meta iifkind \"veth\" iifname != @elsewhere ip6 saddr @guarded6 drop comment \"a guarded pod's address from another veth\"",
+            "meta iifkind \"veth\" iifname != @elsewhere arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another veth\"",
+            "icmpv6 type { nd-neighbor-advert } meta iifkind \"veth\" iifname != @elsewhere @th,64,128 @targets6 drop comment \"neighbour advertisement for a guarded pod's address from another veth\"",
         ],
         "{prerouting:#?}"
     );
@@ -1350,6 +1358,7 @@ fn input_accepts_only_unicast_before_it_drops_what_comes_straight_from_a_veth() 
     let both = Guard {
         pods: vec![b.clone()],
         ports: vec![other, b.veth],
+        ..Guard::default()
     };
     table.apply(&veths_delta(&table, &both));
     assert_eq!(

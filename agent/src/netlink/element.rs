@@ -53,6 +53,7 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         SetKey::Iface => vec![ifname],
         SetKey::IfaceAddr(f) => vec![ifname, addr(f)],
         SetKey::IfaceNdTarget => vec![ifname, (datatype::INTEGER, 16)],
+        SetKey::NdTarget => vec![(datatype::INTEGER, 16)],
     };
     parts.iter().fold((0, 0), |(t, l), (pt, pl)| {
         ((t << datatype::CONCAT_SHIFT) | pt, l + pl)
@@ -91,6 +92,7 @@ pub(super) fn fits(key: SetKey, interval: bool, element: &Element) -> bool {
     let v = |ip: &IpAddr| Some(Family::of(ip)) == f;
     match (key, element) {
         (SetKey::Addr(_), Element::Addr(ip)) => v(ip),
+        (SetKey::NdTarget, Element::Addr(ip)) => !interval && v(ip),
         (SetKey::Addr(_), Element::Range(lo, hi)) => interval && v(lo) && v(hi) && lo <= hi,
         (SetKey::AddrPair(_), Element::AddrPair(a, b)) => v(a) && v(b),
         (SetKey::AddrProtoPort(_), Element::AddrProtoPort(ip, _, _)) => v(ip),

@@ -363,6 +363,11 @@ impl Plan {
                 ));
                 data
             }
+            SetKey::NdTarget => {
+                let mut data = tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes());
+                data.extend(tlv(udata::SET_KEY_TYPEOF, &udata::typeof_nd_target()));
+                data
+            }
         };
         data.extend(comment(udata::SET_COMMENT, &set.comment, false, &object)?.unwrap_or_default());
         let id = self.set_id();
@@ -569,6 +574,10 @@ impl Plan {
                     exprs.cmp(libc::NFT_CMP_EQ, addr.octets().to_vec());
                 }
                 Match::IifkindVeth => exprs.iifkind_veth(),
+                Match::IifnameNotInSet { set } => {
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(self.lookup_absent(set, &object)?);
+                }
                 Match::ArpSenderInSet { set } => {
                     exprs.arp();
                     exprs.push(arp_sender(reg(0)));
@@ -593,6 +602,10 @@ impl Plan {
                     exprs.meta(libc::NFT_META_OIFNAME, reg(0));
                     exprs.push(addr_payload(*family, AddrField::Destination, 4));
                     exprs.push(self.lookup_absent(set, &object)?);
+                }
+                Match::NdTargetInSet { set } => {
+                    exprs.push(nd_target(reg(0)));
+                    exprs.push(self.lookup(set, &object, None)?);
                 }
                 Match::IifnameNdTargetNotInSet { set } => {
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));

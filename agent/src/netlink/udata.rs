@@ -30,12 +30,10 @@ const PAYLOAD_BASE_TRANSPORT: u32 = 3;
 pub(super) const PAYLOAD_ICMPV6: u32 = 14;
 pub(super) const PAYLOAD_ICMPV6_TYPE: u32 = 1;
 
-/// What nft records for `typeof iifname . @th,64,128`: a concatenation of `meta iifname` and a
-/// raw transport-header payload of 128 bits at bit 64.
-pub(super) fn typeof_iifname_nd_target() -> Vec<u8> {
+/// What nft records for `typeof @th,64,128`: a raw transport-header payload of 128 bits at
+/// bit 64, where a neighbour advertisement's target address is.
+pub(super) fn typeof_nd_target() -> Vec<u8> {
     let word = |v: u32| v.to_ne_bytes();
-    let mut meta = tlv(TYPEOF_EXPR, &word(EXPR_META));
-    meta.extend(tlv(TYPEOF_DATA, &tlv(0, &word(META_IIFNAME))));
     let mut raw = Vec::new();
     for (field, value) in [
         (0, 0),
@@ -48,6 +46,16 @@ pub(super) fn typeof_iifname_nd_target() -> Vec<u8> {
     }
     let mut payload = tlv(TYPEOF_EXPR, &word(EXPR_PAYLOAD));
     payload.extend(tlv(TYPEOF_DATA, &raw));
+    payload
+}
+
+/// What nft records for `typeof iifname . @th,64,128`: a concatenation of `meta iifname` and
+/// [`typeof_nd_target`].
+pub(super) fn typeof_iifname_nd_target() -> Vec<u8> {
+    let word = |v: u32| v.to_ne_bytes();
+    let mut meta = tlv(TYPEOF_EXPR, &word(EXPR_META));
+    meta.extend(tlv(TYPEOF_DATA, &tlv(0, &word(META_IIFNAME))));
+    let payload = typeof_nd_target();
     let mut parts = tlv(0, &meta);
     parts.extend(tlv(1, &payload));
     let mut out = tlv(TYPEOF_EXPR, &word(EXPR_CONCAT));
