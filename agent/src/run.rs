@@ -839,6 +839,9 @@ struct Guards {
     warned: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
     failing: bool,
+    /// The veths last found on other bridges, kept while discovery fails: without them, the
+    /// guard would take them for pods' and drop their tagged frames.
+    elsewhere: Vec<ruleset::ir::IfName>,
 }
 
 impl Guards {
@@ -872,10 +875,13 @@ impl Guards {
         self.warned.retain(|id| missing.contains(id));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
         let (ports, elsewhere) = veth::bridge_ports(discovery.as_ref(), &pods);
+        if discovery.is_some() {
+            self.elsewhere = elsewhere;
+        }
         Guard {
             pods,
             ports,
-            elsewhere,
+            elsewhere: self.elsewhere.clone(),
         }
     }
 }

@@ -1271,6 +1271,13 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         stranger_at,
         "control: without the agent, the node takes the stranger's advertisement for teller's IPv6 address"
     );
+    // And a router advertisement: teller takes the stranger for its router.
+    let router = format!("default via {} ", link_local(&stranger.netns, "eth0"));
+    let learnt = advertise(&stranger, false, &teller);
+    assert!(
+        learnt.starts_with(&router),
+        "control: without the agent, teller learns a default route from the stranger, got {learnt:?}"
+    );
 
     // No policy: teller's egress is open, so `inet nftpol` lets its address through.
     let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
@@ -1303,6 +1310,12 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
         advertised(),
         Some(teller_mac.clone()),
         "the node takes the stranger's advertisement for teller's IPv6 address\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        advertise(&stranger, false, &teller),
+        "",
+        "teller takes the stranger for its router\n{}",
         agent.describe()
     );
 

@@ -44,7 +44,8 @@
 //! a veth that is no bridge port) is not checked against its own pod: its pod is still enforced
 //! by address in `inet nftpol`. Unless it is known to be on another bridge (`elsewhere`), it
 //! sends no tagged frames, no IP or ARP from a guarded pod's address (which only that pod's
-//! veth carries), and no neighbour advertisement for one. These rules go by the interface's
+//! veth carries), no neighbour advertisement for one or behind an extension header, and no
+//! router advertisement or redirect. These rules go by the interface's
 //! kind, so they hold from the moment a veth appears, and while no agent runs; the agent lists
 //! a veth of another bridge within a second of its appearing, while it runs. If it is a port of
 //! a guarded pod's bridge ([`Guard::ports`]), it sends nothing straight to the node either.
@@ -441,6 +442,27 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
                 "neighbour advertisement for a guarded pod's address from another veth",
             ),
         ]);
+    // Neighbour discovery that only a router sends, or an advertisement that could hide its
+    // target: a pod sends neither (RFC 6980: neighbour discovery is never fragmented, and a
+    // first fragment can keep the target out of the rule below).
+    let mut speaking = vec![Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT])];
+    speaking.extend(from_pods_veth());
+    prerouting.extend([
+        rule(
+            [
+                vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
+                from_pods_veth().to_vec(),
+            ]
+            .concat(),
+            Verdict::Drop,
+            "router advertisement or redirect from another veth: a pod is no router",
+        ),
+        rule(
+            [speaking, vec![Match::Icmpv6NotNextHeader]].concat(),
+            Verdict::Drop,
+            "neighbour advertisement behind an extension header from another veth",
+        ),
+    ]);
     for (claim, comment) in claims {
         let mut matches = Vec::new();
         if matches!(claim, Match::NdTargetInSet { .. }) {

@@ -1275,6 +1275,8 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         prerouting[last_for_veths + 1..],
         [
+            "icmpv6 type { nd-router-advert, nd-redirect } meta iifkind \"veth\" iifname != @elsewhere drop comment \"router advertisement or redirect from another veth: a pod is no router\"",
+            "icmpv6 type { nd-neighbor-advert } meta iifkind \"veth\" iifname != @elsewhere ip6 nexthdr != ipv6-icmp drop comment \"neighbour advertisement behind an extension header from another veth\"",
             "meta iifkind \"veth\" iifname != @elsewhere ip saddr @guarded4 drop comment \"a guarded pod's address from another veth\"",
             "meta iifkind \"veth\" iifname != @elsewhere ip6 saddr @guarded6 drop comment \"a guarded pod's address from another veth\"",
             "meta iifkind \"veth\" iifname != @elsewhere arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another veth\"",
