@@ -16,7 +16,11 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let discovery = veth::discover().context("listing this host's veths")?;
-    let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
+    let (found, missing) = veth::guarded_pods(
+        &compiler,
+        Some(&discovery),
+        &std::collections::BTreeMap::new(),
+    );
     for pod in &missing {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
