@@ -16,11 +16,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let discovery = veth::discover().context("listing this host's veths")?;
-    let (found, missing) = veth::guarded_pods(
-        &compiler,
-        Some(&discovery),
-        &std::collections::BTreeMap::new(),
-    );
+    let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
     for pod in &missing {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }

@@ -842,8 +842,6 @@ struct Guards {
     /// The veths last found on other bridges, kept while discovery fails: without them, the
     /// guard would take them for pods' and drop their tagged frames.
     elsewhere: Vec<ruleset::ir::IfName>,
-    /// The veth each pod was last guarded on, by `namespace/name`.
-    veths: std::collections::BTreeMap<String, ruleset::ir::IfName>,
 }
 
 impl Guards {
@@ -863,13 +861,7 @@ impl Guards {
                 None
             }
         };
-        let (found, missing) = veth::guarded_pods(compiler, discovery.as_ref(), &self.veths);
-        if discovery.is_some() {
-            self.veths = found
-                .iter()
-                .map(|(id, pod)| (id.clone(), pod.veth))
-                .collect();
-        }
+        let (found, missing) = veth::guarded_pods(compiler, discovery.as_ref());
         for (id, pod) in &found {
             if self.warned.remove(id) {
                 tracing::info!(pod = %id, veth = %pod.veth, "veth found; anti-spoofing on");

@@ -193,13 +193,10 @@ pub const UNGUARDED: &str =
 /// bridge-port veth was found for. A veth belongs to the pod whose addresses it alone carries.
 /// A pod whose veth is no bridge port is not guarded: the guard's chains never see its frames,
 /// and `input`'s drop of what comes straight from a guarded veth would take all its traffic to
-/// the node. Where two veths would do for a pod, the one it was guarded on before (`previous`,
-/// by `namespace/name`) keeps it: a pod that adds a guarded neighbour's address to its own
-/// interface does not take the neighbour's guard away.
+/// the node.
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
-    previous: &BTreeMap<String, IfName>,
 ) -> (Vec<(String, GuardedPod)>, BTreeSet<String>) {
     // Every address each veth carries, those claimed by two veths included.
     let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -262,17 +259,10 @@ pub fn guarded_pods(
         } else {
             owned
         };
-        let kept = previous
-            .get(&id)
-            .map(IfName::as_str)
-            .filter(|was| candidates.contains(was));
-        let chosen = match (candidates.as_slice(), kept) {
-            ([name], _) => Some(*name),
-            (_, kept) => kept,
+        let veth = match candidates.as_slice() {
+            [name] if bridged.contains(name) => IfName::new(name),
+            _ => None,
         };
-        let veth = chosen
-            .filter(|name| bridged.contains(name))
-            .and_then(IfName::new);
         match veth {
             Some(veth) => found.push((id, GuardedPod::new(compiler, veth, pod.ips.clone()))),
             None => {
@@ -911,7 +901,7 @@ mod tests {
         assert_eq!(addresses_of(&d, "vethc").0, [ip("10.0.0.4")]);
         let veth_c = d.veths().iter().find(|v| v.name == "vethc").unwrap();
         assert_eq!(veth_c.bridge, None, "bond0 is no bridge");
-        let (found, missing) = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let (found, missing) = guarded_pods(&compiler, Some(&d));
         let found: Vec<(&str, &str)> = found
             .iter()
             .map(|(id, p)| (id.as_str(), p.veth.as_str()))
@@ -923,58 +913,23 @@ mod tests {
         );
     }
 
-    /// A compiler for node n1 with one running pod, `shop/NAME` at `addr`.
-    fn one_pod(name: &str, addr: &str) -> Compiler {
-        let pod = ruleset::model::Pod {
-            namespace: "shop".into(),
-            name: name.into(),
-            node: Some("n1".into()),
-            ips: vec![ip(addr)],
-            phase: Some("Running".into()),
-            ..ruleset::model::Pod::default()
-        };
-        Compiler::new(ruleset::Cluster::from_objects([], [pod], []), "n1")
-    }
-
-    #[test]
-    fn a_pod_keeps_its_veth_when_a_stranger_adds_its_address() {
-        let compiler = one_pod("victim", "10.0.0.2");
-        let links = vec![
-            bridge(1, "cni0"),
-            veth(5, "vethvictim", Some(1), Some((0, 2))),
-            veth(6, "vethstranger", Some(1), Some((1, 2))),
-        ];
-        // The stranger, a pod the agent does not know, holds its own address and the victim's.
-        let peers = BTreeMap::from([
-            (0, Ok(vec![at(2, "10.0.0.2")])),
-            (1, Ok(vec![at(2, "10.0.0.9"), at(2, "10.0.0.2")])),
-        ]);
-        let d = assemble(links, peers, None);
-        let guarded = |previous: &BTreeMap<String, IfName>| -> Vec<String> {
-            let (found, _) = guarded_pods(&compiler, Some(&d), previous);
-            found
-                .iter()
-                .map(|(id, pod)| format!("{id} {}", pod.veth))
-                .collect()
-        };
-        assert!(
-            guarded(&BTreeMap::new()).is_empty(),
-            "two veths would do: neither"
-        );
-        let before = BTreeMap::from([(
-            "shop/victim".to_string(),
-            IfName::new("vethvictim").unwrap(),
-        )]);
-        assert_eq!(guarded(&before), ["shop/victim vethvictim"]);
-        // A previous veth that no longer carries the pod's address decides nothing.
-        let elsewhere =
-            BTreeMap::from([("shop/victim".to_string(), IfName::new("vethother").unwrap())]);
-        assert!(guarded(&elsewhere).is_empty());
-    }
-
     #[test]
     fn the_ports_are_every_veth_on_a_guarded_pods_bridge() {
-        let compiler = one_pod("known", "10.0.0.2");
+        let compiler = Compiler::new(
+            ruleset::Cluster::from_objects(
+                [],
+                [ruleset::model::Pod {
+                    namespace: "shop".into(),
+                    name: "known".into(),
+                    node: Some("n1".into()),
+                    ips: vec![ip("10.0.0.2")],
+                    phase: Some("Running".into()),
+                    ..ruleset::model::Pod::default()
+                }],
+                [],
+            ),
+            "n1",
+        );
         let links = vec![
             bridge(1, "cni0"),
             bridge(2, "docker0"),
@@ -992,7 +947,7 @@ mod tests {
             (3, Ok(vec![at(2, "10.0.0.10")])),
         ]);
         let d = assemble(links, peers, None);
-        let (found, _) = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let (found, _) = guarded_pods(&compiler, Some(&d));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
         let names = |veths: Vec<IfName>| -> Vec<String> {
             veths.iter().map(|p| p.as_str().to_string()).collect()
