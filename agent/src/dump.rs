@@ -1,7 +1,7 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::guard::{guard_table, with_veths, Guard, GuardedPod};
+use ruleset::guard::{guard_table, with_veths, GuardedPod};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
@@ -21,12 +21,7 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-    let (ports, elsewhere) = veth::bridge_ports(Some(&discovery), &pods);
-    let guard = Guard {
-        pods,
-        ports,
-        elsewhere,
-    };
+    let guard = veth::guard(Some(&discovery), pods);
     print!(
         "{}\n{}",
         ruleset::render(&with_veths(compiler.table(), &guard)),

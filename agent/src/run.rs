@@ -458,10 +458,10 @@ impl Kernel {
         let full = full
             || (self.installed.is_some()
                 && self.tables_as_left().or_else(|| self.tables_as_left()) != Some(true));
-        let ports = self.guards.guard(compiler);
-        let guard = guard_table(compiler.node(), &ports);
+        let found = self.guards.guard(compiler);
+        let guard = guard_table(compiler.node(), &found);
         let started = Instant::now();
-        let mut policy = with_veths(compiler.table(), &ports);
+        let mut policy = with_veths(compiler.table(), &found);
         // A change of the policy table moves to the next epoch, so no connection skips the
         // new rules; a whole table (start-up, or one changed behind our back) comes without
         // the fast path, which `enable_fast_path` turns on once conntrack holds no old epoch.
@@ -640,10 +640,10 @@ impl Kernel {
         let Some(installed) = self.installed.as_ref() else {
             return;
         };
-        let ports = self.guards.guard(compiler);
-        let guard = guard_table(compiler.node(), &ports);
+        let found = self.guards.guard(compiler);
+        let guard = guard_table(compiler.node(), &found);
         let guard_delta = diff(&installed.guard, &guard);
-        let veths = veths_delta(&installed.policy, &ports);
+        let veths = veths_delta(&installed.policy, &found);
         let changes = deltas(&veths, &guard_delta);
         if changes.is_empty() {
             return;
@@ -874,15 +874,13 @@ impl Guards {
         }
         self.warned.retain(|id| missing.contains(id));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        let (ports, elsewhere) = veth::bridge_ports(discovery.as_ref(), &pods);
+        let mut guard = veth::guard(discovery.as_ref(), pods);
         if discovery.is_some() {
-            self.elsewhere = elsewhere;
+            self.elsewhere.clone_from(&guard.elsewhere);
+        } else {
+            guard.elsewhere.clone_from(&self.elsewhere);
         }
-        Guard {
-            pods,
-            ports,
-            elsewhere: self.elsewhere.clone(),
-        }
+        guard
     }
 }
 

@@ -27,7 +27,7 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use ruleset::guard::GuardedPod;
+use ruleset::guard::{Guard, GuardedPod};
 use ruleset::ir::IfName;
 use ruleset::Compiler;
 
@@ -273,15 +273,12 @@ pub fn guarded_pods(
     (found, missing)
 }
 
-/// The veths of `discovery` that are bridge ports, in two lists: those on a bridge one of
-/// `pods`' veths is a port of (the pods' own, and those of pods the agent does not guard), and
-/// those on other bridges (`docker0`, a secondary network's).
-pub fn bridge_ports(
-    discovery: Option<&Discovery>,
-    pods: &[GuardedPod],
-) -> (Vec<IfName>, Vec<IfName>) {
+/// The guard for `pods`: with them, the veths of `discovery` that are bridge ports, in two
+/// lists: those on a bridge one of `pods`' veths is a port of (the pods' own, and those of pods
+/// the agent does not guard), and those on other bridges (`docker0`, a secondary network's).
+pub fn guard(discovery: Option<&Discovery>, pods: Vec<GuardedPod>) -> Guard {
     let Some(d) = discovery else {
-        return (Vec::new(), Vec::new());
+        return pods.into();
     };
     let bridges: BTreeSet<&str> = d
         .veths()
@@ -295,7 +292,11 @@ pub fn bridge_ports(
         .filter(|v| v.bridge.is_some())
         .partition(|v| v.bridge.as_deref().is_some_and(|b| bridges.contains(b)));
     let names = |veths: Vec<&Veth>| veths.iter().filter_map(|v| IfName::new(&v.name)).collect();
-    (names(ours), names(others))
+    Guard {
+        ports: names(ours),
+        elsewhere: names(others),
+        pods,
+    }
 }
 
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
@@ -949,20 +950,21 @@ mod tests {
         let d = assemble(links, peers, None);
         let (found, _) = guarded_pods(&compiler, Some(&d));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        let names = |veths: Vec<IfName>| -> Vec<String> {
+        let names = |veths: &[IfName]| -> Vec<String> {
             veths.iter().map(|p| p.as_str().to_string()).collect()
         };
-        let (ports, elsewhere) = bridge_ports(Some(&d), &pods);
-        assert_eq!(names(ports), ["vethknown", "vethstranger"]);
+        let found = guard(Some(&d), pods.clone());
+        assert_eq!(found.pods, pods);
+        assert_eq!(names(&found.ports), ["vethknown", "vethstranger"]);
         assert_eq!(
-            names(elsewhere),
+            names(&found.elsewhere),
             ["vethdocker"],
             "vethalone is on no bridge"
         );
-        let (ports, elsewhere) = bridge_ports(Some(&d), &[]);
-        assert!(ports.is_empty(), "no guarded pod, no bridge of theirs");
-        assert_eq!(elsewhere.len(), 3);
-        assert_eq!(bridge_ports(None, &pods), (Vec::new(), Vec::new()));
+        let none = guard(Some(&d), Vec::new());
+        assert!(none.ports.is_empty(), "no guarded pod, no bridge of theirs");
+        assert_eq!(none.elsewhere.len(), 3);
+        assert_eq!(guard(None, pods.clone()), pods.into());
     }
 
     #[test]

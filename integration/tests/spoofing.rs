@@ -365,6 +365,13 @@ fn a_pod_cannot_send_from_another_pods_address() {
     assert_eq!(own_address, [false], "mallory -> vault TCP 80 is not");
 }
 
+/// The link-layer address of `device` in `netns`.
+fn link_address(netns: &str, device: &str) -> String {
+    exec(netns, &["cat", &format!("/sys/class/net/{device}/address")])
+        .trim()
+        .to_string()
+}
+
 /// The link-layer address `node`'s cni0 holds for `addr`, if any.
 fn neighbour(lab: &Lab, node: usize, addr: &str) -> Option<String> {
     let out = exec(
@@ -565,9 +572,7 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
     else {
         return;
     };
-    let mallory_mac = exec(&mallory.netns, &["cat", "/sys/class/net/eth0/address"])
-        .trim()
-        .to_string();
+    let mallory_mac = link_address(&mallory.netns, "eth0");
     borrow_addresses(&mallory, &teller);
 
     // No agent: the node believes mallory's claim.
@@ -592,9 +597,7 @@ fn a_pod_cannot_claim_another_pods_address_in_arp() {
         teller.ipv4,
         agent.describe()
     );
-    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
-        .trim()
-        .to_string();
+    let teller_mac = link_address(&teller.netns, "eth0");
     assert_eq!(
         genuine.as_deref(),
         Some(teller_mac.as_str()),
@@ -630,12 +633,10 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
     else {
         return;
     };
-    let mac = |pod: &Pod| {
-        exec(&pod.netns, &["cat", "/sys/class/net/eth0/address"])
-            .trim()
-            .to_string()
-    };
-    let (teller_mac, mallory_mac) = (mac(&teller), mac(&mallory));
+    let (teller_mac, mallory_mac) = (
+        link_address(&teller.netns, "eth0"),
+        link_address(&mallory.netns, "eth0"),
+    );
     let teller_v6 = teller.ipv6.to_string();
     // Advertisements only update entries the node already has: it talks to teller first.
     exec(
@@ -850,9 +851,7 @@ fn a_pod_cannot_reach_an_isolated_pod_over_link_local_broadcast_or_multicast() {
     let mallory_ll = format!("{}%eth0", link_local(&mallory.netns, "eth0"));
     let counter = Counter::install(&teller, &[&mallory]);
     let (mallory_v4, mallory_v6) = (mallory.ipv4.to_string(), mallory.ipv6.to_string());
-    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
-        .trim()
-        .to_string();
+    let teller_mac = link_address(&teller.netns, "eth0");
     let [a, b, c, _] = teller.ipv4.octets();
     let subnet_broadcast = format!("{a}.{b}.{c}.255");
     let sent = SENT.to_string();
@@ -1190,9 +1189,7 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
     let node = lab.node_netns(0).unwrap().to_string();
     let node = node.as_str();
-    let cni0 = exec(node, &["cat", "/sys/class/net/cni0/address"])
-        .trim()
-        .to_string();
+    let cni0 = link_address(node, "cni0");
     let sources = [
         teller.ipv4.to_string(),
         teller.ipv6.to_string(),
@@ -1201,17 +1198,19 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     ];
     let counter = Counter::at(node, 10, &sources);
     let sent = SENT.to_string();
-    let sent_as = |as_of: &Pod, mac: &str| {
+    // `sender`'s datagrams from `as_of`'s addresses in frames to `mac`.
+    let sent_by = |sender: &Pod, as_of: &Pod, mac: &str| {
         let from = [as_of.ipv4.to_string(), as_of.ipv6.to_string()];
         arrivals([(&counter, &from[0]), (&counter, &from[1])], || {
             for (from, to) in from.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
                 exec(
-                    &stranger.netns,
+                    &sender.netns,
                     &[LABPOD, "rawudp", "eth0", mac, from, to, "80", &sent],
                 );
             }
         })
     };
+    let sent_as = |as_of: &Pod, mac: &str| sent_by(&stranger, as_of, mac);
     const LLDP: &str = "01:80:c2:00:00:0e";
     assert_eq!(
         [sent_as(&teller, &cni0), sent_as(&teller, LLDP)],
@@ -1220,9 +1219,7 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     );
     // An ARP request to the node as `as_of`, untagged and with a VLAN tag of ID 0 (which the
     // node takes for none): what the node then holds for that address after each.
-    let stranger_mac = exec(&stranger.netns, &["cat", "/sys/class/net/eth0/address"])
-        .trim()
-        .to_string();
+    let stranger_mac = link_address(&stranger.netns, "eth0");
     let claim = |as_of: &Pod| {
         let addr = as_of.ipv4.to_string();
         [&[][..], &["--vlan0"][..]].map(|flag| {
@@ -1244,9 +1241,7 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     // The same in IPv6: a neighbour advertisement for teller's address, from the stranger's
     // link-local address, over the entry the node holds for teller.
     let teller_v6 = teller.ipv6.to_string();
-    let teller_mac = exec(&teller.netns, &["cat", "/sys/class/net/eth0/address"])
-        .trim()
-        .to_string();
+    let teller_mac = link_address(&teller.netns, "eth0");
     link_local(&stranger.netns, "eth0");
     let advertised = || {
         exec(
@@ -1323,18 +1318,7 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     // its veth is still a veth: it cannot send as teller either.
     drop(agent);
     let latecomer = lab.add_pod(0, "bank/latecomer", 13).expect("pod");
-    let as_teller = [teller.ipv4.to_string(), teller.ipv6.to_string()];
-    let late = arrivals(
-        [(&counter, &as_teller[0]), (&counter, &as_teller[1])],
-        || {
-            for (from, to) in as_teller.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
-                exec(
-                    &latecomer.netns,
-                    &[LABPOD, "rawudp", "eth0", &cni0, from, to, "80", &sent],
-                );
-            }
-        },
-    );
+    let late = sent_by(&latecomer, &teller, &cni0);
     assert_eq!(
         late,
         [0, 0],
@@ -1353,12 +1337,10 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
         return;
     };
     let node = lab.node_netns(0).unwrap();
-    let mac = |device: &str| {
-        exec(node, &["cat", &format!("/sys/class/net/{device}/address")])
-            .trim()
-            .to_string()
-    };
-    let (vtep, vtep6) = (mac("flannel.1"), mac("flannel-v6.1"));
+    let (vtep, vtep6) = (
+        link_address(node, "flannel.1"),
+        link_address(node, "flannel-v6.1"),
+    );
     let node_ll = format!("{}%eth0", link_local(node, "cni0"));
     // Teller admits only node-b's pods; mallory, beside it, wraps a datagram from one of them in
     // VXLAN and sends it to its node's VXLAN port as a datagram (no raw socket needed): from

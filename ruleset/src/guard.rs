@@ -217,16 +217,13 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             .map(|p| Element::Iface(p.veth))
             .collect(),
     );
+    let guarded6 = table.sets[&guarded_set(Family::V6)].elements.clone();
     table.add_set(
         "targets6",
         SetKey::NdTarget,
         false,
         "the addresses of guarded6, as the target of a neighbour advertisement",
-        pods.iter()
-            .flat_map(|p| p.ips.iter())
-            .filter(|ip| ip.is_ipv6())
-            .map(|ip| Element::Addr(*ip))
-            .collect(),
+        guarded6,
     );
     table.add_set(
         "target6",
@@ -389,18 +386,23 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     // guarded pod's address from other veths below read the protocol past one tag at most
     // (ARP's and advertisements', none). By kind, not by a list of the pods' veths, so a veth
     // that appeared since the agent last looked (or while no agent runs) is held to them too.
-    let from_pods_veth = || {
-        [
+    // Each drop for such a veth: `before`, then the veth test, then `after`.
+    let from_pods_veth = |before: Option<Match>, after: Option<Match>, comment: &str| {
+        let veth = [
             Match::IifkindVeth,
             Match::IifnameNotInSet {
                 set: "elsewhere".into(),
             },
-        ]
+        ];
+        let matches = before.into_iter().chain(veth).chain(after).collect();
+        rule(matches, Verdict::Drop, comment)
     };
     let tagged = ETHERTYPE_VLAN.map(|tag| {
-        let mut matches = vec![Match::EtherType(tag)];
-        matches.extend(from_pods_veth());
-        rule(matches, Verdict::Drop, "a tagged frame from a pod's veth")
+        from_pods_veth(
+            Some(Match::EtherType(tag)),
+            None,
+            "a tagged frame from a pod's veth",
+        )
     });
     let mut prerouting = vec![own_address(Family::V4)];
     prerouting.extend(tagged);
@@ -414,64 +416,48 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         ),
     ]);
     // From any other pod's veth: a pod the agent was not told of yet, or whose veth it did
-    // not match, can send what it likes, but not as a guarded pod. (Last, so a guarded pod's
-    // own frames never meet these with its own address: they were accepted or judged above.)
-    let claims = Family::BOTH
-        .map(|family| {
-            (
-                Match::AddrInSet {
-                    family,
-                    field: AddrField::Source,
-                    set: guarded_set(family),
-                },
-                "a guarded pod's address from another veth",
-            )
+    // not match, can send what it likes, but not as a guarded pod; nor neighbour discovery that
+    // only a router sends, or an advertisement that could hide its target (RFC 6980: neighbour
+    // discovery is never fragmented, and a first fragment can keep the target out of the
+    // target rule). (Last, so a guarded pod's own frames never meet these with its own
+    // address: they were accepted or judged above.)
+    let advert = || Some(Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT]));
+    let from_guarded = |family: Family| {
+        Some(Match::AddrInSet {
+            family,
+            field: AddrField::Source,
+            set: guarded_set(family),
         })
-        .into_iter()
-        .chain([
-            (
-                Match::ArpSenderInSet {
-                    set: guarded_set(Family::V4),
-                },
-                "ARP claiming a guarded pod's address from another veth",
-            ),
-            (
-                Match::NdTargetInSet {
-                    set: "targets6".into(),
-                },
-                "neighbour advertisement for a guarded pod's address from another veth",
-            ),
-        ]);
-    // Neighbour discovery that only a router sends, or an advertisement that could hide its
-    // target: a pod sends neither (RFC 6980: neighbour discovery is never fragmented, and a
-    // first fragment can keep the target out of the rule below).
-    let mut speaking = vec![Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT])];
-    speaking.extend(from_pods_veth());
+    };
+    let as_guarded = "a guarded pod's address from another veth";
     prerouting.extend([
-        rule(
-            [
-                vec![Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())],
-                from_pods_veth().to_vec(),
-            ]
-            .concat(),
-            Verdict::Drop,
+        from_pods_veth(
+            Some(Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())),
+            None,
             "router advertisement or redirect from another veth: a pod is no router",
         ),
-        rule(
-            [speaking, vec![Match::Icmpv6NotNextHeader]].concat(),
-            Verdict::Drop,
+        from_pods_veth(
+            advert(),
+            Some(Match::Icmpv6NotNextHeader),
             "neighbour advertisement behind an extension header from another veth",
         ),
+        from_pods_veth(None, from_guarded(Family::V4), as_guarded),
+        from_pods_veth(None, from_guarded(Family::V6), as_guarded),
+        from_pods_veth(
+            None,
+            Some(Match::ArpSenderInSet {
+                set: guarded_set(Family::V4),
+            }),
+            "ARP claiming a guarded pod's address from another veth",
+        ),
+        from_pods_veth(
+            advert(),
+            Some(Match::NdTargetInSet {
+                set: "targets6".into(),
+            }),
+            "neighbour advertisement for a guarded pod's address from another veth",
+        ),
     ]);
-    for (claim, comment) in claims {
-        let mut matches = Vec::new();
-        if matches!(claim, Match::NdTargetInSet { .. }) {
-            matches.push(Match::Icmpv6Type(vec![ND_NEIGHBOR_ADVERT]));
-        }
-        matches.extend(from_pods_veth());
-        matches.push(claim);
-        prerouting.push(rule(matches, Verdict::Drop, comment));
-    }
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's
     // Ethernet destination) would pass the inet table untouched, past any isolation. Pod to
