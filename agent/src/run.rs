@@ -837,6 +837,8 @@ fn deltas<'a>(policy: &'a Delta, guard: &'a Delta) -> Vec<Change<'a>> {
 struct Guards {
     /// Pods already warned about, so a missing veth is reported once, not every second.
     warned: BTreeSet<String>,
+    /// Pods already warned about for a link-layer address another veth's pod has too.
+    shared: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
     failing: bool,
     /// The veths last found on other bridges, kept while discovery fails: without them, the
@@ -866,7 +868,18 @@ impl Guards {
             if self.warned.remove(id) {
                 tracing::info!(pod = %id, veth = %pod.veth, "veth found; anti-spoofing on");
             }
+            let mac = ruleset::render::mac_text(&pod.mac);
+            if pod.mac_shared && self.shared.insert(id.clone()) {
+                tracing::warn!(pod = %id, veth = %pod.veth, %mac, "{}", veth::SHARED_MAC);
+            } else if !pod.mac_shared && self.shared.remove(id) {
+                tracing::info!(pod = %id, veth = %pod.veth, %mac, "link-layer address no longer shared; the pod sends again");
+            }
         }
+        self.shared.retain(|id| {
+            found
+                .iter()
+                .any(|(found, pod)| found == id && pod.mac_shared)
+        });
         for id in &missing {
             if self.warned.insert(id.clone()) {
                 tracing::warn!(pod = %id, "{}", veth::UNGUARDED);
@@ -895,6 +908,8 @@ mod tests {
         let pod = GuardedPod {
             veth: ruleset::ir::IfName::new("veth0000000a").unwrap(),
             ips: Vec::new(),
+            mac: [2, 0, 0, 0, 0, 10],
+            mac_shared: false,
             egress_isolated: false,
         };
         let veths = with_veths(&before, &vec![pod].into());

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! RTM_GETLINK dump ─> veths: name, ifindex, bridge (IFLA_MASTER, if a bridge), peer (IFLA_LINK_NETNSID, IFLA_LINK)
-//!   per distinct peer netns id: RTM_GETADDR dumps with IFA_TARGET_NETNSID ─> the peer's addresses
+//!   per distinct peer netns id: RTM_GETADDR dumps with IFA_TARGET_NETNSID ─> the peer's addresses,
+//!     RTM_GETLINK dump with IFLA_TARGET_NETNSID ─> the peer's link-layer address
 //!   veths still unresolved (no netns id, dump failed):
 //!     bridge neighbours (RTM_GETNEIGH: IP -> MAC) ⋈ bridge fdb (AF_BRIDGE: MAC -> port)
-//! ─> Discovery: IP -> veth; an address two veths claim goes to neither
+//! ─> Discovery: IP -> veth; an address two veths claim goes to neither; a MAC two veths' peers
+//!    have is marked shared
 //! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it, if a bridge port
 //! ```
 //!
@@ -28,7 +30,7 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use ruleset::guard::{Guard, GuardedPod};
-use ruleset::ir::IfName;
+use ruleset::ir::{IfName, Mac};
 use ruleset::Compiler;
 
 /// A veth's host side and the addresses found behind it.
@@ -49,6 +51,10 @@ pub struct Veth {
     /// The peer's addresses, sorted, IPv6 link-local left out, and without any address that
     /// another veth claims too (see [`Discovery::conflicts`]).
     pub addresses: Vec<IpAddr>,
+    /// The peer's link-layer address, which the pod's frames carry: read from the peer's
+    /// namespace, or, from the bridge tables, the one MAC behind the port (`None` when there
+    /// are several, or none).
+    pub mac: Option<Mac>,
 }
 
 /// How a veth's addresses were learned.
@@ -73,6 +79,8 @@ pub enum Request {
     /// family: AF_UNSPEC would hand the request to every family that dumps addresses, not all
     /// of which honour IFA_TARGET_NETNSID.
     PeerAddresses { netns_id: i32, family: Family },
+    /// The links of the namespace this one knows as `netns_id`.
+    PeerLinks { netns_id: i32 },
     /// The IPv4 and IPv6 neighbour tables (ARP, NDP).
     Neighbours,
     /// The bridges' forwarding databases.
@@ -100,6 +108,10 @@ impl fmt::Display for Request {
                     "RTM_GETADDR {family} dump in the peer namespace (IFA_TARGET_NETNSID {netns_id})"
                 )
             }
+            Self::PeerLinks { netns_id } => write!(
+                f,
+                "RTM_GETLINK dump in the peer namespace (IFLA_TARGET_NETNSID {netns_id})"
+            ),
             Self::Neighbours => f.write_str("RTM_GETNEIGH dump (IPv4/IPv6 neighbours)"),
             Self::BridgeFdb => f.write_str("RTM_GETNEIGH AF_BRIDGE dump (bridge fdb)"),
         }
@@ -137,7 +149,7 @@ pub enum VethError {
     },
     #[error("{request}: interrupted by concurrent changes {attempts} times in a row")]
     Interrupted { request: Request, attempts: u32 },
-    #[error("{request}: the reply is for netns id {got:?}: IFA_TARGET_NETNSID was not honoured")]
+    #[error("{request}: the reply is for netns id {got:?}: the target netns id was not honoured")]
     WrongNamespace { request: Request, got: Option<i32> },
 }
 
@@ -149,6 +161,8 @@ pub struct Discovery {
     /// Address -> index into `veths`.
     owners: BTreeMap<IpAddr, usize>,
     conflicts: BTreeMap<IpAddr, Vec<String>>,
+    /// Link-layer addresses that more than one veth's peer has.
+    shared_macs: BTreeSet<Mac>,
     failures: Vec<VethError>,
 }
 
@@ -177,6 +191,13 @@ impl Discovery {
         &self.conflicts
     }
 
+    /// Whether `mac` is the link-layer address of more than one veth's peer. The bridge cannot
+    /// tell such peers' frames apart (it learns one port per address), nor can the kernel tell
+    /// the pod that owns the address from one that took it, so neither's frames are its pod's.
+    pub fn shares_mac(&self, mac: &Mac) -> bool {
+        self.shared_macs.contains(mac)
+    }
+
     /// Dumps that failed without failing the discovery: peer-address dumps (their veths fell
     /// back to the bridge tables) and bridge-table dumps (their veths are [`Method::Unknown`]).
     pub fn failures(&self) -> &[VethError] {
@@ -184,13 +205,18 @@ impl Discovery {
     }
 }
 
+/// What the agent logs for a guarded pod whose link-layer address another veth's pod has too.
+pub const SHARED_MAC: &str = "another veth's pod has this pod's link-layer address (MAC); \
+     the guard drops every frame from both until one gives it back";
+
 /// What the agent logs for each pod [`guarded_pods`] reports missing.
 pub const UNGUARDED: &str =
     "no bridge port carries this pod's addresses; it is enforced by address, without anti-spoofing";
 
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
 /// failed): the guarded pods with their `namespace/name`, and the names of the pods no
-/// bridge-port veth was found for. A veth belongs to the pod whose addresses it alone carries.
+/// bridge-port veth was found for (or whose veth's link-layer address is not known). A veth
+/// belongs to the pod whose addresses it alone carries.
 /// A pod whose veth is no bridge port is not guarded: the guard's chains never see its frames,
 /// and `input`'s drop of what comes straight from a guarded veth would take all its traffic to
 /// the node.
@@ -260,12 +286,17 @@ pub fn guarded_pods(
             owned
         };
         let veth = match candidates.as_slice() {
-            [name] if bridged.contains(name) => IfName::new(name),
+            [name] if bridged.contains(name) => discovery
+                .and_then(|d| d.veths().iter().find(|v| v.name == *name))
+                .and_then(|v| Some((IfName::new(name)?, v.mac?))),
             _ => None,
         };
-        match veth {
-            Some(veth) => found.push((id, GuardedPod::new(compiler, veth, pod.ips.clone()))),
-            None => {
+        match (veth, discovery) {
+            (Some((veth, mac)), Some(d)) => found.push((
+                id,
+                GuardedPod::new(compiler, veth, pod.ips.clone(), mac, d.shares_mac(&mac)),
+            )),
+            _ => {
                 missing.insert(id);
             }
         }
@@ -309,9 +340,9 @@ pub fn discover() -> Result<Discovery, VethError> {
         .iter()
         .filter_map(|l| l.veth.as_ref()?.netns_id)
         .collect();
-    let peers: BTreeMap<i32, Result<Vec<PeerAddress>, VethError>> = netns_ids
+    let peers: BTreeMap<i32, Result<PeerSide, VethError>> = netns_ids
         .into_iter()
-        .map(|netns_id| (netns_id, peer_addresses(&mut rtnl, netns_id)))
+        .map(|netns_id| (netns_id, peer_side(&mut rtnl, netns_id)))
         .collect();
     let needs_tables = links.iter().any(|l| match &l.veth {
         Some(peer) => l.master.is_some() && !peer.resolved_by(&peers),
@@ -340,9 +371,17 @@ struct Peer {
 }
 
 impl Peer {
-    fn resolved_by(&self, peers: &BTreeMap<i32, Result<Vec<PeerAddress>, VethError>>) -> bool {
+    fn resolved_by(&self, peers: &BTreeMap<i32, Result<PeerSide, VethError>>) -> bool {
         matches!((self.netns_id, self.index), (Some(id), Some(_)) if matches!(peers.get(&id), Some(Ok(_))))
     }
+}
+
+/// What a peer namespace holds: its interfaces' addresses and link-layer addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PeerSide {
+    addresses: Vec<PeerAddress>,
+    /// Interface index -> link-layer address.
+    macs: BTreeMap<u32, Mac>,
 }
 
 /// An address on interface `index` of some peer namespace.
@@ -422,6 +461,53 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
         veth: is_veth.then_some(peer),
         is_bridge,
     })
+}
+
+/// The addresses and link-layer addresses of the namespace this one knows as `netns_id`.
+fn peer_side(rtnl: &mut Rtnl, netns_id: i32) -> Result<PeerSide, VethError> {
+    let addresses = peer_addresses(rtnl, netns_id)?;
+    let request = Request::PeerLinks { netns_id };
+    let mut ask = LinkMessage::default();
+    ask.attributes.push(LinkAttribute::IfNetnsId(netns_id));
+    let links = rtnl.dump(request, &RouteNetlinkMessage::GetLink(ask))?;
+    Ok(PeerSide {
+        addresses,
+        macs: parse_peer_links(request, netns_id, links)?,
+    })
+}
+
+/// Each interface's link-layer address; refuses replies that do not carry the namespace asked
+/// for, as [`parse_peer_addresses`] does.
+fn parse_peer_links(
+    request: Request,
+    netns_id: i32,
+    messages: Vec<RouteNetlinkMessage>,
+) -> Result<BTreeMap<u32, Mac>, VethError> {
+    let mut macs = BTreeMap::new();
+    for message in messages {
+        let RouteNetlinkMessage::NewLink(link) = message else {
+            continue;
+        };
+        let mut target = None;
+        let mut mac = None;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::IfNetnsId(id) => target = Some(*id),
+                LinkAttribute::Address(bytes) => mac = Mac::try_from(&bytes[..]).ok(),
+                _ => {}
+            }
+        }
+        if target != Some(netns_id) {
+            return Err(VethError::WrongNamespace {
+                request,
+                got: target,
+            });
+        }
+        if let Some(mac) = mac {
+            macs.insert(link.header.index, mac);
+        }
+    }
+    Ok(macs)
 }
 
 fn peer_addresses(rtnl: &mut Rtnl, netns_id: i32) -> Result<Vec<PeerAddress>, VethError> {
@@ -580,7 +666,7 @@ fn fdb_entry_of(message: &RouteNetlinkMessage) -> Option<FdbEntry> {
 /// when some veth needed them.
 fn assemble(
     links: Vec<Link>,
-    peers: BTreeMap<i32, Result<Vec<PeerAddress>, VethError>>,
+    peers: BTreeMap<i32, Result<PeerSide, VethError>>,
     tables: Option<Result<BridgeTables, VethError>>,
 ) -> Discovery {
     let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
@@ -613,22 +699,24 @@ fn assemble(
         .filter_map(|link| {
             let peer = link.veth.as_ref()?;
             let from_peer = match (peer.netns_id, peer.index) {
-                (Some(id), Some(index)) => peers_ok.get(&id).map(|addresses| {
-                    addresses
+                (Some(id), Some(index)) => peers_ok.get(&id).map(|side: &PeerSide| {
+                    let addresses = side
+                        .addresses
                         .iter()
                         .filter(|a| a.index == index)
                         .map(|a| a.ip)
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>();
+                    (addresses, side.macs.get(&index).copied())
                 }),
                 _ => None,
             };
-            let (method, mut addresses) = match (from_peer, &tables, link.master) {
-                (Some(addresses), _, _) => (Method::PeerNamespace, addresses),
+            let (method, (mut addresses, mac)) = match (from_peer, &tables, link.master) {
+                (Some(found), _, _) => (Method::PeerNamespace, found),
                 (None, Some(tables), Some(bridge)) => (
                     Method::BridgeTables,
                     behind_port(tables, bridge, link.index),
                 ),
-                _ => (Method::Unknown, Vec::new()),
+                _ => (Method::Unknown, (Vec::new(), None)),
             };
             addresses.sort();
             addresses.dedup();
@@ -644,6 +732,7 @@ fn assemble(
                 peer_index: peer.index,
                 method,
                 addresses,
+                mac,
             })
         })
         .collect();
@@ -670,28 +759,41 @@ fn assemble(
     for veth in &mut veths {
         veth.addresses.retain(|ip| !conflicts.contains_key(ip));
     }
+    let mut seen = BTreeSet::new();
+    let shared_macs = veths
+        .iter()
+        .filter_map(|v| v.mac)
+        .filter(|mac| !seen.insert(*mac))
+        .collect();
     Discovery {
         veths,
         owners,
         conflicts,
+        shared_macs,
         failures,
     }
 }
 
-/// Addresses whose MAC the bridge forwards through `port`, per the bridge's own neighbours.
-fn behind_port(tables: &BridgeTables, bridge: u32, port: u32) -> Vec<IpAddr> {
+/// Addresses whose MAC the bridge forwards through `port`, per the bridge's own neighbours,
+/// and that MAC if they all have the same one.
+fn behind_port(tables: &BridgeTables, bridge: u32, port: u32) -> (Vec<IpAddr>, Option<Mac>) {
     let macs: BTreeSet<[u8; 6]> = tables
         .fdb
         .iter()
         .filter(|e| e.bridge == bridge && e.port == port)
         .map(|e| e.mac)
         .collect();
-    tables
+    let behind: Vec<&Neighbour> = tables
         .neighbours
         .iter()
         .filter(|n| n.dev == bridge && macs.contains(&n.mac))
-        .map(|n| n.ip)
-        .collect()
+        .collect();
+    let used: BTreeSet<Mac> = behind.iter().map(|n| n.mac).collect();
+    let mac = match used.into_iter().collect::<Vec<_>>()[..] {
+        [only] => Some(only),
+        _ => None,
+    };
+    (behind.iter().map(|n| n.ip).collect(), mac)
 }
 
 /// A NETLINK_ROUTE socket for dumps, with strict checking on: without it the kernel ignores
@@ -847,6 +949,24 @@ mod tests {
         PeerAddress { index, ip: ip(s) }
     }
 
+    /// A peer namespace with `addresses`, each interface's link-layer address made of its
+    /// first address's last four bytes, so that no two are alike.
+    fn side(addresses: Vec<PeerAddress>) -> PeerSide {
+        let mut macs = BTreeMap::new();
+        for a in &addresses {
+            let bytes = match a.ip {
+                IpAddr::V4(v4) => v4.octets(),
+                IpAddr::V6(v6) => {
+                    let o = v6.octets();
+                    [o[12], o[13], o[14], o[15]]
+                }
+            };
+            macs.entry(a.index)
+                .or_insert([2, bytes[0], bytes[1], bytes[2], bytes[3], 0]);
+        }
+        PeerSide { addresses, macs }
+    }
+
     fn mac(last: u8) -> [u8; 6] {
         [2, 0, 0, 0, 0, last]
     }
@@ -860,28 +980,31 @@ mod tests {
         (&v.addresses, v.method)
     }
 
-    #[test]
-    fn only_a_bridge_port_guards_its_pod() {
-        let pod = |name: &str, ip: &str| ruleset::model::Pod {
-            namespace: "shop".into(),
+    /// A running pod `namespace/name` on node n1 at `ip`.
+    fn running_pod(namespace: &str, name: &str, ip: &str) -> ruleset::model::Pod {
+        ruleset::model::Pod {
+            namespace: namespace.into(),
             name: name.into(),
             node: Some("n1".into()),
-            ips: vec![ip.parse().unwrap()],
+            ips: vec![super::tests::ip(ip)],
             phase: Some("Running".into()),
             ..ruleset::model::Pod::default()
-        };
-        let compiler = Compiler::new(
-            ruleset::Cluster::from_objects(
-                [],
-                [
-                    pod("bridged", "10.0.0.2"),
-                    pod("alone", "10.0.0.3"),
-                    pod("bonded", "10.0.0.4"),
-                ],
-                [],
-            ),
-            "n1",
-        );
+        }
+    }
+
+    /// A compiler for node n1 with `pods` and nothing else.
+    fn compiler_of(pods: impl IntoIterator<Item = ruleset::model::Pod>) -> Compiler {
+        Compiler::new(ruleset::Cluster::from_objects([], pods, []), "n1")
+    }
+
+    #[test]
+    fn only_a_bridge_port_guards_its_pod() {
+        let pod = |name: &str, ip: &str| running_pod("shop", name, ip);
+        let compiler = compiler_of([
+            pod("bridged", "10.0.0.2"),
+            pod("alone", "10.0.0.3"),
+            pod("bonded", "10.0.0.4"),
+        ]);
         let links = vec![
             bridge(1, "cni0"),
             // A master that is no bridge: the bridge hooks never see its ports' frames.
@@ -894,9 +1017,9 @@ mod tests {
             veth(7, "vethc", Some(2), Some((2, 2))),
         ];
         let peers = BTreeMap::from([
-            (0, Ok(vec![at(2, "10.0.0.2")])),
-            (1, Ok(vec![at(2, "10.0.0.3")])),
-            (2, Ok(vec![at(2, "10.0.0.4")])),
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+            (1, Ok(side(vec![at(2, "10.0.0.3")]))),
+            (2, Ok(side(vec![at(2, "10.0.0.4")]))),
         ]);
         let d = assemble(links, peers, None);
         assert_eq!(addresses_of(&d, "vethc").0, [ip("10.0.0.4")]);
@@ -916,21 +1039,7 @@ mod tests {
 
     #[test]
     fn the_ports_are_every_veth_on_a_guarded_pods_bridge() {
-        let compiler = Compiler::new(
-            ruleset::Cluster::from_objects(
-                [],
-                [ruleset::model::Pod {
-                    namespace: "shop".into(),
-                    name: "known".into(),
-                    node: Some("n1".into()),
-                    ips: vec![ip("10.0.0.2")],
-                    phase: Some("Running".into()),
-                    ..ruleset::model::Pod::default()
-                }],
-                [],
-            ),
-            "n1",
-        );
+        let compiler = compiler_of([running_pod("shop", "known", "10.0.0.2")]);
         let links = vec![
             bridge(1, "cni0"),
             bridge(2, "docker0"),
@@ -942,10 +1051,10 @@ mod tests {
             veth(8, "vethalone", None, Some((3, 2))),
         ];
         let peers = BTreeMap::from([
-            (0, Ok(vec![at(2, "10.0.0.2")])),
-            (1, Ok(vec![at(2, "10.0.0.9")])),
-            (2, Ok(vec![at(2, "172.17.0.2")])),
-            (3, Ok(vec![at(2, "10.0.0.10")])),
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+            (1, Ok(side(vec![at(2, "10.0.0.9")]))),
+            (2, Ok(side(vec![at(2, "172.17.0.2")]))),
+            (3, Ok(side(vec![at(2, "10.0.0.10")]))),
         ]);
         let d = assemble(links, peers, None);
         let (found, _) = guarded_pods(&compiler, Some(&d));
@@ -977,13 +1086,13 @@ mod tests {
         let peers = BTreeMap::from([
             (
                 0,
-                Ok(vec![
+                Ok(side(vec![
                     at(2, "10.0.0.2"),
                     at(1, "127.0.0.2"),
                     at(3, "10.9.9.9"),
-                ]),
+                ])),
             ),
-            (1, Ok(vec![at(2, "10.0.0.3"), at(2, "fd00::3")])),
+            (1, Ok(side(vec![at(2, "10.0.0.3"), at(2, "fd00::3")]))),
         ]);
         let d = assemble(links, peers, None);
         assert_eq!(d.veths().len(), 2, "the bridge is no veth");
@@ -1001,8 +1110,8 @@ mod tests {
             veth(6, "vethb", None, Some((1, 2))),
         ];
         let peers = BTreeMap::from([
-            (0, Ok(vec![at(2, "10.0.0.2"), at(2, "10.0.0.7")])),
-            (1, Ok(vec![at(2, "10.0.0.7")])),
+            (0, Ok(side(vec![at(2, "10.0.0.2"), at(2, "10.0.0.7")]))),
+            (1, Ok(side(vec![at(2, "10.0.0.7")]))),
         ]);
         let d = assemble(links, peers, None);
         assert_eq!(d.interface_of(ip("10.0.0.7")), None);
@@ -1024,7 +1133,7 @@ mod tests {
             veth(8, "vethd", None, None),
         ];
         let peers = BTreeMap::from([
-            (0, Ok(vec![at(2, "10.0.0.2")])),
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
             (
                 1,
                 Err(VethError::Refused {
@@ -1180,6 +1289,111 @@ mod tests {
         assert!(matches!(
             ignored,
             Err(VethError::WrongNamespace { got: None, .. })
+        ));
+    }
+
+    #[test]
+    fn each_guarded_pod_gets_its_peers_link_layer_address_and_a_shared_one_binds_none() {
+        let pod = |name: &str, ip: &str| running_pod("bank", name, ip);
+        let compiler = compiler_of([
+            pod("teller", "10.0.0.2"),
+            pod("mallory", "10.0.0.3"),
+            pod("clerk", "10.0.0.4"),
+            pod("fallback", "10.0.0.5"),
+            pod("twofaced", "10.0.0.6"),
+        ]);
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", Some(1), Some((1, 2))),
+            veth(7, "vethc", Some(1), Some((2, 2))),
+            // No peer namespace id: the bridge tables tell its pod and MAC.
+            veth(8, "vethd", Some(1), None),
+            veth(9, "vethe", Some(1), None),
+        ];
+        let with_mac = |ip: &str, mac: [u8; 6]| PeerSide {
+            addresses: vec![at(2, ip)],
+            macs: BTreeMap::from([(2, mac)]),
+        };
+        // mallory took teller's link-layer address.
+        let peers = BTreeMap::from([
+            (0, Ok(with_mac("10.0.0.2", mac(2)))),
+            (1, Ok(with_mac("10.0.0.3", mac(2)))),
+            (2, Ok(with_mac("10.0.0.4", mac(4)))),
+        ]);
+        let neighbour = |ip: &str, last: u8| Neighbour {
+            dev: 1,
+            ip: super::tests::ip(ip),
+            mac: mac(last),
+        };
+        let fdb = |port: u32, last: u8| FdbEntry {
+            bridge: 1,
+            port,
+            mac: mac(last),
+        };
+        // Behind vethe, two MACs: which one its pod's frames come from is not known.
+        let tables = BridgeTables {
+            neighbours: vec![
+                neighbour("10.0.0.5", 5),
+                neighbour("10.0.0.6", 6),
+                neighbour("10.0.0.16", 16),
+            ],
+            fdb: vec![fdb(8, 5), fdb(9, 6), fdb(9, 16)],
+        };
+        let d = assemble(links, peers, Some(Ok(tables)));
+        let mac_of = |name: &str| d.veths().iter().find(|v| v.name == name).unwrap().mac;
+        assert_eq!(mac_of("vetha"), Some(mac(2)));
+        assert_eq!(mac_of("vethd"), Some(mac(5)));
+        assert_eq!(mac_of("vethe"), None);
+        assert!(d.shares_mac(&mac(2)));
+        assert!(!d.shares_mac(&mac(4)));
+        let (found, missing) = guarded_pods(&compiler, Some(&d));
+        let found: Vec<(&str, [u8; 6], bool)> = found
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.mac, p.mac_shared))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("bank/clerk", mac(4), false),
+                ("bank/fallback", mac(5), false),
+                ("bank/mallory", mac(2), true),
+                ("bank/teller", mac(2), true),
+            ]
+        );
+        assert_eq!(
+            missing.into_iter().collect::<Vec<_>>(),
+            ["bank/twofaced"],
+            "a pod whose frames' link-layer address is not known is not guarded"
+        );
+    }
+
+    #[test]
+    fn peer_link_replies_must_carry_the_namespace_asked_for() {
+        let request = Request::PeerLinks { netns_id: 4 };
+        let reply = |index: u32, target: Option<i32>, mac: Vec<u8>| {
+            let mut m = LinkMessage::default();
+            m.header.index = index;
+            m.attributes = vec![LinkAttribute::Address(mac)];
+            m.attributes.extend(target.map(LinkAttribute::IfNetnsId));
+            RouteNetlinkMessage::NewLink(m)
+        };
+        let found = parse_peer_links(
+            request,
+            4,
+            vec![
+                reply(1, Some(4), vec![0; 6]),
+                reply(2, Some(4), mac(9).to_vec()),
+                // Not Ethernet: no link-layer address of six bytes.
+                reply(3, Some(4), vec![1, 2, 3, 4]),
+            ],
+        )
+        .map_err(|e| e.to_string());
+        assert_eq!(found, Ok(BTreeMap::from([(1, [0; 6]), (2, mac(9))])));
+        let ignored = parse_peer_links(request, 4, vec![reply(2, Some(5), mac(9).to_vec())]);
+        assert!(matches!(
+            ignored,
+            Err(VethError::WrongNamespace { got: Some(5), .. })
         ));
     }
 

@@ -39,6 +39,14 @@ fn ip(args: &str) {
     run("ip", &args.split_whitespace().collect::<Vec<_>>());
 }
 
+fn mac_bytes(s: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
 fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -228,10 +236,16 @@ fn each_pod_address_maps_to_its_host_veth() {
             "veths only: no bridge, no vxlan"
         );
         let mut netns_ids = Vec::new();
-        for (host, _, v4, v6) in pods {
+        for (host, mac, v4, v6) in pods {
             assert_eq!(owner(&d, v4).as_deref(), Some(host), "{v4}");
             assert_eq!(owner(&d, v6).as_deref(), Some(host), "{v6}");
             let v = veth(&d, host);
+            assert_eq!(
+                v.mac,
+                Some(mac_bytes(mac)),
+                "{host}: its peer's link-layer address"
+            );
+            assert!(!d.shares_mac(&mac_bytes(mac)));
             assert_eq!(v.bridge.as_deref(), Some("cni0"));
             assert_eq!(v.method, Method::PeerNamespace);
             assert_eq!(v.addresses, [addr(v4), addr(v6)], "no fe80:: address");
@@ -280,8 +294,17 @@ fn an_address_on_two_pods_maps_to_neither() {
             "02:00:00:00:00:03",
             &["10.244.0.3/24", "10.244.0.9/24"],
         );
+        // And one with the first one's link-layer address.
+        lab.pod(
+            "veth33333333",
+            Some("cni0"),
+            "02:00:00:00:00:02",
+            &["10.244.0.5/24"],
+        );
 
         let d = discover().expect("discover");
+        assert!(d.shares_mac(&mac_bytes("02:00:00:00:00:02")));
+        assert!(!d.shares_mac(&mac_bytes("02:00:00:00:00:03")));
 
         assert_eq!(owner(&d, "10.244.0.9"), None);
         assert_eq!(
@@ -367,6 +390,16 @@ fn without_net_admin_the_bridge_tables_stand_in() {
         assert_eq!(owner(&d, "10.244.0.2").as_deref(), Some("veth0a1b2c3d"));
         assert_eq!(owner(&d, "fd00:244::2").as_deref(), Some("veth0a1b2c3d"));
         assert_eq!(owner(&d, "10.244.0.4").as_deref(), Some("veth99aa88bb"));
+        // The MAC the node's neighbour entries give for the addresses behind the port.
+        assert_eq!(
+            veth(&d, "veth0a1b2c3d").mac,
+            Some(mac_bytes("02:00:00:00:00:02"))
+        );
+        assert_eq!(
+            veth(&d, "veth1f2e3d4c").mac,
+            None,
+            "a silent pod's MAC is not known"
+        );
         assert_eq!(
             owner(&d, "10.244.0.3"),
             None,

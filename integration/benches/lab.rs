@@ -529,6 +529,8 @@ fn connrate() {
                         c,
                         IfName::new(&p.veth()).expect("veth name"),
                         vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)],
+                        p.mac(),
+                        false,
                     )
                 })
                 .collect();

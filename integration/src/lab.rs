@@ -98,6 +98,13 @@ impl Pod {
         format!("veth{:08x}", fnv1a(self.netns.as_bytes()))
     }
 
+    /// The link-layer address of the pod's `eth0`: fixed, locally administered, from its node
+    /// and host number.
+    pub fn mac(&self) -> [u8; 6] {
+        let [_, _, subnet, host] = self.ipv4.octets();
+        [0x0e, 0x70, 0x6f, 0x64, subnet, host]
+    }
+
     pub fn addr(&self, family: Family) -> IpAddr {
         match family {
             Family::V4 => IpAddr::V4(self.ipv4),
@@ -350,7 +357,8 @@ impl Lab {
             &node_ns,
             &[
                 format!(
-                    "link add {veth} mtu {POD_MTU} type veth peer name eth0 mtu {POD_MTU} netns {}",
+                    "link add {veth} mtu {POD_MTU} type veth peer name eth0 mtu {POD_MTU} address {} netns {}",
+                    pod.mac().map(|b| format!("{b:02x}")).join(":"),
                     pod.netns
                 ),
                 format!("link set {veth} master cni0 up"),

@@ -4,6 +4,11 @@
 //!   reaches a server that admits the other pod while no agent runs, and is dropped at its own
 //!   veth once the agents run (cross-node and same-node, IPv4 and IPv6), while the real pod's
 //!   packets still arrive;
+//! - link-layer addresses: a pod (guarded, or one the agent does not know) that sends one frame
+//!   from a neighbour's MAC moves that MAC to its own bridge port, and the node's traffic to the
+//!   neighbour with it, while no agent runs, and cannot once the agent runs; a pod that sets
+//!   its interface to the neighbour's MAC cuts both off (with a warning naming both) until it
+//!   gives it back;
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
@@ -1175,18 +1180,23 @@ fn a_pod_cannot_send_ip_in_ip() {
     );
 }
 
+/// [`teller_and_mallory`] and `bank/stranger`, which is in no snapshot: a pod the agent has
+/// not been told of yet, or one whose veth it did not match.
+fn with_a_stranger(test: &str) -> Option<(tempfile::TempDir, Lab, Pod, Pod, Pod)> {
+    let (scratch, mut lab, teller, mallory) = teller_and_mallory(test)?;
+    let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
+    Some((scratch, lab, teller, mallory, stranger))
+}
+
 #[test]
 fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
-    let Some((scratch, mut lab, teller, mallory)) =
-        teller_and_mallory("a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does")
+    let Some((scratch, mut lab, teller, mallory, stranger)) =
+        with_a_stranger("a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does")
     else {
         return;
     };
-    // The stranger is in no snapshot: a pod the agent has not been told of yet, or one whose
-    // veth it did not match. Its raw frames go to the node's own address, through cni0 and
-    // past it (LLDP's reserved group address, which the bridge hands up as received by the
-    // veth).
-    let stranger = lab.add_pod(0, "bank/stranger", 12).expect("pod");
+    // The stranger's raw frames go to the node's own address, through cni0 and past it (LLDP's
+    // reserved group address, which the bridge hands up as received by the veth).
     let node = lab.node_netns(0).unwrap().to_string();
     let node = node.as_str();
     let cni0 = link_address(node, "cni0");
@@ -1404,5 +1414,182 @@ fn a_pod_cannot_forge_its_way_past_a_policy_through_its_nodes_vxlan_device() {
         [0],
         "mallory's datagrams, wrapped in VXLAN as if from node-b, reach teller\n{}",
         agent.describe()
+    );
+}
+
+/// The bridge port `node`'s cni0 sends frames for `mac` to, if it learned one.
+fn fdb_port(lab: &Lab, node: usize, mac: &str) -> Option<String> {
+    let out = exec(
+        lab.node_netns(node).unwrap(),
+        &["bridge", "fdb", "show", "br", "cni0"],
+    );
+    out.lines()
+        .filter(|line| line.starts_with(mac) && !line.contains("permanent"))
+        .find_map(|line| {
+            line.split_whitespace()
+                .skip_while(|word| *word != "dev")
+                .nth(1)
+                .map(str::to_string)
+        })
+}
+
+/// The veth of the pod at `mac` in `node`'s guard (set `macs`), if any.
+fn bound_to(lab: &Lab, node: usize, mac: &str) -> Option<String> {
+    let out = exec(
+        lab.node_netns(node).unwrap(),
+        &["nft", "list", "set", "bridge", "nftpol", "macs"],
+    );
+    let elements = out.split_once("elements = {")?.1;
+    elements
+        .split(',')
+        .find(|element| element.contains(mac))
+        .and_then(|element| element.split('"').nth(1).map(str::to_string))
+}
+
+#[test]
+fn a_pod_cannot_take_another_pods_link_layer_address() {
+    let Some((scratch, lab, teller, mallory, stranger)) =
+        with_a_stranger("a_pod_cannot_take_another_pods_link_layer_address")
+    else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap().to_string();
+    let node = node.as_str();
+    let teller_mac = link_address(&teller.netns, "eth0");
+    let mallory_mac = link_address(&mallory.netns, "eth0");
+    let counter = Counter::at(&teller.netns, 10, &["10.244.1.1".to_string()]);
+    // The node knows teller's MAC and does not ask for it again (teller's answer would move the
+    // address back).
+    exec(
+        node,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &teller.ipv4.to_string(),
+            "lladdr",
+            &teller_mac,
+            "dev",
+            "cni0",
+            "nud",
+            "permanent",
+        ],
+    );
+    // One datagram from `pod`'s own address to the node, from its interface's MAC.
+    let speak = |pod: &Pod| {
+        let from = pod.ipv4.to_string();
+        exec(
+            &pod.netns,
+            &[LABPOD, "send", &from, "10.244.1.1", "80", "1"],
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The bridge learns from every frame which port a link-layer address is behind: teller
+    // speaks, then `attacker` sends one frame from its own IPv4 address but teller's MAC (a
+    // packet socket needs no more than CAP_NET_RAW), and the node sends teller five datagrams
+    // straight away. Returns how many reached teller, and the port the bridge then sends
+    // teller's frames to.
+    let take = |attacker: &Pod| {
+        speak(&teller);
+        assert_eq!(fdb_port(&lab, 0, &teller_mac), Some(teller.veth()));
+        let [reached] = arrivals([(&counter, "10.244.1.1")], || {
+            exec(
+                &attacker.netns,
+                &[
+                    LABPOD,
+                    "rawudp",
+                    "--source-mac",
+                    &teller_mac,
+                    "eth0",
+                    "ff:ff:ff:ff:ff:ff",
+                    &attacker.ipv4.to_string(),
+                    "10.244.1.1",
+                    "80",
+                    "1",
+                ],
+            );
+            exec(
+                node,
+                &[
+                    LABPOD,
+                    "send",
+                    "10.244.1.1",
+                    &teller.ipv4.to_string(),
+                    "80",
+                    &SENT.to_string(),
+                ],
+            );
+        });
+        (reached, fdb_port(&lab, 0, &teller_mac))
+    };
+    let kept = (SENT, Some(teller.veth()));
+    // Without the agent the attacker's port gets teller's frames, unless teller happens to
+    // send something meanwhile (a fresh interface sends router solicitations and MLD reports
+    // for some seconds), which moves the address back: up to five tries.
+    for attacker in [&mallory, &stranger] {
+        let tries: Vec<(u64, Option<String>)> = (0..5).map(|_| take(attacker)).collect();
+        assert!(
+            tries.iter().any(|(reached, _)| *reached == 0),
+            "control: without the agent, a frame from teller's MAC sent by {} takes teller's traffic from the node; datagrams that reached teller, and the port of teller's MAC after: {tries:?}",
+            attacker.name
+        );
+    }
+
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    assert_eq!(
+        [take(&mallory), take(&stranger), take(&mallory), take(&stranger)],
+        [kept.clone(), kept.clone(), kept.clone(), kept.clone()],
+        "with the agent, a guarded pod (mallory) or an unguarded one (stranger) takes teller's MAC\n{}",
+        agent.describe()
+    );
+
+    // With CAP_NET_ADMIN mallory can make teller's MAC its own. Once the agent sees two pods
+    // with one MAC, it takes neither's frames: teller's traffic stays where it was, and teller
+    // cannot send until mallory gives the address back.
+    // Mallory's interface to `mac`, once the guard binds teller's MAC to `veth`.
+    let mallory_at = |agent: &mut Agent, mac: &str, veth: Option<String>| {
+        exec(
+            &mallory.netns,
+            &["ip", "link", "set", "dev", "eth0", "address", mac],
+        );
+        wait_for(
+            std::slice::from_mut(agent),
+            &format!("teller's MAC bound to {veth:?}"),
+            SYNC_TIMEOUT,
+            |_, _| bound_to(&lab, 0, &teller_mac) == veth,
+        );
+    };
+    mallory_at(&mut agent, &teller_mac, None);
+    // The agent says so, for both pods.
+    let warned: Vec<String> = agent
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("has this pod's link-layer address"))
+        .collect();
+    for pod in [&teller, &mallory] {
+        assert!(
+            warned.iter().any(|line| line.contains(&pod.name)),
+            "no warning for {}: {warned:#?}",
+            pod.name
+        );
+    }
+    speak(&mallory);
+    let port = fdb_port(&lab, 0, &teller_mac);
+    assert_ne!(
+        port,
+        Some(mallory.veth()),
+        "mallory took teller's MAC as its own\n{}",
+        agent.describe()
+    );
+    mallory_at(&mut agent, &mallory_mac, Some(teller.veth()));
+    assert_eq!(
+        take(&mallory),
+        kept,
+        "once mallory gave the address back\n{}",
+        agent.describe()
+    );
+    assert!(
+        reaches(&teller, &mallory.ipv4.to_string()) && reaches(&mallory, &teller.ipv4.to_string()),
+        "teller and mallory reach each other again"
     );
 }

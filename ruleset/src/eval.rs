@@ -219,6 +219,9 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::OifnameInSet { .. }
         | Match::OifnameDestinationNotInSet { .. }
         | Match::IifnameSourceInSet { .. }
+        | Match::IifnameEtherSourceInSet { .. }
+        | Match::IifnameEtherNotInSet { .. }
+        | Match::EtherSourceInSet { .. }
         | Match::IifnameNdTargetNotInSet { .. }
         | Match::NdTargetNotLinkLocal
         | Match::EtherType(_) => false,

@@ -9,22 +9,32 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth, its pod's link-layer address and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; anything else from a guarded veth with a link-layer address that is not its pod's is dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), frames from a guarded pod's link-layer address, IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `elsewhere` | set of `ifname` | the veths on other bridges (`docker0`, a secondary network's), which the rules for other veths leave alone |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
+//! | `macs` | set of `ifname . ether_addr` | each veth with its pod's link-layer address (none for a pod whose address another veth's pod has too) |
+//! | `own4` | set of `ifname . ether_addr . ipv4_addr` | the elements of `macs` and `src4` joined: the common case in one lookup |
+//! | `guardedmacs` | set of `ether_addr` | the link-layer addresses of the guarded pods (shared ones included), which `prerouting` drops from any other veth |
 //! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth |
 //! | `targets6` | set of `typeof @th,64,128` | the addresses of `guarded6`, keyed on a neighbour advertisement's target |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
-//! | `guard` | regular chain | ARP from the pod's own addresses is accepted, ARP probes return; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages are accepted, anything else from an `isolated` veth is dropped and the rest returns; everything else is dropped |
+//! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes are accepted; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages are accepted, anything else from an `isolated` veth is dropped and the rest is accepted; everything else is dropped. No verdict here returns: a guarded veth's frames never meet the rules for other veths |
 //!
 //! A pod is no router: its router advertisements and redirects are dropped. Receivers accept
 //! them only from a link-local source, so without this a pod could make itself the default
 //! router of every pod on the bridge that accepts advertisements.
+//!
+//! A pod's frames also come from its own link-layer address (its end of the veth, as discovery
+//! reads it): the bridge learns from each frame's source address which port that address is
+//! behind, so one frame from a neighbour's would send the neighbour's traffic from the node to
+//! this pod's port, where a packet socket reads it. When two veths' pods have the same address
+//! (one set it with CAP_NET_ADMIN), neither's frames are taken: both pods are cut off until one
+//! gives it back, rather than one of them taking the other's traffic.
 //!
 //! ARP and IPv6 neighbour discovery are held to the same rule as IP: a pod announcing another
 //! pod's address (`arp saddr ip`, or the target of a neighbour advertisement) would poison the
@@ -58,7 +68,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::compile::{comment, Compiler};
 use crate::diff::Delta;
 use crate::ir::{
-    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Match, Protocol, Rule, SetKey,
+    AddrField, BaseChain, Chain, Element, Family, Hook, IfName, Mac, Match, Protocol, Rule, SetKey,
     Table, TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
     ROUTER_ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
@@ -137,18 +147,32 @@ pub struct GuardedPod {
     pub veth: IfName,
     /// Every address the pod may send from.
     pub ips: Vec<IpAddr>,
+    /// The link-layer address of the pod's end of the veth, which its frames carry.
+    pub mac: Mac,
+    /// Whether another veth's far end has `mac` too (a pod that took its neighbour's): then
+    /// neither can tell its frames from the other's, and no frame from the veth is the pod's.
+    pub mac_shared: bool,
     /// Whether a policy isolates the pod for egress: then it sends from its link-local
     /// address nothing but neighbour discovery and MLD reports and done messages.
     pub egress_isolated: bool,
 }
 
 impl GuardedPod {
-    /// The local pod at `ips` behind `veth`, isolated for egress as `compiler`'s policies say.
-    pub fn new(compiler: &Compiler, veth: IfName, ips: Vec<IpAddr>) -> Self {
+    /// The local pod at `ips` behind `veth`, whose frames come from `mac` (shared with another
+    /// veth if `mac_shared`), isolated for egress as `compiler`'s policies say.
+    pub fn new(
+        compiler: &Compiler,
+        veth: IfName,
+        ips: Vec<IpAddr>,
+        mac: Mac,
+        mac_shared: bool,
+    ) -> Self {
         let egress_isolated = ips.iter().any(|ip| compiler.isolates_egress(*ip));
         Self {
             veth,
             ips,
+            mac,
+            mac_shared,
             egress_isolated,
         }
     }
@@ -207,6 +231,35 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             addresses,
         );
     }
+    // A pod's frames come from its own link-layer address too: the bridge learns from each
+    // frame's source which port an address is behind, so a frame from a neighbour's would take
+    // the neighbour's traffic from the node to this pod's port.
+    let bound = || pods.iter().filter(|p| !p.mac_shared);
+    table.add_set(
+        "macs",
+        SetKey::IfaceMac,
+        false,
+        "each veth with its pod's link-layer address",
+        bound().map(|p| Element::IfaceMac(p.veth, p.mac)).collect(),
+    );
+    table.add_set(
+        "own4",
+        SetKey::IfaceMacAddr(Family::V4),
+        false,
+        "each veth with its pod's link-layer address and IPv4 addresses",
+        bound()
+            .flat_map(|p| p.ips.iter().map(move |ip| (p, *ip)))
+            .filter(|(_, ip)| ip.is_ipv4())
+            .map(|(p, ip)| Element::IfaceMacAddr(p.veth, p.mac, ip))
+            .collect(),
+    );
+    table.add_set(
+        "guardedmacs",
+        SetKey::Mac,
+        false,
+        "the link-layer addresses of the pods on veths: sent from those veths only",
+        pods.iter().map(|p| Element::Mac(p.mac)).collect(),
+    );
     table.add_set(
         "isolated",
         SetKey::Iface,
@@ -260,8 +313,9 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         comment: Some(comment.to_string()),
     };
     let mut guard = vec![
-        // Accepted here rather than returned: `prerouting` goes on to drop ARP from a guarded
-        // pod's address, meant for other ports.
+        // Every verdict here is final (accept or drop, never return): what `prerouting` does
+        // after the jump is meant for other veths, and would drop a guarded pod's own frames
+        // (its ARP, its link-local traffic) by its own addresses and link-layer address.
         rule(
             vec![Match::IifnameArpSenderInSet { set: "src4".into() }],
             Verdict::Accept,
@@ -269,7 +323,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         ),
         rule(
             vec![Match::ArpSender(Ipv4Addr::UNSPECIFIED)],
-            Verdict::Return,
+            Verdict::Accept,
             "ARP probe: address conflict detection",
         ),
         rule(
@@ -289,8 +343,6 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     // A pod's egress rules see it by its pod addresses: from its link-local address it would
     // reach its node (`input` cannot tell which pod sent), past its egress isolation.
     guard.extend([
-        // Accepted rather than returned, as ARP above: `prerouting` goes on to drop
-        // advertisements for a guarded pod's address, meant for other veths.
         rule(
             vec![Match::Icmpv6Type(signalling), link_local_source()],
             Verdict::Accept,
@@ -322,7 +374,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     }));
     guard.push(rule(
         vec![link_local_source()],
-        Verdict::Return,
+        Verdict::Accept,
         "from the link-local address of a pod whose egress is open",
     ));
     guard.push(rule(
@@ -404,9 +456,27 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             "a tagged frame from a pod's veth",
         )
     });
-    let mut prerouting = vec![own_address(Family::V4)];
+    // IPv4 from the pod's own link-layer and IP address in one lookup: the common case.
+    let mut prerouting = vec![rule(
+        vec![Match::IifnameEtherSourceInSet {
+            family: Family::V4,
+            set: "own4".into(),
+        }],
+        Verdict::Accept,
+        "from a local pod's veth, from the pod's own link-layer and IPv4 address",
+    )];
     prerouting.extend(tagged);
     prerouting.extend([
+        // Everything after this rule from a guarded veth comes from its pod's link-layer
+        // address.
+        rule(
+            vec![
+                from_veth(),
+                Match::IifnameEtherNotInSet { set: "macs".into() },
+            ],
+            Verdict::Drop,
+            "from a local pod's veth, from a link-layer address that is not the pod's",
+        ),
         advertisements,
         own_address(Family::V6),
         rule(
@@ -431,6 +501,13 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     };
     let as_guarded = "a guarded pod's address from another veth";
     prerouting.extend([
+        from_pods_veth(
+            None,
+            Some(Match::EtherSourceInSet {
+                set: "guardedmacs".into(),
+            }),
+            "a guarded pod's link-layer address from another veth",
+        ),
         from_pods_veth(
             Some(Match::Icmpv6Type(ROUTER_ND_TYPES.to_vec())),
             None,

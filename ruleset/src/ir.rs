@@ -171,6 +171,12 @@ pub enum SetKey {
     /// The target address of an IPv6 neighbour advertisement alone (`typeof @th,64,128`).
     /// Elements are [`Element::Addr`] with IPv6 addresses.
     NdTarget,
+    /// A link-layer address (`ether_addr`).
+    Mac,
+    /// Input interface name and source link-layer address, concatenated.
+    IfaceMac,
+    /// Input interface name, source link-layer address and source address, concatenated.
+    IfaceMacAddr(Family),
 }
 
 impl SetKey {
@@ -180,9 +186,10 @@ impl SetKey {
             SetKey::Addr(f)
             | SetKey::AddrPair(f)
             | SetKey::AddrProtoPort(f)
-            | SetKey::IfaceAddr(f) => Some(f),
+            | SetKey::IfaceAddr(f)
+            | SetKey::IfaceMacAddr(f) => Some(f),
             SetKey::IfaceNdTarget | SetKey::NdTarget => Some(Family::V6),
-            SetKey::Iface => None,
+            SetKey::Iface | SetKey::Mac | SetKey::IfaceMac => None,
         }
     }
 }
@@ -206,7 +213,13 @@ pub enum Element {
     AddrProtoPort(IpAddr, Protocol, u16),
     Iface(IfName),
     IfaceAddr(IfName, IpAddr),
+    Mac(Mac),
+    IfaceMac(IfName, Mac),
+    IfaceMacAddr(IfName, Mac, IpAddr),
 }
+
+/// A link-layer (Ethernet) address.
+pub type Mac = [u8; 6];
 
 /// A verdict map from an address to the chain holding that pod's rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,6 +342,14 @@ pub enum Match {
     OifnameDestinationNotInSet { family: Family, set: String },
     /// `iifname . ip saddr @set` (bridge tables).
     IifnameSourceInSet { family: Family, set: String },
+    /// `iifname . ether saddr . ip saddr @set` (bridge tables): interface, link-layer source
+    /// and source address together.
+    IifnameEtherSourceInSet { family: Family, set: String },
+    /// `iifname . ether saddr != @set` (bridge tables): the frame's link-layer source is not
+    /// the one of the pod behind the interface.
+    IifnameEtherNotInSet { set: String },
+    /// `ether saddr @set` (bridge tables).
+    EtherSourceInSet { set: String },
     /// `iifname . @th,64,128 != @set` (bridge tables): the target of a neighbour advertisement
     /// (after `icmpv6 type nd-neighbor-advert`) is not one the interface's pod may claim.
     IifnameNdTargetNotInSet { set: String },

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 
-use crate::ir::{AddrField, Chain, Element, Family, Map, Match, Rule, Set, SetKey, Table, Verdict};
+use crate::ir::{
+    AddrField, Chain, Element, Family, Mac, Map, Match, Rule, Set, SetKey, Table, Verdict,
+};
 
 /// The whole table as `nft -f` input. Loading it needs the table to be absent or empty.
 pub fn render(table: &Table) -> String {
@@ -167,6 +169,14 @@ fn match_text(m: &Match) -> String {
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))
         }
+        Match::IifnameEtherSourceInSet { family, set } => {
+            format!(
+                "iifname . ether saddr . {} @{set}",
+                addr(*family, AddrField::Source)
+            )
+        }
+        Match::IifnameEtherNotInSet { set } => format!("iifname . ether saddr != @{set}"),
+        Match::EtherSourceInSet { set } => format!("ether saddr @{set}"),
     }
 }
 
@@ -210,6 +220,10 @@ fn key_type(key: SetKey) -> &'static str {
         // nft 1.0.6 has no name for the field: the key is declared by the expressions.
         SetKey::IfaceNdTarget => "typeof iifname . @th,64,128",
         SetKey::NdTarget => "typeof @th,64,128",
+        SetKey::Mac => "type ether_addr",
+        SetKey::IfaceMac => "type ifname . ether_addr",
+        SetKey::IfaceMacAddr(Family::V4) => "type ifname . ether_addr . ipv4_addr",
+        SetKey::IfaceMacAddr(Family::V6) => "type ifname . ether_addr . ipv6_addr",
     }
 }
 
@@ -224,7 +238,20 @@ fn element(e: &Element) -> String {
         Element::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto.nft_name()),
         Element::Iface(name) => quote(name.as_str()),
         Element::IfaceAddr(name, ip) => format!("{} . {ip}", quote(name.as_str())),
+        Element::Mac(mac) => mac_text(mac),
+        Element::IfaceMac(name, mac) => format!("{} . {}", quote(name.as_str()), mac_text(mac)),
+        Element::IfaceMacAddr(name, mac, ip) => {
+            format!("{} . {} . {ip}", quote(name.as_str()), mac_text(mac))
+        }
     }
+}
+
+/// A link-layer address as nft writes it: `02:00:5e:10:00:01`.
+pub fn mac_text(mac: &Mac) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A range as a prefix when it is exactly one, as `nft` prints it back.

@@ -1186,7 +1186,11 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     // A veth on the same bridge whose pod the agent does not guard, and one on another bridge.
     let stranger = IfName::new("veth0a1b2c3f").unwrap();
     let docker = IfName::new("veth0d0c4e55").unwrap();
+    // A pod whose link-layer address another veth's pod has taken too.
+    let cloned = IfName::new("veth0a1b2c40").unwrap();
     let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    let cloned_ip: IpAddr = "10.244.1.7".parse().unwrap();
+    let (mac, open_mac, cloned_mac) = ([2, 0, 0, 0, 0, 5], [2, 0, 0, 0, 0, 6], [2, 0, 0, 0, 0, 7]);
     let table = guard_table(
         "n1",
         &Guard {
@@ -1194,11 +1198,22 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
                 GuardedPod {
                     veth,
                     ips: ips.clone(),
+                    mac,
+                    mac_shared: false,
                     egress_isolated: true,
                 },
                 GuardedPod {
                     veth: open,
                     ips: Vec::new(),
+                    mac: open_mac,
+                    mac_shared: false,
+                    egress_isolated: false,
+                },
+                GuardedPod {
+                    veth: cloned,
+                    ips: vec![cloned_ip],
+                    mac: cloned_mac,
+                    mac_shared: true,
                     egress_isolated: false,
                 },
             ],
@@ -1209,8 +1224,35 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(table.family, TableFamily::Bridge);
     assert_eq!(
         table.sets["veths"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Iface(veth), &Element::Iface(open)]
+        [
+            &Element::Iface(veth),
+            &Element::Iface(open),
+            &Element::Iface(cloned)
+        ]
     );
+    // Each veth with its pod's link-layer address, but not one whose address another veth's
+    // pod has too: nothing from that veth is its pod's.
+    assert_eq!(
+        table.sets["macs"].elements.iter().collect::<Vec<_>>(),
+        [
+            &Element::IfaceMac(veth, mac),
+            &Element::IfaceMac(open, open_mac)
+        ]
+    );
+    assert_eq!(
+        table.sets["own4"].elements.iter().collect::<Vec<_>>(),
+        [&Element::IfaceMacAddr(veth, mac, ips[0])]
+    );
+    // No other veth sends from any of them, the shared one included.
+    assert_eq!(
+        table.sets["guardedmacs"].elements.len(),
+        3,
+        "{:?}",
+        table.sets["guardedmacs"]
+    );
+    assert!(table.sets["guardedmacs"]
+        .elements
+        .contains(&Element::Mac(cloned_mac)));
     assert_eq!(
         table.sets["elsewhere"].elements.iter().collect::<Vec<_>>(),
         [&Element::Iface(docker)],
@@ -1229,11 +1271,11 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         .contains(&Element::IfaceAddr(veth, ips[1])));
     assert_eq!(
         table.sets["src4"].elements.len() + table.sets["src6"].elements.len(),
-        2
+        3
     );
     assert_eq!(
         table.sets["guarded4"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Addr(ips[0])]
+        [&Element::Addr(ips[0]), &Element::Addr(cloned_ip)]
     );
     assert_eq!(
         table.sets["guarded6"].elements.iter().collect::<Vec<_>>(),
@@ -1250,6 +1292,17 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert!(table.chains["guard"].rules.iter().any(|r| r.matches
         == [Match::IifnameArpSenderInSet { set: "src4".into() }]
         && r.verdict == Verdict::Accept));
+    // No verdict of `guard` returns: after the jump, `prerouting`'s rules are for other veths,
+    // and the one for a guarded pod's link-layer address would drop the pod's own ARP probes
+    // and link-local traffic.
+    assert!(
+        table.chains["guard"]
+            .rules
+            .iter()
+            .all(|r| r.verdict != Verdict::Return),
+        "{:#?}",
+        table.chains["guard"].rules
+    );
     // Nor its neighbour discovery, whose advertisements name its own address.
     assert!(table.chains["guard"].rules.iter().any(|r| matches!(
         r.matches.first(),
@@ -1260,14 +1313,24 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         .iter()
         .map(ruleset::render::rule_text)
         .collect();
-    for tag in ["8021q", "8021ad"] {
+    // IPv4 from the pod's own link-layer and IP address first, in one lookup; past the tagged
+    // drops, nothing from a guarded veth with another link-layer address goes on.
+    assert!(
+        prerouting[0].starts_with("iifname . ether saddr . ip saddr @own4 accept"),
+        "{prerouting:#?}"
+    );
+    for (i, tag) in ["8021q", "8021ad"].into_iter().enumerate() {
         assert!(
-            prerouting.iter().any(|r| r.starts_with(&format!(
+            prerouting[i + 1].starts_with(&format!(
                 "ether type {tag} meta iifkind \"veth\" iifname != @elsewhere drop"
-            ))),
+            )),
             "{prerouting:#?}"
         );
     }
+    assert!(
+        prerouting[3].starts_with("iifname @veths iifname . ether saddr != @macs drop"),
+        "{prerouting:#?}"
+    );
     let last_for_veths = prerouting
         .iter()
         .rposition(|r| r.contains("@veths") || r.contains("@src"))
@@ -1275,6 +1338,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     assert_eq!(
         prerouting[last_for_veths + 1..],
         [
+            "meta iifkind \"veth\" iifname != @elsewhere ether saddr @guardedmacs drop comment \"a guarded pod's link-layer address from another veth\"",
             "icmpv6 type { nd-router-advert, nd-redirect } meta iifkind \"veth\" iifname != @elsewhere drop comment \"router advertisement or redirect from another veth: a pod is no router\"",
             "icmpv6 type { nd-neighbor-advert } meta iifkind \"veth\" iifname != @elsewhere ip6 nexthdr != ipv6-icmp drop comment \"neighbour advertisement behind an extension header from another veth\"",
             "meta iifkind \"veth\" iifname != @elsewhere ip saddr @guarded4 drop comment \"a guarded pod's address from another veth\"",
@@ -1340,6 +1404,8 @@ fn input_accepts_only_unicast_before_it_drops_what_comes_straight_from_a_veth() 
     let pod = |name: &str| GuardedPod {
         veth: IfName::new(name).unwrap(),
         ips: Vec::new(),
+        mac: [2, 0, 0, 0, 0, 1],
+        mac_shared: false,
         egress_isolated: false,
     };
     let (a, b) = (pod("veth0000000a"), pod("veth0000000b"));

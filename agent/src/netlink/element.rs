@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ruleset::ir::{Element, Family, IfName, SetKey};
+use ruleset::ir::{Element, Family, IfName, Mac, SetKey};
 
 use super::udata::{self, tlv};
 
@@ -19,6 +19,7 @@ pub(super) mod datatype {
     /// A raw payload field's type.
     pub const INTEGER: u32 = 4;
     pub const IFNAME: u32 = 41;
+    pub const ETHER_ADDR: u32 = 9;
     /// A concatenated type is its parts' numbers, each shifted in by this many bits.
     pub const CONCAT_SHIFT: u32 = 6;
 }
@@ -42,6 +43,8 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         Family::V6 => (datatype::IPV6_ADDR, 16),
     };
     let ifname = (datatype::IFNAME, IfName::SIZE as u32);
+    // Six bytes alone; a part of a concatenation takes two whole registers.
+    let mac = (datatype::ETHER_ADDR, MAC_IN_CONCAT);
     let parts: Vec<(u32, u32)> = match key {
         SetKey::Addr(f) => vec![addr(f)],
         SetKey::AddrPair(f) => vec![addr(f), addr(f)],
@@ -54,10 +57,23 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         SetKey::IfaceAddr(f) => vec![ifname, addr(f)],
         SetKey::IfaceNdTarget => vec![ifname, (datatype::INTEGER, 16)],
         SetKey::NdTarget => vec![(datatype::INTEGER, 16)],
+        SetKey::Mac => vec![(datatype::ETHER_ADDR, 6)],
+        SetKey::IfaceMac => vec![ifname, mac],
+        SetKey::IfaceMacAddr(f) => vec![ifname, mac, addr(f)],
     };
     parts.iter().fold((0, 0), |(t, l), (pt, pl)| {
         ((t << datatype::CONCAT_SHIFT) | pt, l + pl)
     })
+}
+
+/// The bytes a link-layer address takes in a concatenation: six, padded to two registers.
+const MAC_IN_CONCAT: u32 = 8;
+
+/// A link-layer address as a part of a concatenated key.
+fn mac_in_concat(mac: &Mac) -> Vec<u8> {
+    let mut bytes = mac.to_vec();
+    bytes.resize(MAC_IN_CONCAT as usize, 0);
+    bytes
 }
 
 pub(super) fn addr_bytes(ip: IpAddr) -> Vec<u8> {
@@ -83,6 +99,11 @@ pub(super) fn key_bytes(element: &Element) -> Vec<u8> {
         }
         Element::Iface(name) => name.bytes().to_vec(),
         Element::IfaceAddr(name, ip) => [name.bytes().to_vec(), addr_bytes(*ip)].concat(),
+        Element::Mac(mac) => mac.to_vec(),
+        Element::IfaceMac(name, mac) => [name.bytes().to_vec(), mac_in_concat(mac)].concat(),
+        Element::IfaceMacAddr(name, mac, ip) => {
+            [name.bytes().to_vec(), mac_in_concat(mac), addr_bytes(*ip)].concat()
+        }
     }
 }
 
@@ -100,6 +121,8 @@ pub(super) fn fits(key: SetKey, interval: bool, element: &Element) -> bool {
         (SetKey::IfaceAddr(_) | SetKey::IfaceNdTarget, Element::IfaceAddr(_, ip)) => {
             !interval && v(ip)
         }
+        (SetKey::Mac, Element::Mac(_)) | (SetKey::IfaceMac, Element::IfaceMac(..)) => !interval,
+        (SetKey::IfaceMacAddr(_), Element::IfaceMacAddr(_, _, ip)) => !interval && v(ip),
         _ => false,
     }
 }
@@ -124,8 +147,9 @@ pub(super) fn interval_elements(elements: &[Element]) -> Vec<ElementSpec> {
         | Element::Range(ip, _)
         | Element::AddrPair(ip, _)
         | Element::AddrProtoPort(ip, _, _)
-        | Element::IfaceAddr(_, ip) => Some(*ip),
-        Element::Iface(_) => None,
+        | Element::IfaceAddr(_, ip)
+        | Element::IfaceMacAddr(_, _, ip) => Some(*ip),
+        Element::Iface(_) | Element::Mac(_) | Element::IfaceMac(..) => None,
     });
     if let Some(lo) = first {
         let zero = match lo {

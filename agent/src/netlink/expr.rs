@@ -273,6 +273,16 @@ pub(super) fn arp_sender(dreg: u32) -> Expr {
     }
 }
 
+/// `ether saddr`: the source address of the Ethernet header.
+pub(super) fn ether_source(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_LL_HEADER as u32,
+        offset: 6,
+        len: 6,
+        dreg,
+    }
+}
+
 /// Where a neighbour advertisement's target address starts in the ICMPv6 header.
 const ND_TARGET_OFFSET: u32 = 8;
 

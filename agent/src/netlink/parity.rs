@@ -252,6 +252,9 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         .map(|(i, pod)| GuardedPod {
             veth: IfName::new(&format!("veth{i:08x}")).unwrap(),
             ips: pod.ips.clone(),
+            mac: [2, 0, 0, 0, 0, i as u8],
+            // One whose link-layer address another veth's pod has too: no binding.
+            mac_shared: i == 1,
             egress_isolated: i % 2 == 0,
         })
         .collect();

@@ -20,8 +20,9 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, arp_sender, dport, nd_target, reg, Expr, Exprs, CT_DIRECTION_REPLY,
-    CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6, LOOPBACK_IFINDEX, PACKET_HOST,
+    addr_len, addr_payload, arp_sender, dport, ether_source, nd_target, reg, Expr, Exprs,
+    CT_DIRECTION_REPLY, CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6, LOOPBACK_IFINDEX,
+    PACKET_HOST,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -348,7 +349,12 @@ impl Plan {
         let mut data = match set.key {
             SetKey::Addr(_) => tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes()),
             SetKey::Iface => tlv(udata::SET_KEYBYTEORDER, &udata::HOST_ENDIAN.to_ne_bytes()),
-            SetKey::AddrPair(_) | SetKey::AddrProtoPort(_) | SetKey::IfaceAddr(_) => {
+            SetKey::Mac => tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes()),
+            SetKey::AddrPair(_)
+            | SetKey::AddrProtoPort(_)
+            | SetKey::IfaceAddr(_)
+            | SetKey::IfaceMac
+            | SetKey::IfaceMacAddr(_) => {
                 let mut data = tlv(udata::SET_KEYBYTEORDER, &udata::NO_BYTEORDER.to_ne_bytes());
                 let mut typeof_key = tlv(udata::TYPEOF_EXPR, &udata::EXPR_CONCAT.to_ne_bytes());
                 typeof_key.extend(tlv(udata::TYPEOF_DATA, &[]));
@@ -636,6 +642,22 @@ impl Plan {
                     exprs.family(*family);
                     exprs.meta(libc::NFT_META_IIFNAME, reg(0));
                     exprs.push(addr_payload(*family, AddrField::Source, 4));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::IifnameEtherSourceInSet { family, set } => {
+                    exprs.family(*family);
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(ether_source(reg(4)));
+                    exprs.push(addr_payload(*family, AddrField::Source, 6));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::IifnameEtherNotInSet { set } => {
+                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
+                    exprs.push(ether_source(reg(4)));
+                    exprs.push(self.lookup_absent(set, &object)?);
+                }
+                Match::EtherSourceInSet { set } => {
+                    exprs.push(ether_source(reg(0)));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
                 Match::AddrPairInSet { family, set } => {

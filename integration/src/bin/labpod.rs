@@ -41,7 +41,8 @@ const USAGE: &str = "usage: labpod serve [PORT...]
            an IPv6 link-local ADDR as fe80::1%eth0)
        labpod send FROM ADDR PORT COUNT   (UDP; ADDR may be broadcast, or fe80::1%eth0, ff02::1%eth0)
        labpod advertise [--vlan0] IFACE [TARGET [FROM]]
-       labpod rawudp IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is)
+       labpod rawudp [--source-mac SRC] IFACE MAC FROM ADDR PORT COUNT   (UDP in a frame to MAC, whatever ADDR is,
+           from link-layer address SRC or else IFACE's)
        labpod arp [--vlan0] IFACE SENDER TARGET   (a broadcast ARP request for TARGET from SENDER at IFACE's MAC)
        labpod vxlan ADDR PORT VNI MAC FROM TO TO_PORT COUNT   (to ADDR:PORT, VXLAN carrying UDP FROM -> TO:TO_PORT to MAC)
        labpod ipip ADDR FROM TO TO_PORT COUNT   (to IPv4 ADDR, IP-in-IP carrying UDP FROM -> TO:TO_PORT)
@@ -319,11 +320,18 @@ fn send(args: &[String]) -> Result<(), String> {
 /// UDP datagrams from `FROM` to `ADDR` in Ethernet frames to `MAC`, written on `IFACE`'s packet
 /// socket: a unicast frame can carry a broadcast or multicast destination address.
 fn rawudp(args: &[String]) -> Result<(), String> {
+    let (source, args) = match args {
+        [flag, source, rest @ ..] if flag == "--source-mac" => (Some(source), rest),
+        _ => (None, args),
+    };
     let [iface, mac, from, addr, port, count] = args else {
         return Err(USAGE.to_string());
     };
     let dst_mac = parse_mac(mac).ok_or_else(|| format!("bad MAC {mac:?}"))?;
-    let src_mac = mac_of(iface)?;
+    let src_mac = match source {
+        Some(text) => parse_mac(text).ok_or_else(|| format!("bad MAC {text:?}"))?,
+        None => mac_of(iface)?,
+    };
     let from: IpAddr = from.parse().map_err(|_| format!("bad address {from:?}"))?;
     let addr: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
     let port = parse_port(port)?;
