@@ -22,7 +22,8 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     }
     for (pod, guarded) in found.iter().filter(|(_, p)| p.mac_shared) {
         let mac = ruleset::render::mac_text(&guarded.mac);
-        tracing::warn!(%pod, veth = %guarded.veth, %mac, "{}", veth::SHARED_MAC);
+        let with = veth::sharing_mac(Some(&discovery), guarded.veth.as_str());
+        tracing::warn!(%pod, veth = %guarded.veth, %mac, %with, "{}", veth::SHARED_MAC);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
     let guard = veth::guard(Some(&discovery), pods);

@@ -839,6 +839,8 @@ struct Guards {
     warned: BTreeSet<String>,
     /// Pods already warned about for a link-layer address another veth's pod has too.
     shared: BTreeSet<String>,
+    /// Bridges already warned about for failing to set `no_linklocal_learn` on.
+    unlearned: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
     failing: bool,
     /// The veths last found on other bridges, kept while discovery fails: without them, the
@@ -870,7 +872,8 @@ impl Guards {
             }
             let mac = ruleset::render::mac_text(&pod.mac);
             if pod.mac_shared && self.shared.insert(id.clone()) {
-                tracing::warn!(pod = %id, veth = %pod.veth, %mac, "{}", veth::SHARED_MAC);
+                let with = veth::sharing_mac(discovery.as_ref(), pod.veth.as_str());
+                tracing::warn!(pod = %id, veth = %pod.veth, %mac, with = %with, "{}", veth::SHARED_MAC);
             } else if !pod.mac_shared && self.shared.remove(id) {
                 tracing::info!(pod = %id, veth = %pod.veth, %mac, "link-layer address no longer shared; the pod sends again");
             }
@@ -888,12 +891,36 @@ impl Guards {
         self.warned.retain(|id| missing.contains(id));
         let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
         let mut guard = veth::guard(discovery.as_ref(), pods);
-        if discovery.is_some() {
+        if let Some(d) = &discovery {
             self.elsewhere.clone_from(&guard.elsewhere);
+            self.stop_link_local_learning(d, &guard);
         } else {
             guard.elsewhere.clone_from(&self.elsewhere);
         }
         guard
+    }
+
+    /// Sets `no_linklocal_learn` on the guarded pods' bridges that lack it, saying so (see
+    /// [`veth::link_local_learners`]); a failure is reported once per bridge.
+    fn stop_link_local_learning(&mut self, discovery: &veth::Discovery, guard: &Guard) {
+        for (bridge, index) in veth::link_local_learners(discovery, guard) {
+            match veth::stop_link_local_learning(index) {
+                Ok(()) => {
+                    self.unlearned.remove(&bridge);
+                    tracing::info!(
+                        %bridge,
+                        "set no_linklocal_learn: a frame to a reserved group address \
+                         (01:80:c2:00:00:0x) no longer teaches the bridge where a MAC is, so no \
+                         pod can move a neighbour's MAC to its port that way"
+                    );
+                }
+                Err(err) => {
+                    if self.unlearned.insert(bridge.clone()) {
+                        tracing::warn!(%bridge, %err, "cannot set no_linklocal_learn: a pod can move a neighbour's MAC to its port with a frame to a reserved group address");
+                    }
+                }
+            }
+        }
     }
 }
 

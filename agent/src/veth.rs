@@ -9,6 +9,8 @@
 //! ─> Discovery: IP -> veth; an address two veths claim goes to neither; a MAC two veths' peers
 //!    have is marked shared
 //! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it, if a bridge port
+//! Discovery + guard ─> link_local_learners: the guarded pods' bridges without no_linklocal_learn
+//!   ─> stop_link_local_learning (RTM_NEWLINK, IFLA_BR_MULTI_BOOLOPT): the one change made here
 //! ```
 //!
 //! Nothing here trusts interface names: a veth is what IFLA_INFO_KIND says, its pod is whatever
@@ -20,10 +22,14 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoData, InfoKind, LinkAttribute,
+    LinkInfo, LinkMessage,
+};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -85,6 +91,8 @@ pub enum Request {
     Neighbours,
     /// The bridges' forwarding databases.
     BridgeFdb,
+    /// Setting `no_linklocal_learn` on a bridge.
+    NoLinkLocalLearn { bridge: u32 },
 }
 
 /// The address family of a peer-address dump.
@@ -114,6 +122,10 @@ impl fmt::Display for Request {
             ),
             Self::Neighbours => f.write_str("RTM_GETNEIGH dump (IPv4/IPv6 neighbours)"),
             Self::BridgeFdb => f.write_str("RTM_GETNEIGH AF_BRIDGE dump (bridge fdb)"),
+            Self::NoLinkLocalLearn { bridge } => write!(
+                f,
+                "RTM_NEWLINK setting no_linklocal_learn on bridge ifindex {bridge}"
+            ),
         }
     }
 }
@@ -161,8 +173,9 @@ pub struct Discovery {
     /// Address -> index into `veths`.
     owners: BTreeMap<IpAddr, usize>,
     conflicts: BTreeMap<IpAddr, Vec<String>>,
-    /// Link-layer addresses that more than one veth's peer has.
-    shared_macs: BTreeSet<Mac>,
+    /// Bridges (name -> ifindex) that learn MACs from frames to their reserved group
+    /// addresses.
+    learning_bridges: BTreeMap<String, u32>,
     failures: Vec<VethError>,
 }
 
@@ -191,11 +204,27 @@ impl Discovery {
         &self.conflicts
     }
 
-    /// Whether `mac` is the link-layer address of more than one veth's peer. The bridge cannot
-    /// tell such peers' frames apart (it learns one port per address), nor can the kernel tell
-    /// the pod that owns the address from one that took it, so neither's frames are its pod's.
-    pub fn shares_mac(&self, mac: &Mac) -> bool {
-        self.shared_macs.contains(mac)
+    /// The other veths on `veth`'s bridge whose peers have its peer's link-layer address. The
+    /// bridge cannot tell their frames apart (it learns one port per address), nor can the
+    /// kernel tell the pod that owns the address from one that took it, so none of their
+    /// frames is its pod's. (On another bridge, or on none, the same MAC confuses nothing.)
+    pub fn sharing_mac(&self, veth: &Veth) -> Vec<&str> {
+        self.veths
+            .iter()
+            .filter(|v| {
+                v.name != veth.name
+                    && v.bridge.is_some()
+                    && v.bridge == veth.bridge
+                    && v.mac.is_some()
+                    && v.mac == veth.mac
+            })
+            .map(|v| v.name.as_str())
+            .collect()
+    }
+
+    /// Whether bridge `name` learns MACs from frames to its reserved group addresses.
+    pub fn learns_link_local(&self, bridge: &str) -> bool {
+        self.learning_bridges.contains_key(bridge)
     }
 
     /// Dumps that failed without failing the discovery: peer-address dumps (their veths fell
@@ -287,14 +316,17 @@ pub fn guarded_pods(
         };
         let veth = match candidates.as_slice() {
             [name] if bridged.contains(name) => discovery
-                .and_then(|d| d.veths().iter().find(|v| v.name == *name))
-                .and_then(|v| Some((IfName::new(name)?, v.mac?))),
+                .and_then(|d| Some((d, d.veths().iter().find(|v| v.name == *name)?)))
+                .and_then(|(d, v)| {
+                    let shared = !d.sharing_mac(v).is_empty();
+                    Some((IfName::new(name)?, v.mac?, shared))
+                }),
             _ => None,
         };
-        match (veth, discovery) {
-            (Some((veth, mac)), Some(d)) => found.push((
+        match veth {
+            Some((veth, mac, shared)) => found.push((
                 id,
-                GuardedPod::new(compiler, veth, pod.ips.clone(), mac, d.shares_mac(&mac)),
+                GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
             )),
             _ => {
                 missing.insert(id);
@@ -330,6 +362,59 @@ pub fn guard(discovery: Option<&Discovery>, pods: Vec<GuardedPod>) -> Guard {
     }
 }
 
+/// The other veths on `veth`'s bridge whose pods have its pod's MAC, comma-separated, as the
+/// agent's warning names them (empty without a discovery or such a veth).
+pub fn sharing_mac(discovery: Option<&Discovery>, veth: &str) -> String {
+    discovery
+        .and_then(|d| {
+            let v = d.veths().iter().find(|v| v.name == veth)?;
+            Some(d.sharing_mac(v).join(","))
+        })
+        .unwrap_or_default()
+}
+
+/// The bridges of `guard`'s pods that still learn MACs from frames to their reserved group
+/// addresses (01:80:c2:00:00:0x), with their ifindex. The bridge learns from such a frame
+/// before any of its netfilter hooks (for LLDP's :0e) or before its prerouting hook, so the
+/// guard's check of each frame's source MAC never sees it: one frame would move a neighbour's
+/// MAC, and the node's traffic for the neighbour, to the sender's port.
+pub fn link_local_learners(discovery: &Discovery, guard: &Guard) -> Vec<(String, u32)> {
+    let bridges: BTreeSet<&str> = discovery
+        .veths()
+        .iter()
+        .filter(|v| guard.pods.iter().any(|p| p.veth.as_str() == v.name))
+        .filter_map(|v| v.bridge.as_deref())
+        .collect();
+    bridges
+        .into_iter()
+        .filter_map(|b| Some((b.to_string(), *discovery.learning_bridges.get(b)?)))
+        .collect()
+}
+
+/// Stops bridge `index` learning MACs from frames to its reserved group addresses
+/// (`no_linklocal_learn`, the one bridge option it changes; nothing else learns less: a pod's
+/// ordinary frames teach the bridge where it is). In the calling thread's network namespace.
+pub fn stop_link_local_learning(index: u32) -> Result<(), VethError> {
+    let flag = BridgeBooleanOptionFlags::NoLinkLocalLearn;
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
+            BridgeBooleanOptions {
+                value: flag,
+                mask: flag,
+            },
+        )])),
+    ]));
+    // RTM_NEWLINK on an existing ifindex changes the link's kind-specific options; RTM_SETLINK
+    // would acknowledge and ignore them.
+    Rtnl::open()?.acknowledged(
+        Request::NoLinkLocalLearn { bridge: index },
+        &RouteNetlinkMessage::NewLink(link),
+    )
+}
+
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
 /// netlink dumps. Fails only when the link dump does; later dumps that fail are reported in
 /// [`Discovery::failures`] and leave their veths to the fallback or [`Method::Unknown`].
@@ -362,6 +447,9 @@ struct Link {
     veth: Option<Peer>,
     /// A bridge (`cni0`, `cbr0`), whose ports' frames meet the bridge hooks.
     is_bridge: bool,
+    /// For a bridge: whether it learns MACs from frames to its reserved group addresses
+    /// (`no_linklocal_learn` off, the kernel's default).
+    learns_link_local: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -432,6 +520,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
     let mut master = None;
     let mut is_veth = false;
     let mut is_bridge = false;
+    let mut learns_link_local = true;
     let mut peer = Peer {
         netns_id: None,
         index: None,
@@ -450,6 +539,17 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
                 is_bridge = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Bridge(options)) = info {
+                        for option in options {
+                            if let InfoBridge::MultiBoolOpt(flags) = option {
+                                learns_link_local = !flags
+                                    .value
+                                    .contains(BridgeBooleanOptionFlags::NoLinkLocalLearn);
+                            }
+                        }
+                    }
+                }
             }
             _ => {}
         }
@@ -460,6 +560,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
         master,
         veth: is_veth.then_some(peer),
         is_bridge,
+        learns_link_local,
     })
 }
 
@@ -759,17 +860,16 @@ fn assemble(
     for veth in &mut veths {
         veth.addresses.retain(|ip| !conflicts.contains_key(ip));
     }
-    let mut seen = BTreeSet::new();
-    let shared_macs = veths
+    let learning_bridges = links
         .iter()
-        .filter_map(|v| v.mac)
-        .filter(|mac| !seen.insert(*mac))
+        .filter(|l| l.is_bridge && l.learns_link_local)
+        .map(|l| (l.name.clone(), l.index))
         .collect();
     Discovery {
         veths,
         owners,
         conflicts,
-        shared_macs,
+        learning_bridges,
         failures,
     }
 }
@@ -845,23 +945,65 @@ impl Rtnl {
         })
     }
 
+    /// Sends `message` as a request with `flags` too; its sequence number.
+    fn send(
+        &mut self,
+        request: Request,
+        message: &RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<u32, VethError> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message.clone()));
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        self.socket
+            .send(&bytes, 0)
+            .map_err(|source| VethError::Io { request, source })?;
+        Ok(self.sequence)
+    }
+
+    /// One request that changes something, and the kernel's acknowledgement of it.
+    fn acknowledged(
+        &mut self,
+        request: Request,
+        message: &RouteNetlinkMessage,
+    ) -> Result<(), VethError> {
+        let sequence = self.send(request, message, NLM_F_ACK)?;
+        let io = |source| VethError::Io { request, source };
+        loop {
+            self.buffer.clear();
+            let len = self.socket.recv(&mut self.buffer, MSG_TRUNC).map_err(io)?;
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
+                &self.buffer[..len.min(self.buffer.len())],
+            )
+            .map_err(|source| VethError::Decode { request, source })?;
+            if reply.header.sequence_number != sequence {
+                continue;
+            }
+            if let NetlinkPayload::Error(error) = reply.payload {
+                return match error.code {
+                    None => Ok(()),
+                    Some(_) => Err(VethError::Refused {
+                        request,
+                        source: error.to_io(),
+                    }),
+                };
+            }
+        }
+    }
+
     /// The replies, or `None` when the dump was interrupted.
     fn dump_once(
         &mut self,
         request: Request,
         message: &RouteNetlinkMessage,
     ) -> Result<Option<Vec<RouteNetlinkMessage>>, VethError> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let sequence = self.sequence;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message.clone()));
-        packet.finalize();
-        let mut bytes = vec![0; packet.buffer_len()];
-        packet.serialize(&mut bytes);
+        let sequence = self.send(request, message, NLM_F_DUMP)?;
         let io = |source| VethError::Io { request, source };
-        self.socket.send(&bytes, 0).map_err(io)?;
 
         let mut replies = Vec::new();
         let mut interrupted = false;
@@ -932,6 +1074,7 @@ mod tests {
                 index: peer.map(|p| p.1),
             }),
             is_bridge: false,
+            learns_link_local: true,
         }
     }
 
@@ -942,6 +1085,7 @@ mod tests {
             master: None,
             veth: None,
             is_bridge: true,
+            learns_link_local: true,
         }
     }
 
@@ -1310,6 +1454,9 @@ mod tests {
             // No peer namespace id: the bridge tables tell its pod and MAC.
             veth(8, "vethd", Some(1), None),
             veth(9, "vethe", Some(1), None),
+            // A container on another bridge with clerk's MAC.
+            bridge(2, "docker0"),
+            veth(10, "vethf", Some(2), Some((3, 2))),
         ];
         let with_mac = |ip: &str, mac: [u8; 6]| PeerSide {
             addresses: vec![at(2, ip)],
@@ -1320,6 +1467,7 @@ mod tests {
             (0, Ok(with_mac("10.0.0.2", mac(2)))),
             (1, Ok(with_mac("10.0.0.3", mac(2)))),
             (2, Ok(with_mac("10.0.0.4", mac(4)))),
+            (3, Ok(with_mac("172.17.0.2", mac(4)))),
         ]);
         let neighbour = |ip: &str, last: u8| Neighbour {
             dev: 1,
@@ -1345,8 +1493,14 @@ mod tests {
         assert_eq!(mac_of("vetha"), Some(mac(2)));
         assert_eq!(mac_of("vethd"), Some(mac(5)));
         assert_eq!(mac_of("vethe"), None);
-        assert!(d.shares_mac(&mac(2)));
-        assert!(!d.shares_mac(&mac(4)));
+        let names = |name: &str| d.sharing_mac(d.veths().iter().find(|v| v.name == name).unwrap());
+        assert_eq!(names("vetha"), ["vethb"]);
+        assert_eq!(names("vethb"), ["vetha"]);
+        assert!(names("vethc").is_empty());
+        assert!(
+            names("vethf").is_empty(),
+            "on another bridge, one MAC confuses nothing"
+        );
         let (found, missing) = guarded_pods(&compiler, Some(&d));
         let found: Vec<(&str, [u8; 6], bool)> = found
             .iter()
@@ -1422,9 +1576,25 @@ mod tests {
             LinkAttribute::IfName("cni0".into()),
             LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
         ];
+        // A bridge that no longer learns from frames to its reserved group addresses.
+        let mut cbr0 = LinkMessage::default();
+        cbr0.header.index = 4;
+        let flag = BridgeBooleanOptionFlags::NoLinkLocalLearn;
+        cbr0.attributes = vec![
+            LinkAttribute::IfName("cbr0".into()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
+                    BridgeBooleanOptions {
+                        value: flag,
+                        mask: flag,
+                    },
+                )])),
+            ]),
+        ];
         let nameless = LinkMessage::default();
         let links = parse_links(
-            [m, unassigned, dummy, cni0, nameless]
+            [m, unassigned, dummy, cni0, cbr0, nameless]
                 .into_iter()
                 .map(RouteNetlinkMessage::NewLink)
                 .collect(),
@@ -1446,8 +1616,13 @@ mod tests {
                     master: None,
                     veth: None,
                     is_bridge: false,
+                    learns_link_local: true,
                 },
                 bridge(3, "cni0"),
+                Link {
+                    learns_link_local: false,
+                    ..bridge(4, "cbr0")
+                },
             ]
         );
     }

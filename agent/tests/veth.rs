@@ -245,7 +245,7 @@ fn each_pod_address_maps_to_its_host_veth() {
                 Some(mac_bytes(mac)),
                 "{host}: its peer's link-layer address"
             );
-            assert!(!d.shares_mac(&mac_bytes(mac)));
+            assert!(d.sharing_mac(v).is_empty());
             assert_eq!(v.bridge.as_deref(), Some("cni0"));
             assert_eq!(v.method, Method::PeerNamespace);
             assert_eq!(v.addresses, [addr(v4), addr(v6)], "no fe80:: address");
@@ -272,6 +272,32 @@ fn each_pod_address_maps_to_its_host_veth() {
         assert_eq!(d.addresses().count(), 7);
         assert!(d.conflicts().is_empty());
         assert!(d.failures().is_empty(), "{:?}", d.failures());
+
+        // The guarded pods' bridge learns from frames to its reserved group addresses until
+        // the agent stops it.
+        let v = veth(&d, "veth0a1b2c3d");
+        let guard = ruleset::guard::Guard::from(vec![ruleset::guard::GuardedPod {
+            veth: ruleset::ir::IfName::new(&v.name).unwrap(),
+            ips: v.addresses.clone(),
+            mac: v.mac.unwrap(),
+            mac_shared: false,
+            egress_isolated: false,
+        }]);
+        let learners = agent::veth::link_local_learners(&d, &guard);
+        assert_eq!(
+            learners.iter().map(|(b, _)| b.as_str()).collect::<Vec<_>>(),
+            ["cni0"]
+        );
+        assert!(d.learns_link_local("cni0"));
+        agent::veth::stop_link_local_learning(learners[0].1).expect("set no_linklocal_learn");
+        let d = discover().expect("discover");
+        assert!(!d.learns_link_local("cni0"));
+        assert!(agent::veth::link_local_learners(&d, &guard).is_empty());
+        let shown = Command::new("ip")
+            .args(["-d", "link", "show", "cni0"])
+            .output()
+            .expect("ip runs");
+        assert!(String::from_utf8_lossy(&shown.stdout).contains("no_linklocal_learn 1"));
     });
 }
 
@@ -303,8 +329,8 @@ fn an_address_on_two_pods_maps_to_neither() {
         );
 
         let d = discover().expect("discover");
-        assert!(d.shares_mac(&mac_bytes("02:00:00:00:00:02")));
-        assert!(!d.shares_mac(&mac_bytes("02:00:00:00:00:03")));
+        assert_eq!(d.sharing_mac(veth(&d, "veth11111111")), ["veth33333333"]);
+        assert!(d.sharing_mac(veth(&d, "veth22222222")).is_empty());
 
         assert_eq!(owner(&d, "10.244.0.9"), None);
         assert_eq!(

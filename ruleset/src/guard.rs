@@ -34,7 +34,9 @@
 //! behind, so one frame from a neighbour's would send the neighbour's traffic from the node to
 //! this pod's port, where a packet socket reads it. When two veths' pods have the same address
 //! (one set it with CAP_NET_ADMIN), neither's frames are taken: both pods are cut off until one
-//! gives it back, rather than one of them taking the other's traffic.
+//! gives it back, rather than one of them taking the other's traffic. The bridge also learns
+//! from frames to its reserved group addresses, which never meet these chains; the agent sets
+//! the bridge's `no_linklocal_learn` for those (`agent::veth::stop_link_local_learning`).
 //!
 //! ARP and IPv6 neighbour discovery are held to the same rule as IP: a pod announcing another
 //! pod's address (`arp saddr ip`, or the target of a neighbour advertisement) would poison the
