@@ -9,6 +9,8 @@
 //!   neighbour with it, while no agent runs, and cannot once the agent runs; a pod that sets
 //!   its interface to the neighbour's MAC cuts both off (with a warning naming both) until it
 //!   gives it back;
+//! - floods: once the bridge forgets a pod's MAC, frames another pod sends it are flooded to
+//!   every port while no agent runs, and reach no third pod once the agent runs;
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
@@ -1620,5 +1622,118 @@ fn a_pod_cannot_take_another_pods_link_layer_address() {
     assert!(
         reaches(&teller, &mallory.ipv4.to_string()) && reaches(&mallory, &teller.ipv4.to_string()),
         "teller and mallory reach each other again"
+    );
+}
+
+/// Frames to `mac` that `netns`'s `eth0` receives, whoever they are for (a netdev ingress
+/// counter: a pod's IP stack drops what is not addressed to it before any inet hook).
+struct FramesTo<'a> {
+    netns: &'a str,
+}
+
+impl<'a> FramesTo<'a> {
+    fn install(netns: &'a str, mac: &str) -> FramesTo<'a> {
+        let text = format!(
+            "table netdev observe {{\n\tchain seen {{\n\t\ttype filter hook ingress device \"eth0\" priority 0; policy accept;\n\t\tether daddr {mac} udp dport 80 counter\n\t}}\n}}\n"
+        );
+        exec(netns, &["nft", &text]);
+        FramesTo { netns }
+    }
+
+    fn count(&self) -> u64 {
+        let listing = exec(
+            self.netns,
+            &["nft", "list", "chain", "netdev", "observe", "seen"],
+        );
+        let after = listing.split("packets ").nth(1).expect("a counter");
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .expect("a count")
+    }
+}
+
+#[test]
+fn a_pod_does_not_receive_what_a_neighbour_sends_a_pod_the_bridge_forgot() {
+    let Some((scratch, lab, teller, mallory, stranger)) =
+        with_a_stranger("a_pod_does_not_receive_what_a_neighbour_sends_a_pod_the_bridge_forgot")
+    else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap().to_string();
+    let node = node.as_str();
+    let teller_mac = link_address(&teller.netns, "eth0");
+    let teller_v4 = teller.ipv4.to_string();
+    let mallory_v4 = mallory.ipv4.to_string();
+    // Mallory knows teller's MAC, so its datagrams to teller go out unicast.
+    exec(
+        &mallory.netns,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &teller_v4,
+            "lladdr",
+            &teller_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let seen = FramesTo::install(&stranger.netns, &teller_mac);
+    let counter = Counter::at(&teller.netns, 10, std::slice::from_ref(&mallory_v4));
+    // The bridge forgets teller's MAC, as it does when teller has sent nothing for its ageing
+    // time; then mallory sends teller five datagrams. Returns how many teller got, and how many
+    // frames to teller's MAC the stranger received (until teller's echo of the first teaches
+    // the bridge again).
+    let forgotten = || {
+        exec(
+            &teller.netns,
+            &[LABPOD, "send", &teller_v4, "10.244.1.1", "80", "1"],
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        exec(
+            node,
+            &[
+                "bridge",
+                "fdb",
+                "del",
+                &teller_mac,
+                "dev",
+                &teller.veth(),
+                "master",
+            ],
+        );
+        let before = seen.count();
+        let [got] = arrivals([(&counter, mallory_v4.as_str())], || {
+            exec(
+                &mallory.netns,
+                &[
+                    LABPOD,
+                    "send",
+                    &mallory_v4,
+                    &teller_v4,
+                    "80",
+                    &SENT.to_string(),
+                ],
+            );
+        });
+        (got, seen.count() - before)
+    };
+    let (got, flooded) = forgotten();
+    assert!(
+        got == SENT && flooded > 0,
+        "control: without the agent, the bridge floods mallory's frames to teller's forgotten MAC to the stranger's port too: teller got {got}, the stranger {flooded}"
+    );
+
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    assert_eq!(
+        [forgotten(), forgotten()],
+        [(SENT, 0), (SENT, 0)],
+        "with the agent, frames to teller's MAC leave only by teller's veth\n{}",
+        agent.describe()
     );
 }

@@ -222,6 +222,8 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::IifnameEtherSourceInSet { .. }
         | Match::IifnameEtherNotInSet { .. }
         | Match::EtherSourceInSet { .. }
+        | Match::EtherDestInSet { .. }
+        | Match::OifnameEtherDestNotInSet { .. }
         | Match::IifnameNdTargetNotInSet { .. }
         | Match::NdTargetNotLinkLocal
         | Match::EtherType(_) => false,

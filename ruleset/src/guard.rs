@@ -10,7 +10,7 @@
 //! | object | kind | what it does |
 //! | --- | --- | --- |
 //! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth, its pod's link-layer address and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; anything else from a guarded veth with a link-layer address that is not its pod's is dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), frames from a guarded pod's link-layer address, IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped |
-//! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
+//! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): a frame to a guarded pod's MAC by another port (a flood: the bridge forgot the MAC) is dropped; ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `elsewhere` | set of `ifname` | the veths on other bridges (`docker0`, a secondary network's), which the rules for other veths leave alone |
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
@@ -551,7 +551,24 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         family,
         set: format!("src{}", family.digit()),
     };
+    // Between pods, a frame to a guarded pod's MAC leaves only by that pod's veth. The bridge
+    // floods a frame to a MAC it has forgotten (a pod quiet for its ageing time, 300 s by
+    // default, or one whose MAC another pod shares, whose frames are all dropped) to every
+    // port, where a neighbour's packet socket would read it. (The node's own frames, which
+    // meet the bridge's output hook instead, are not checked: a chain there cost every packet
+    // routed to a pod several points of connection rate.)
+    let to_its_pod = rule(
+        vec![
+            Match::EtherDestInSet {
+                set: "guardedmacs".into(),
+            },
+            Match::OifnameEtherDestNotInSet { set: "macs".into() },
+        ],
+        Verdict::Drop,
+        "to a guarded pod's MAC by another port: a flood",
+    );
     let forward = vec![
+        to_its_pod,
         rule(
             vec![Match::Arp],
             Verdict::Accept,

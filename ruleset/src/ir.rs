@@ -350,6 +350,11 @@ pub enum Match {
     IifnameEtherNotInSet { set: String },
     /// `ether saddr @set` (bridge tables).
     EtherSourceInSet { set: String },
+    /// `ether daddr @set` (bridge tables).
+    EtherDestInSet { set: String },
+    /// `oifname . ether daddr != @set` (bridge tables): the frame leaves by a port that is not
+    /// the one of the pod at its destination MAC.
+    OifnameEtherDestNotInSet { set: String },
     /// `iifname . @th,64,128 != @set` (bridge tables): the target of a neighbour advertisement
     /// (after `icmpv6 type nd-neighbor-advert`) is not one the interface's pod may claim.
     IifnameNdTargetNotInSet { set: String },

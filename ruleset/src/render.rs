@@ -177,6 +177,8 @@ fn match_text(m: &Match) -> String {
         }
         Match::IifnameEtherNotInSet { set } => format!("iifname . ether saddr != @{set}"),
         Match::EtherSourceInSet { set } => format!("ether saddr @{set}"),
+        Match::EtherDestInSet { set } => format!("ether daddr @{set}"),
+        Match::OifnameEtherDestNotInSet { set } => format!("oifname . ether daddr != @{set}"),
     }
 }
 

@@ -1348,6 +1348,13 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         ],
         "{prerouting:#?}"
     );
+    // Between pods, a frame to a guarded pod's MAC leaves only by its veth: no flood of a MAC
+    // the bridge forgot reaches the others.
+    let first = ruleset::render::rule_text(&table.chains["forward"].rules[0]);
+    assert!(
+        first.starts_with("ether daddr @guardedmacs oifname . ether daddr != @macs drop"),
+        "{first}"
+    );
     let text = ruleset::render(&table);
     assert!(text.starts_with("table bridge nftpol {"), "{text}");
     assert!(text.contains("iifname @veths jump guard"), "{text}");

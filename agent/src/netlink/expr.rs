@@ -273,6 +273,16 @@ pub(super) fn arp_sender(dreg: u32) -> Expr {
     }
 }
 
+/// `ether daddr`: the destination address of the Ethernet header.
+pub(super) fn ether_destination(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: libc::NFT_PAYLOAD_LL_HEADER as u32,
+        offset: 0,
+        len: 6,
+        dreg,
+    }
+}
+
 /// `ether saddr`: the source address of the Ethernet header.
 pub(super) fn ether_source(dreg: u32) -> Expr {
     Expr::Payload {

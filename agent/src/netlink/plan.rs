@@ -20,9 +20,9 @@ use super::element::{
     key_type, plain_element, ElementSpec,
 };
 use super::expr::{
-    addr_len, addr_payload, arp_sender, dport, ether_source, nd_target, reg, Expr, Exprs,
-    CT_DIRECTION_REPLY, CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6, LOOPBACK_IFINDEX,
-    PACKET_HOST,
+    addr_len, addr_payload, arp_sender, dport, ether_destination, ether_source, nd_target, reg,
+    Expr, Exprs, CT_DIRECTION_REPLY, CT_STATE_RELATED, IP6_NEXTHDR_OFFSET, IPPROTO_ICMPV6,
+    LOOPBACK_IFINDEX, PACKET_HOST,
 };
 use super::udata::{self, tlv};
 use super::WriteError;
@@ -659,6 +659,15 @@ impl Plan {
                 Match::EtherSourceInSet { set } => {
                     exprs.push(ether_source(reg(0)));
                     exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::EtherDestInSet { set } => {
+                    exprs.push(ether_destination(reg(0)));
+                    exprs.push(self.lookup(set, &object, None)?);
+                }
+                Match::OifnameEtherDestNotInSet { set } => {
+                    exprs.meta(libc::NFT_META_OIFNAME, reg(0));
+                    exprs.push(ether_destination(reg(4)));
+                    exprs.push(self.lookup_absent(set, &object)?);
                 }
                 Match::AddrPairInSet { family, set } => {
                     exprs.family(*family);
