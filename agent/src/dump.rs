@@ -20,10 +20,8 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     for pod in &missing {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
-    for (pod, guarded) in found.iter().filter(|(_, p)| p.mac_shared) {
-        let mac = ruleset::render::mac_text(&guarded.mac);
-        let with = veth::sharing_mac(Some(&discovery), guarded.veth.as_str());
-        tracing::warn!(%pod, veth = %guarded.veth, %mac, %with, "{}", veth::SHARED_MAC);
+    for (id, pod) in found.iter().filter(|(_, p)| p.mac_shared) {
+        veth::warn_shared_mac(Some(&discovery), id, pod);
     }
     let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
     let guard = veth::guard(Some(&discovery), pods);

@@ -870,12 +870,10 @@ impl Guards {
             if self.warned.remove(id) {
                 tracing::info!(pod = %id, veth = %pod.veth, "veth found; anti-spoofing on");
             }
-            let mac = ruleset::render::mac_text(&pod.mac);
             if pod.mac_shared && self.shared.insert(id.clone()) {
-                let with = veth::sharing_mac(discovery.as_ref(), pod.veth.as_str());
-                tracing::warn!(pod = %id, veth = %pod.veth, %mac, with = %with, "{}", veth::SHARED_MAC);
+                veth::warn_shared_mac(discovery.as_ref(), id, pod);
             } else if !pod.mac_shared && self.shared.remove(id) {
-                tracing::info!(pod = %id, veth = %pod.veth, %mac, "link-layer address no longer shared; the pod sends again");
+                tracing::info!(pod = %id, veth = %pod.veth, "link-layer address no longer shared; the pod sends again");
             }
         }
         self.shared.retain(|id| {

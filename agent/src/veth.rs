@@ -362,15 +362,17 @@ pub fn guard(discovery: Option<&Discovery>, pods: Vec<GuardedPod>) -> Guard {
     }
 }
 
-/// The other veths on `veth`'s bridge whose pods have its pod's MAC, comma-separated, as the
-/// agent's warning names them (empty without a discovery or such a veth).
-pub fn sharing_mac(discovery: Option<&Discovery>, veth: &str) -> String {
-    discovery
+/// Logs that guarded pod `id`'s MAC is shared ([`SHARED_MAC`]), naming the other veths on its
+/// bridge that have it.
+pub fn warn_shared_mac(discovery: Option<&Discovery>, id: &str, pod: &GuardedPod) {
+    let with = discovery
         .and_then(|d| {
-            let v = d.veths().iter().find(|v| v.name == veth)?;
+            let v = d.veths().iter().find(|v| v.name == pod.veth.as_str())?;
             Some(d.sharing_mac(v).join(","))
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mac = ruleset::render::mac_text(&pod.mac);
+    tracing::warn!(pod = %id, veth = %pod.veth, %mac, %with, "{SHARED_MAC}");
 }
 
 /// The bridges of `guard`'s pods that still learn MACs from frames to their reserved group
@@ -539,15 +541,15 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
                 is_bridge = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
-                for info in infos {
-                    if let LinkInfo::Data(InfoData::Bridge(options)) = info {
-                        for option in options {
-                            if let InfoBridge::MultiBoolOpt(flags) = option {
-                                learns_link_local = !flags
-                                    .value
-                                    .contains(BridgeBooleanOptionFlags::NoLinkLocalLearn);
-                            }
-                        }
+                let options = infos.iter().flat_map(|info| match info {
+                    LinkInfo::Data(InfoData::Bridge(options)) => options.as_slice(),
+                    _ => &[],
+                });
+                for option in options {
+                    if let InfoBridge::MultiBoolOpt(flags) = option {
+                        learns_link_local = !flags
+                            .value
+                            .contains(BridgeBooleanOptionFlags::NoLinkLocalLearn);
                     }
                 }
             }

@@ -379,6 +379,16 @@ fn link_address(netns: &str, device: &str) -> String {
         .to_string()
 }
 
+/// Has `netns` hold `addr` at `mac` on `dev`, in neighbour state `state`.
+fn set_neighbour(netns: &str, dev: &str, addr: &str, mac: &str, state: &str) {
+    exec(
+        netns,
+        &[
+            "ip", "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", state,
+        ],
+    );
+}
+
 /// The link-layer address `node`'s cni0 holds for `addr`, if any.
 fn neighbour(lab: &Lab, node: usize, addr: &str) -> Option<String> {
     let out = exec(
@@ -671,20 +681,12 @@ fn a_pod_cannot_claim_another_pods_address_in_neighbour_advertisements() {
         ]
         .map(|(vlan0, from)| {
             let claimed = nd_claim(&lab, &mallory, vlan0, &teller_v6, from);
-            exec(
+            set_neighbour(
                 lab.node_netns(0).unwrap(),
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    &teller_v6,
-                    "lladdr",
-                    &mallory_mac,
-                    "dev",
-                    "cni0",
-                    "nud",
-                    "stale",
-                ],
+                "cni0",
+                &teller_v6,
+                &mallory_mac,
+                "stale",
             );
             let genuine = nd_claim(&lab, &teller, false, &teller_v6, None);
             (claimed, genuine)
@@ -1256,21 +1258,7 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     let teller_mac = link_address(&teller.netns, "eth0");
     link_local(&stranger.netns, "eth0");
     let advertised = || {
-        exec(
-            node,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &teller_v6,
-                "lladdr",
-                &teller_mac,
-                "dev",
-                "cni0",
-                "nud",
-                "stale",
-            ],
-        );
+        set_neighbour(node, "cni0", &teller_v6, &teller_mac, "stale");
         nd_claim(&lab, &stranger, false, &teller_v6, None)
     };
     assert_eq!(
@@ -1462,20 +1450,12 @@ fn a_pod_cannot_take_another_pods_link_layer_address() {
     let counter = Counter::at(&teller.netns, 10, &["10.244.1.1".to_string()]);
     // The node knows teller's MAC and does not ask for it again (teller's answer would move the
     // address back).
-    exec(
+    set_neighbour(
         node,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &teller.ipv4.to_string(),
-            "lladdr",
-            &teller_mac,
-            "dev",
-            "cni0",
-            "nud",
-            "permanent",
-        ],
+        "cni0",
+        &teller.ipv4.to_string(),
+        &teller_mac,
+        "permanent",
     );
     // One datagram from `pod`'s own address to the node, from its interface's MAC.
     let speak = |pod: &Pod| {
@@ -1668,21 +1648,7 @@ fn a_pod_does_not_receive_what_a_neighbour_sends_a_pod_the_bridge_forgot() {
     let teller_v4 = teller.ipv4.to_string();
     let mallory_v4 = mallory.ipv4.to_string();
     // Mallory knows teller's MAC, so its datagrams to teller go out unicast.
-    exec(
-        &mallory.netns,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &teller_v4,
-            "lladdr",
-            &teller_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    set_neighbour(&mallory.netns, "eth0", &teller_v4, &teller_mac, "permanent");
     let seen = FramesTo::install(&stranger.netns, &teller_mac);
     let counter = Counter::at(&teller.netns, 10, std::slice::from_ref(&mallory_v4));
     // The bridge forgets teller's MAC, as it does when teller has sent nothing for its ageing

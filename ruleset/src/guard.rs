@@ -415,16 +415,15 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     spoken.push(ND_NEIGHBOR_ADVERT);
     // In number order, as the writer sends the set and nft keeps the text's order.
     spoken.sort_unstable();
-    let own_address = |family: Family| {
-        rule(
-            vec![Match::IifnameSourceInSet {
-                family,
-                set: format!("src{}", family.digit()),
-            }],
-            Verdict::Accept,
-            "from a local pod's veth, from the pod's own address",
-        )
-    };
+    // IPv4's own-address check is the first rule, with the link-layer address in its key.
+    let own_address6 = rule(
+        vec![Match::IifnameSourceInSet {
+            family: Family::V6,
+            set: "src6".into(),
+        }],
+        Verdict::Accept,
+        "from a local pod's veth, from the pod's own address",
+    );
     // IPv6 only, so IPv4 is accepted before it; ahead of the IPv6 source check, since an
     // advertisement sent from the pod's own address may still speak for a neighbour.
     let advertisements = rule(
@@ -480,7 +479,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             "from a local pod's veth, from a link-layer address that is not the pod's",
         ),
         advertisements,
-        own_address(Family::V6),
+        own_address6,
         rule(
             vec![from_veth()],
             Verdict::Jump("guard".into()),

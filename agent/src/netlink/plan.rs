@@ -347,9 +347,10 @@ impl Plan {
         }
         let (key_type, key_len) = key_type(set.key);
         let mut data = match set.key {
-            SetKey::Addr(_) => tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes()),
+            SetKey::Addr(_) | SetKey::Mac => {
+                tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes())
+            }
             SetKey::Iface => tlv(udata::SET_KEYBYTEORDER, &udata::HOST_ENDIAN.to_ne_bytes()),
-            SetKey::Mac => tlv(udata::SET_KEYBYTEORDER, &udata::BIG_ENDIAN.to_ne_bytes()),
             SetKey::AddrPair(_)
             | SetKey::AddrProtoPort(_)
             | SetKey::IfaceAddr(_)
