@@ -1,7 +1,9 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use ruleset::guard::{guard_table, with_veths, GuardedPod};
+use std::collections::BTreeMap;
+
+use ruleset::guard::{guard_table, with_veths};
 use ruleset::{Cluster, Compiler};
 
 use crate::cli::{DumpArgs, SourceArgs};
@@ -16,15 +18,19 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let discovery = veth::discover().context("listing this host's veths")?;
-    let (found, missing) = veth::guarded_pods(&compiler, Some(&discovery));
-    for pod in &missing {
+    // One look at the kernel: no veth was found before, so a pod whose addresses two veths
+    // carry is contested.
+    let found = veth::guarded_pods(&compiler, Some(&discovery), &BTreeMap::new());
+    for pod in &found.missing {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }
-    for (id, pod) in found.iter().filter(|(_, p)| p.mac_shared) {
+    for (pod, with) in &found.contested {
+        tracing::warn!(%pod, with = %with.join(","), "{}", veth::CONTESTED);
+    }
+    for (id, pod) in found.found.iter().filter(|(_, p)| p.mac_shared) {
         veth::warn_shared_mac(Some(&discovery), id, pod);
     }
-    let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-    let guard = veth::guard(Some(&discovery), pods);
+    let guard = veth::guard(Some(&discovery), &found);
     print!(
         "{}\n{}",
         ruleset::render(&with_veths(compiler.table(), &guard)),

@@ -17,12 +17,12 @@
 //! delta. A failed sync is retried as a full replace, with backoff; until one lands the kernel
 //! keeps its previous rules (fail static).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
-use ruleset::guard::{guard_table, veths_delta, with_veths, Guard, GuardedPod, INPUT_VETHS};
+use ruleset::guard::{guard_table, veths_delta, with_veths, Guard, INPUT_VETHS};
 use ruleset::ir::{Set, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -839,6 +839,11 @@ struct Guards {
     warned: BTreeSet<String>,
     /// Pods already warned about for a link-layer address another veth's pod has too.
     shared: BTreeSet<String>,
+    /// Pods already warned about for addresses other veths' pods carry too, with those veths.
+    claimed: BTreeMap<String, Vec<String>>,
+    /// Each guarded pod's veth by ifindex, as last found: a pod keeps it while another veth's
+    /// pod carries its addresses too.
+    bound: BTreeMap<String, u32>,
     /// Bridges already warned about for failing to set `no_linklocal_learn` on.
     unlearned: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
@@ -865,8 +870,13 @@ impl Guards {
                 None
             }
         };
-        let (found, missing) = veth::guarded_pods(compiler, discovery.as_ref());
-        for (id, pod) in &found {
+        let found = veth::guarded_pods(compiler, discovery.as_ref(), &self.bound);
+        self.warn_claims(&found);
+        if discovery.is_some() {
+            self.bound.clone_from(&found.bound);
+        }
+        let missing = &found.missing;
+        for (id, pod) in &found.found {
             if self.warned.remove(id) {
                 tracing::info!(pod = %id, veth = %pod.veth, "veth found; anti-spoofing on");
             }
@@ -878,17 +888,17 @@ impl Guards {
         }
         self.shared.retain(|id| {
             found
+                .found
                 .iter()
                 .any(|(found, pod)| found == id && pod.mac_shared)
         });
-        for id in &missing {
+        for id in missing {
             if self.warned.insert(id.clone()) {
                 tracing::warn!(pod = %id, "{}", veth::UNGUARDED);
             }
         }
         self.warned.retain(|id| missing.contains(id));
-        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
-        let mut guard = veth::guard(discovery.as_ref(), pods);
+        let mut guard = veth::guard(discovery.as_ref(), &found);
         if let Some(d) = &discovery {
             self.elsewhere.clone_from(&guard.elsewhere);
             self.stop_link_local_learning(d, &guard);
@@ -896,6 +906,34 @@ impl Guards {
             guard.elsewhere.clone_from(&self.elsewhere);
         }
         guard
+    }
+
+    /// Warns of each pod whose addresses other veths' pods carry too ([`veth::CLAIMED`]) or
+    /// that is contested ([`veth::CONTESTED`]), naming the veths, once per change of them; says
+    /// when a contest ends.
+    fn warn_claims(&mut self, found: &veth::PodVeths) {
+        let now: BTreeMap<String, Vec<String>> = found
+            .claimed
+            .iter()
+            .chain(&found.contested)
+            .map(|(id, with)| (id.clone(), with.clone()))
+            .collect();
+        for (id, with) in &now {
+            if self.claimed.get(id) == Some(with) {
+                continue;
+            }
+            let with = with.join(",");
+            match found.found.iter().find(|(found, _)| found == id) {
+                Some((_, pod)) => {
+                    tracing::warn!(pod = %id, veth = %pod.veth, %with, "{}", veth::CLAIMED);
+                }
+                None => tracing::warn!(pod = %id, %with, "{}", veth::CONTESTED),
+            }
+        }
+        for id in self.claimed.keys().filter(|id| !now.contains_key(*id)) {
+            tracing::info!(pod = %id, "no other veth's pod carries this pod's addresses now");
+        }
+        self.claimed = now;
     }
 
     /// Sets `no_linklocal_learn` on the guarded pods' bridges that lack it, saying so (see
@@ -925,6 +963,7 @@ impl Guards {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ruleset::guard::GuardedPod;
 
     #[test]
     fn a_change_of_the_veths_alone_keeps_the_epoch() {

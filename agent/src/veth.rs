@@ -8,7 +8,9 @@
 //!     bridge neighbours (RTM_GETNEIGH: IP -> MAC) ⋈ bridge fdb (AF_BRIDGE: MAC -> port)
 //! ─> Discovery: IP -> veth; an address two veths claim goes to neither; a MAC two veths' peers
 //!    have is marked shared
-//! Discovery + the compiler's local pods ─> guarded_pods: each pod's veth, by the addresses on it, if a bridge port
+//! Discovery + the compiler's local pods + each pod's veth last time ─> guarded_pods: each pod's
+//!   veth, by the addresses on it, if a bridge port; a pod whose addresses two veths carry keeps
+//!   its veth of last time, or else is contested (its addresses sent from neither)
 //! Discovery + guard ─> link_local_learners: the guarded pods' bridges without no_linklocal_learn
 //!   ─> stop_link_local_learning (RTM_NEWLINK, IFLA_BR_MULTI_BOOLOPT): the one change made here
 //! ```
@@ -198,8 +200,9 @@ impl Discovery {
 
     /// Addresses that more than one veth claims, with the claimants' names. They map to none:
     /// the kernel cannot tell the pod that owns the address from one that forged or kept it
-    /// (an IP reused while the old pod's sandbox lingers), and binding it to either would let
-    /// the wrong one send with it; mapping it to neither makes anti-spoofing drop it from both.
+    /// (an IP reused while the old pod's sandbox lingers). [`guarded_pods`] keeps a pod on the
+    /// veth it was found on before, if that is one of them; otherwise the guard drops the
+    /// address from all of them.
     pub fn conflicts(&self) -> &BTreeMap<IpAddr, Vec<String>> {
         &self.conflicts
     }
@@ -242,17 +245,57 @@ pub const SHARED_MAC: &str = "another veth's pod has this pod's link-layer addre
 pub const UNGUARDED: &str =
     "no bridge port carries this pod's addresses; it is enforced by address, without anti-spoofing";
 
+/// What the agent logs for a guarded pod whose addresses another veth's pod puts on its
+/// interface too (one with CAP_NET_ADMIN), naming the other veths.
+pub const CLAIMED: &str = "another veth's pod carries this pod's address too; the pod keeps \
+     the veth it had, and the other's frames from the address are dropped";
+
+/// What the agent logs for each pod [`guarded_pods`] reports contested, naming the veths.
+pub const CONTESTED: &str = "more than one veth's pod carries this pod's addresses and none \
+     is known to be its own; no frame from the addresses is taken until one veth has them";
+
+/// Which veth each of the compiler's local pods was found on, as [`guarded_pods`] tells it.
+#[derive(Debug, Default)]
+pub struct PodVeths {
+    /// The guarded pods, by `namespace/name`.
+    pub found: Vec<(String, GuardedPod)>,
+    /// The pods no bridge-port veth was found for, or whose veth's link-layer address is not
+    /// known: enforced by address only.
+    pub missing: BTreeSet<String>,
+    /// The pods whose addresses more than one veth's pod carries, none of them known to be the
+    /// pod's own, with those veths: their addresses are sent from no veth.
+    pub contested: BTreeMap<String, Vec<String>>,
+    /// Guarded pods whose addresses other veths' pods carry too, with those veths.
+    pub claimed: BTreeMap<String, Vec<String>>,
+    /// Each guarded pod's veth, by ifindex: what the next call is given as `bound`.
+    pub bound: BTreeMap<String, u32>,
+    /// The addresses of the contested pods.
+    addresses: Vec<IpAddr>,
+}
+
+impl PodVeths {
+    /// The guarded pods alone.
+    pub fn pods(&self) -> Vec<GuardedPod> {
+        self.found.iter().map(|(_, pod)| pod.clone()).collect()
+    }
+}
+
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
-/// failed): the guarded pods with their `namespace/name`, and the names of the pods no
-/// bridge-port veth was found for (or whose veth's link-layer address is not known). A veth
-/// belongs to the pod whose addresses it alone carries.
+/// failed). A veth belongs to the pod whose addresses it alone carries.
+///
+/// When the pods of more than one veth carry a pod's addresses (a pod with CAP_NET_ADMIN put a
+/// neighbour's on its interface), the pod keeps the veth `bound` says it was found on before
+/// (by ifindex, which the kernel does not reuse). Failing that, the kernel cannot tell the
+/// pod's own veth from the others: the pod is contested, and its addresses go to
+/// [`Guard::contested`], sent from none of them, rather than to a veth that may be the thief's.
 /// A pod whose veth is no bridge port is not guarded: the guard's chains never see its frames,
 /// and `input`'s drop of what comes straight from a guarded veth would take all its traffic to
 /// the node.
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
-) -> (Vec<(String, GuardedPod)>, BTreeSet<String>) {
+    bound: &BTreeMap<String, u32>,
+) -> PodVeths {
     // Every address each veth carries, those claimed by two veths included.
     let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
     // The veths that are bridge ports, whose frames the guard's hooks see.
@@ -294,8 +337,8 @@ pub fn guarded_pods(
             }
         }
     }
-    let mut found = Vec::new();
-    let mut missing = BTreeSet::new();
+    let veth_named = |name: &str| discovery.and_then(|d| d.veths().iter().find(|v| v.name == name));
+    let mut result = PodVeths::default();
     for pod in compiler.local_pods() {
         let id = format!("{}/{}", pod.namespace, pod.name);
         let owned: Vec<&str> = veth_owner
@@ -314,39 +357,85 @@ pub fn guarded_pods(
         } else {
             owned
         };
-        let veth = match candidates.as_slice() {
-            [name] if bridged.contains(name) => discovery
-                .and_then(|d| Some((d, d.veths().iter().find(|v| v.name == *name)?)))
-                .and_then(|(d, v)| {
-                    let shared = !d.sharing_mac(v).is_empty();
-                    Some((IfName::new(name)?, v.mac?, shared))
-                }),
+        // Whether another veth's pod carries one of this pod's addresses too. (Two veths with
+        // different addresses of one pod are no conflict, and leave the pod unguarded.)
+        let conflicted =
+            discovery.is_some_and(|d| pod.ips.iter().any(|ip| d.conflicts().contains_key(ip)));
+        let chosen = match candidates.as_slice() {
+            [name] => Some(*name),
+            many if conflicted => many
+                .iter()
+                .copied()
+                .find(|name| veth_named(name).is_some_and(|v| bound.get(&id) == Some(&v.index))),
             _ => None,
         };
+        let veth = chosen
+            .filter(|name| bridged.contains(name))
+            .and_then(|name| {
+                let v = veth_named(name)?;
+                let shared = discovery.is_some_and(|d| !d.sharing_mac(v).is_empty());
+                Some((IfName::new(name)?, v.mac?, shared, v.index))
+            });
+        let others = |mine: Option<&str>| -> Vec<String> {
+            carried
+                .iter()
+                .filter(|(name, ips)| {
+                    Some(**name) != mine && pod.ips.iter().any(|ip| ips.contains(ip))
+                })
+                .map(|(name, _)| name.to_string())
+                .collect()
+        };
         match veth {
-            Some((veth, mac, shared)) => found.push((
-                id,
-                GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
-            )),
-            _ => {
-                missing.insert(id);
+            Some((veth, mac, shared, index)) => {
+                let claimants = others(Some(veth.as_str()));
+                if !claimants.is_empty() {
+                    result.claimed.insert(id.clone(), claimants);
+                }
+                result.bound.insert(id.clone(), index);
+                result.found.push((
+                    id,
+                    GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
+                ));
+            }
+            None if conflicted && candidates.len() > 1 => {
+                result.addresses.extend(&pod.ips);
+                result.contested.insert(id, others(None));
+            }
+            None => {
+                result.missing.insert(id);
             }
         }
     }
-    (found, missing)
+    result
 }
 
-/// The guard for `pods`: with them, the veths of `discovery` that are bridge ports, in two
-/// lists: those on a bridge one of `pods`' veths is a port of (the pods' own, and those of pods
-/// the agent does not guard), and those on other bridges (`docker0`, a secondary network's).
-pub fn guard(discovery: Option<&Discovery>, pods: Vec<GuardedPod>) -> Guard {
+/// The guard for the pods [`guarded_pods`] found: them, the contested addresses, and the veths
+/// of `discovery` that are bridge ports, in two lists: those on a bridge one of the pods' veths
+/// is a port of (the pods' own, and those of pods the agent does not guard), and those on other
+/// bridges (`docker0`, a secondary network's).
+pub fn guard(discovery: Option<&Discovery>, found: &PodVeths) -> Guard {
+    let pods = found.pods();
+    let contested = found.addresses.clone();
     let Some(d) = discovery else {
-        return pods.into();
+        return Guard {
+            contested,
+            ..pods.into()
+        };
     };
+    // The contested pods' bridges too: with no pod guarded there, their veths are still no
+    // other network's.
+    let claimants: BTreeSet<&str> = found
+        .contested
+        .values()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     let bridges: BTreeSet<&str> = d
         .veths()
         .iter()
-        .filter(|v| pods.iter().any(|p| p.veth.as_str() == v.name))
+        .filter(|v| {
+            pods.iter().any(|p| p.veth.as_str() == v.name) || claimants.contains(v.name.as_str())
+        })
         .filter_map(|v| v.bridge.as_deref())
         .collect();
     let (ours, others): (Vec<&Veth>, Vec<&Veth>) = d
@@ -359,6 +448,7 @@ pub fn guard(discovery: Option<&Discovery>, pods: Vec<GuardedPod>) -> Guard {
         ports: names(ours),
         elsewhere: names(others),
         pods,
+        contested,
     }
 }
 
@@ -1171,7 +1261,7 @@ mod tests {
         assert_eq!(addresses_of(&d, "vethc").0, [ip("10.0.0.4")]);
         let veth_c = d.veths().iter().find(|v| v.name == "vethc").unwrap();
         assert_eq!(veth_c.bridge, None, "bond0 is no bridge");
-        let (found, missing) = guarded_pods(&compiler, Some(&d));
+        let PodVeths { found, missing, .. } = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
         let found: Vec<(&str, &str)> = found
             .iter()
             .map(|(id, p)| (id.as_str(), p.veth.as_str()))
@@ -1203,12 +1293,13 @@ mod tests {
             (3, Ok(side(vec![at(2, "10.0.0.10")]))),
         ]);
         let d = assemble(links, peers, None);
-        let (found, _) = guarded_pods(&compiler, Some(&d));
-        let pods: Vec<GuardedPod> = found.into_iter().map(|(_, pod)| pod).collect();
+        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let pods = found.pods();
         let names = |veths: &[IfName]| -> Vec<String> {
             veths.iter().map(|p| p.as_str().to_string()).collect()
         };
-        let found = guard(Some(&d), pods.clone());
+        let all = found;
+        let found = guard(Some(&d), &all);
         assert_eq!(found.pods, pods);
         assert_eq!(names(&found.ports), ["vethknown", "vethstranger"]);
         assert_eq!(
@@ -1216,10 +1307,108 @@ mod tests {
             ["vethdocker"],
             "vethalone is on no bridge"
         );
-        let none = guard(Some(&d), Vec::new());
+        let none = guard(Some(&d), &PodVeths::default());
         assert!(none.ports.is_empty(), "no guarded pod, no bridge of theirs");
         assert_eq!(none.elsewhere.len(), 3);
-        assert_eq!(guard(None, pods.clone()), pods.into());
+        assert_eq!(guard(None, &all), pods.into());
+    }
+
+    #[test]
+    fn a_pod_keeps_its_veth_when_another_claims_its_address_and_is_contested_without_one() {
+        let compiler = compiler_of([
+            running_pod("bank", "teller", "10.0.0.2"),
+            running_pod("bank", "mallory", "10.0.0.3"),
+        ]);
+        // The stranger (a pod the agent has not been told of) has put teller's address on its
+        // interface too.
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vethteller", Some(1), Some((0, 2))),
+            veth(6, "vethmallory", Some(1), Some((1, 2))),
+            veth(7, "vethstranger", Some(1), Some((2, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+            (1, Ok(side(vec![at(2, "10.0.0.3")]))),
+            (2, Ok(side(vec![at(2, "10.0.0.9"), at(2, "10.0.0.2")]))),
+        ]);
+        let d = assemble(links, peers, None);
+        let ids = |pods: &PodVeths| -> Vec<(String, String)> {
+            pods.found
+                .iter()
+                .map(|(id, p)| (id.clone(), p.veth.as_str().to_string()))
+                .collect()
+        };
+        let pair = |id: &str, veth: &str| (id.to_string(), veth.to_string());
+
+        // Found on vethteller before: teller keeps it, and the claim is reported.
+        let before = BTreeMap::from([("bank/teller".to_string(), 5)]);
+        let kept = guarded_pods(&compiler, Some(&d), &before);
+        assert_eq!(
+            ids(&kept),
+            [
+                pair("bank/mallory", "vethmallory"),
+                pair("bank/teller", "vethteller")
+            ]
+        );
+        assert_eq!(
+            kept.claimed,
+            BTreeMap::from([("bank/teller".to_string(), vec!["vethstranger".to_string()])])
+        );
+        assert!(kept.contested.is_empty() && kept.missing.is_empty());
+        assert_eq!(kept.bound.get("bank/teller"), Some(&5));
+        assert!(guard(Some(&d), &kept).contested.is_empty());
+
+        // Nothing known before (a restarted agent), or a veth that is gone: contested, its
+        // address sent from neither veth.
+        for before in [
+            BTreeMap::new(),
+            BTreeMap::from([("bank/teller".to_string(), 4)]),
+        ] {
+            let contested = guarded_pods(&compiler, Some(&d), &before);
+            assert_eq!(ids(&contested), [pair("bank/mallory", "vethmallory")]);
+            assert_eq!(
+                contested.contested,
+                BTreeMap::from([(
+                    "bank/teller".to_string(),
+                    vec!["vethstranger".to_string(), "vethteller".to_string()]
+                )])
+            );
+            assert!(contested.missing.is_empty());
+            assert!(!contested.bound.contains_key("bank/teller"));
+            assert_eq!(guard(Some(&d), &contested).contested, [ip("10.0.0.2")]);
+        }
+
+        // Alone on its bridge, a contested pod's veths are still its bridge's ports, not
+        // another network's the guard leaves alone.
+        let alone = compiler_of([running_pod("bank", "teller", "10.0.0.2")]);
+        let found = guarded_pods(&alone, Some(&d), &BTreeMap::new());
+        let g = guard(Some(&d), &found);
+        assert!(g.pods.is_empty());
+        assert_eq!(g.contested, [ip("10.0.0.2")]);
+        assert!(g.elsewhere.is_empty(), "{:?}", g.elsewhere);
+        assert_eq!(g.ports.len(), 3);
+    }
+
+    #[test]
+    fn two_veths_with_different_addresses_of_one_pod_are_no_contest() {
+        let mut pod = running_pod("bank", "twofaced", "10.0.0.2");
+        pod.ips.push(ip("fd00::2"));
+        let compiler = compiler_of([pod]);
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", Some(1), Some((1, 2))),
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+            (1, Ok(side(vec![at(2, "fd00::2")]))),
+        ]);
+        let d = assemble(links, peers, None);
+        let before = BTreeMap::from([("bank/twofaced".to_string(), 5)]);
+        let found = guarded_pods(&compiler, Some(&d), &before);
+        assert!(found.found.is_empty() && found.contested.is_empty());
+        assert_eq!(found.missing.iter().collect::<Vec<_>>(), ["bank/twofaced"]);
     }
 
     #[test]
@@ -1503,7 +1692,7 @@ mod tests {
             names("vethf").is_empty(),
             "on another bridge, one MAC confuses nothing"
         );
-        let (found, missing) = guarded_pods(&compiler, Some(&d));
+        let PodVeths { found, missing, .. } = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
         let found: Vec<(&str, [u8; 6], bool)> = found
             .iter()
             .map(|(id, p)| (id.as_str(), p.mac, p.mac_shared))

@@ -9,6 +9,11 @@
 //!   neighbour with it, while no agent runs, and cannot once the agent runs; a pod that sets
 //!   its interface to the neighbour's MAC cuts both off (with a warning naming both) until it
 //!   gives it back;
+//! - addresses on two veths: a pod the agent does not know that puts a guarded pod's addresses
+//!   on its interface too reaches the node from them while no agent runs; once the agent runs,
+//!   the guarded pod keeps its veth and the stranger's datagrams are dropped; an agent started
+//!   while both have the addresses takes them from neither (both cut off, warned naming both
+//!   veths) until the stranger gives them back;
 //! - floods: once the bridge forgets a pod's MAC, frames another pod sends it are flooded to
 //!   every port while no agent runs, and reach no third pod once the agent runs;
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
@@ -1701,5 +1706,136 @@ fn a_pod_does_not_receive_what_a_neighbour_sends_a_pod_the_bridge_forgot() {
         [(SENT, 0), (SENT, 0)],
         "with the agent, frames to teller's MAC leave only by teller's veth\n{}",
         agent.describe()
+    );
+}
+
+/// Takes back from `attacker` the addresses [`borrow_addresses`] gave it of `victim`.
+fn return_addresses(attacker: &Pod, victim: &Pod) {
+    for addr in [
+        format!("{}/32", victim.ipv4),
+        format!("{}/128", victim.ipv6),
+    ] {
+        exec(
+            &attacker.netns,
+            &["ip", "addr", "del", &addr, "dev", "eth0"],
+        );
+    }
+}
+
+/// The veths the guard of node 0 binds pods to.
+fn guarded_veths(lab: &Lab) -> String {
+    exec(
+        lab.node_netns(0).unwrap(),
+        &["nft", "list", "set", "bridge", "nftpol", "veths"],
+    )
+}
+
+#[test]
+fn a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address() {
+    let Some((scratch, lab, teller, mallory, stranger)) =
+        with_a_stranger("a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address")
+    else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap().to_string();
+    let from = [teller.ipv4.to_string(), teller.ipv6.to_string()];
+    let counter = Counter::at(&node, 10, &from);
+    // Datagrams from teller's addresses that `sender` sends the node and the node receives.
+    let as_teller = |sender: &Pod| {
+        arrivals([(&counter, &from[0]), (&counter, &from[1])], || {
+            for (from, to) in from.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
+                exec(
+                    &sender.netns,
+                    &[LABPOD, "send", from, to, "80", &SENT.to_string()],
+                );
+            }
+        })
+    };
+    // The stranger is a pod the agent has not been told of (a new one, before the snapshot
+    // lists it); with CAP_NET_ADMIN it puts teller's addresses on its interface as well.
+    borrow_addresses(&stranger, &teller);
+    assert_eq!(
+        as_teller(&stranger),
+        [SENT; 2],
+        "control: without the agent, the node takes the stranger's datagrams as teller's"
+    );
+    return_addresses(&stranger, &teller);
+
+    // The agent found teller on its veth before the stranger claimed its addresses: teller
+    // keeps the veth, and the stranger's datagrams from them are dropped.
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    borrow_addresses(&stranger, &teller);
+    let names_stranger = |a: &Agent| {
+        a.lines()
+            .into_iter()
+            .find(|line| line.contains(&teller.name) && line.contains(&stranger.veth()))
+    };
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "a warning naming teller and the stranger's veth",
+        SYNC_TIMEOUT,
+        |_, a| names_stranger(a).is_some(),
+    );
+    assert_eq!(
+        [as_teller(&stranger), as_teller(&teller)],
+        [[0, 0], [SENT; 2]],
+        "datagrams from teller's addresses, sent by the stranger and by teller, once the stranger claims them\n{}",
+        agent.describe()
+    );
+    assert!(
+        guarded_veths(&lab).contains(&teller.veth()),
+        "teller keeps its veth\n{}",
+        agent.describe()
+    );
+    let warning = names_stranger(&agent).unwrap_or_default();
+    assert!(
+        warning.contains("carries this pod's address too"),
+        "the warning says teller keeps its veth: {warning}"
+    );
+
+    // A restarted agent has not seen which veth had the addresses first: neither is taken to
+    // be teller's, and nothing from teller's addresses gets through until one veth has them.
+    drop(agent);
+    let snapshot = scratch.path().join("snapshot.yaml");
+    let mut agent = Agent::start(Path::new(LABPOD), &lab, 0, NODES[0], &snapshot, &[]);
+    let contested = "none is known to be its own";
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "a warning that two veths claim teller's addresses",
+        SYNC_TIMEOUT,
+        |_, a| {
+            a.synced() >= 1
+                && a.lines().iter().any(|line| {
+                    line.contains(contested)
+                        && line.contains(&teller.name)
+                        && line.contains(&teller.veth())
+                        && line.contains(&stranger.veth())
+                })
+        },
+    );
+    assert_eq!(
+        [as_teller(&stranger), as_teller(&teller)],
+        [[0, 0], [0, 0]],
+        "datagrams from teller's addresses, sent by the stranger and by teller, after a restart while both claim them\n{}",
+        agent.describe()
+    );
+
+    // Once the stranger gives the addresses back, teller has its veth again.
+    return_addresses(&stranger, &teller);
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "teller's veth in the guard",
+        SYNC_TIMEOUT,
+        |_, _| guarded_veths(&lab).contains(&teller.veth()),
+    );
+    assert_eq!(
+        as_teller(&teller),
+        [SENT; 2],
+        "teller's datagrams once the stranger gave its addresses back\n{}",
+        agent.describe()
+    );
+    assert!(
+        reaches(&mallory, &teller.ipv4.to_string()),
+        "mallory reaches teller again"
     );
 }

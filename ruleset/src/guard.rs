@@ -18,7 +18,7 @@
 //! | `macs` | set of `ifname . ether_addr` | each veth with its pod's link-layer address (none for a pod whose address another veth's pod has too) |
 //! | `own4` | set of `ifname . ether_addr . ipv4_addr` | the elements of `macs` and `src4` joined: the common case in one lookup |
 //! | `guardedmacs` | set of `ether_addr` | the link-layer addresses of the guarded pods (shared ones included), which `prerouting` drops from any other veth |
-//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth |
+//! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth, and the contested addresses ([`Guard::contested`]), which no veth may send from |
 //! | `targets6` | set of `typeof @th,64,128` | the addresses of `guarded6`, keyed on a neighbour advertisement's target |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
@@ -37,6 +37,11 @@
 //! gives it back, rather than one of them taking the other's traffic. The bridge also learns
 //! from frames to its reserved group addresses, which never meet these chains; the agent sets
 //! the bridge's `no_linklocal_learn` for those (`agent::veth::stop_link_local_learning`).
+//!
+//! Likewise for IP addresses: when the pods of two veths carry one pod's addresses (one put a
+//! neighbour's on its interface), the agent keeps the pod on the veth it had; when it cannot
+//! tell which that was, the addresses are [`Guard::contested`]: in `guarded4`/`guarded6` with
+//! no veth of their own, so no veth's frames from them are taken.
 //!
 //! ARP and IPv6 neighbour discovery are held to the same rule as IP: a pod announcing another
 //! pod's address (`arp saddr ip`, or the target of a neighbour advertisement) would poison the
@@ -118,6 +123,10 @@ pub struct Guard {
     /// The veths that are ports of other bridges (`docker0`, a secondary network's), which
     /// the guard leaves alone.
     pub elsewhere: Vec<IfName>,
+    /// Addresses of local pods that the pods of more than one veth carry, none of them known
+    /// to be the pod's own (one took a neighbour's addresses with CAP_NET_ADMIN): sent from
+    /// no veth, like a guarded pod's from any veth but its own.
+    pub contested: Vec<IpAddr>,
 }
 
 impl From<Vec<GuardedPod>> for Guard {
@@ -222,6 +231,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
         let addresses = pods
             .iter()
             .flat_map(|p| p.ips.iter())
+            .chain(&guard.contested)
             .filter(|ip| Family::of(ip) == family)
             .map(|ip| Element::Addr(*ip))
             .collect();
@@ -229,7 +239,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             &guarded_set(family),
             SetKey::Addr(family),
             false,
-            "the addresses of the pods on veths: sent from those veths only",
+            "the addresses of the pods on veths: sent from those veths only (contested ones from none)",
             addresses,
         );
     }

@@ -1191,6 +1191,8 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     let ips: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()];
     let cloned_ip: IpAddr = "10.244.1.7".parse().unwrap();
     let (mac, open_mac, cloned_mac) = ([2, 0, 0, 0, 0, 5], [2, 0, 0, 0, 0, 6], [2, 0, 0, 0, 0, 7]);
+    // The addresses of a pod whose addresses two veths' pods carry, neither known its own.
+    let contested: Vec<IpAddr> = vec!["10.244.1.9".parse().unwrap(), "fd00::9".parse().unwrap()];
     let table = guard_table(
         "n1",
         &Guard {
@@ -1219,6 +1221,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
             ],
             ports: vec![stranger],
             elsewhere: vec![docker],
+            contested: contested.clone(),
         },
     );
     assert_eq!(table.family, TableFamily::Bridge);
@@ -1273,17 +1276,23 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         table.sets["src4"].elements.len() + table.sets["src6"].elements.len(),
         3
     );
+    // The contested addresses are sent from no veth: in no veth's own sets, and dropped from
+    // every other veth like a guarded pod's.
     assert_eq!(
         table.sets["guarded4"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Addr(ips[0]), &Element::Addr(cloned_ip)]
+        [
+            &Element::Addr(ips[0]),
+            &Element::Addr(cloned_ip),
+            &Element::Addr(contested[0])
+        ]
     );
     assert_eq!(
         table.sets["guarded6"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Addr(ips[1])]
+        [&Element::Addr(ips[1]), &Element::Addr(contested[1])]
     );
     assert_eq!(
         table.sets["targets6"].elements.iter().collect::<Vec<_>>(),
-        [&Element::Addr(ips[1])]
+        [&Element::Addr(ips[1]), &Element::Addr(contested[1])]
     );
     // Tagged frames are dropped from every veth on the bridge (the drops below read past one
     // tag, or none), and from any other veth a guarded pod's address, after every rule for
