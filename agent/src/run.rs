@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ruleset::epoch::{self, Epoch};
 use ruleset::guard::{guard_table, veths_delta, with_veths, Guard, INPUT_VETHS};
-use ruleset::ir::{Set, Table, TableFamily, TABLE_NAME};
+use ruleset::ir::{Mac, Set, Table, TableFamily, TABLE_NAME};
 use ruleset::{diff, Compiler, Delta, Options};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -846,6 +846,10 @@ struct Guards {
     bound: BTreeMap<String, u32>,
     /// Bridges already warned about for failing to set `no_linklocal_learn` on.
     unlearned: BTreeSet<String>,
+    /// The MACs pinned to their pods' veths (bridge port ifindex, MAC).
+    pinned: BTreeSet<(u32, Mac)>,
+    /// Failures to pin or unpin, already warned about, by what was asked.
+    unpinned: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
     failing: bool,
     /// The veths last found on other bridges, kept while discovery fails: without them, the
@@ -902,6 +906,7 @@ impl Guards {
         if let Some(d) = &discovery {
             self.elsewhere.clone_from(&guard.elsewhere);
             self.stop_link_local_learning(d, &guard);
+            self.pin_macs(d, &found);
         } else {
             guard.elsewhere.clone_from(&self.elsewhere);
         }
@@ -934,6 +939,42 @@ impl Guards {
             tracing::info!(pod = %id, "no other veth's pod carries this pod's addresses now");
         }
         self.claimed = now;
+    }
+
+    /// Pins the guarded pods' MACs to their veths and unpins the rest, as [`veth::PinPlan`]
+    /// says. Failures are warned about once each; a failed unpin is tried again.
+    fn pin_macs(&mut self, discovery: &veth::Discovery, found: &veth::PodVeths) {
+        let veth::PinPlan { pins, unpins, kept } =
+            veth::PinPlan::new(&self.pinned, found, discovery);
+        let failures = veth::pin_macs(&pins, &unpins);
+        let messages: BTreeSet<String> = failures.iter().map(ToString::to_string).collect();
+        for err in &failures {
+            if self.unpinned.insert(err.to_string()) {
+                tracing::warn!(%err, "cannot pin or unpin a pod's MAC on its veth: frames to a guarded pod are flooded to every port whenever the bridge forgets its MAC");
+            }
+        }
+        self.unpinned.retain(|err| messages.contains(err));
+        // What is pinned now, as far as the agent knows: an unpin that failed is tried again.
+        let still: Vec<(u32, Mac)> = unpins
+            .into_iter()
+            .filter(|(port, mac)| {
+                let asked = veth::Request::UnpinMac {
+                    port: *port,
+                    mac: *mac,
+                };
+                failures
+                    .iter()
+                    .any(|err| err.request().is_none_or(|request| request == asked))
+            })
+            .collect();
+        let first = self.pinned.is_empty() && !pins.is_empty();
+        self.pinned = pins.iter().chain(&kept).chain(&still).copied().collect();
+        if first {
+            tracing::info!(
+                pods = pins.len(),
+                "pinned the guarded pods' MACs to their veths (static, sticky bridge fdb entries): the bridge neither forgets them nor moves them to another port"
+            );
+        }
     }
 
     /// Sets `no_linklocal_learn` on the guarded pods' bridges that lack it, saying so (see

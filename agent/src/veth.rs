@@ -12,8 +12,12 @@
 //!   veth, by the addresses on it, if a bridge port; a pod whose addresses two veths carry keeps
 //!   its veth of last time, or else is contested (its addresses sent from neither)
 //! Discovery + guard ─> link_local_learners: the guarded pods' bridges without no_linklocal_learn
-//!   ─> stop_link_local_learning (RTM_NEWLINK, IFLA_BR_MULTI_BOOLOPT): the one change made here
+//!   ─> stop_link_local_learning (RTM_NEWLINK, IFLA_BR_MULTI_BOOLOPT)
+//! guarded pods + what is pinned ─> PinPlan ─> pin_macs (RTM_NEWNEIGH/RTM_DELNEIGH AF_BRIDGE):
+//!   each guarded pod's MAC pinned to its veth, a static, sticky fdb entry
 //! ```
+//!
+//! Those two are the only changes made here, both to the bridges of guarded pods.
 //!
 //! Nothing here trusts interface names: a veth is what IFLA_INFO_KIND says, its pod is whatever
 //! sits at the other end.
@@ -24,8 +28,8 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
@@ -33,7 +37,7 @@ use netlink_packet_route::link::{
     LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -95,6 +99,10 @@ pub enum Request {
     BridgeFdb,
     /// Setting `no_linklocal_learn` on a bridge.
     NoLinkLocalLearn { bridge: u32 },
+    /// Pinning a MAC to a bridge port: a static, sticky fdb entry.
+    PinMac { port: u32, mac: Mac },
+    /// Removing such an entry.
+    UnpinMac { port: u32, mac: Mac },
 }
 
 /// The address family of a peer-address dump.
@@ -127,6 +135,16 @@ impl fmt::Display for Request {
             Self::NoLinkLocalLearn { bridge } => write!(
                 f,
                 "RTM_NEWLINK setting no_linklocal_learn on bridge ifindex {bridge}"
+            ),
+            Self::PinMac { port, mac } => write!(
+                f,
+                "RTM_NEWNEIGH AF_BRIDGE pinning {} to port ifindex {port} (static, sticky)",
+                ruleset::render::mac_text(mac)
+            ),
+            Self::UnpinMac { port, mac } => write!(
+                f,
+                "RTM_DELNEIGH AF_BRIDGE unpinning {} from port ifindex {port}",
+                ruleset::render::mac_text(mac)
             ),
         }
     }
@@ -165,6 +183,21 @@ pub enum VethError {
     Interrupted { request: Request, attempts: u32 },
     #[error("{request}: the reply is for netns id {got:?}: the target netns id was not honoured")]
     WrongNamespace { request: Request, got: Option<i32> },
+}
+
+impl VethError {
+    /// The request that failed; `None` when no socket could be opened.
+    pub fn request(&self) -> Option<Request> {
+        match self {
+            Self::Socket(_) => None,
+            Self::Io { request, .. }
+            | Self::Refused { request, .. }
+            | Self::Decode { request, .. }
+            | Self::Truncated { request, .. }
+            | Self::Interrupted { request, .. }
+            | Self::WrongNamespace { request, .. } => Some(*request),
+        }
+    }
 }
 
 /// What the kernel said about the node's veths, joined.
@@ -504,7 +537,97 @@ pub fn stop_link_local_learning(index: u32) -> Result<(), VethError> {
     Rtnl::open()?.acknowledged(
         Request::NoLinkLocalLearn { bridge: index },
         &RouteNetlinkMessage::NewLink(link),
+        0,
     )
+}
+
+/// What [`pin_macs`] is to do, given what is pinned (port ifindex, MAC): pin each guarded
+/// pod's MAC to its veth (every time, so that a pin removed behind the agent's back is back at
+/// the next discovery), keep the pin of a pod whose MAC another veth's pod has too (a second
+/// pin would move it), and unpin the rest, on veths still there.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinPlan {
+    pub pins: Vec<(u32, Mac)>,
+    pub unpins: Vec<(u32, Mac)>,
+    /// Pins left as they are.
+    pub kept: Vec<(u32, Mac)>,
+}
+
+impl PinPlan {
+    pub fn new(pinned: &BTreeSet<(u32, Mac)>, found: &PodVeths, discovery: &Discovery) -> Self {
+        let mut plan = Self::default();
+        for (id, pod) in &found.found {
+            let Some(port) = found.bound.get(id).copied() else {
+                continue;
+            };
+            if !pod.mac_shared {
+                plan.pins.push((port, pod.mac));
+            } else if pinned.contains(&(port, pod.mac)) {
+                plan.kept.push((port, pod.mac));
+            }
+        }
+        plan.unpins = pinned
+            .iter()
+            .copied()
+            .filter(|pin| !plan.pins.contains(pin) && !plan.kept.contains(pin))
+            .filter(|(port, _)| discovery.veths().iter().any(|v| v.index == *port))
+            .collect();
+        plan
+    }
+}
+
+/// Pins each `(port, mac)` of `pins` in the forwarding database of the port's bridge, and
+/// removes each pin of `unpins` (one already gone is no failure). In the calling thread's
+/// network namespace; the failures.
+///
+/// A pinned entry is static, so the bridge never forgets it: frames to the MAC are never
+/// flooded to every port, as they are once a learned entry has aged out (the node's own
+/// included, which no hook of the bridge can stop short of one on every frame the node sends).
+/// And it is sticky, so learning never moves it to another port, whatever frame reaches the
+/// bridge before its hooks. The kernel drops a port's entries with the port.
+pub fn pin_macs(pins: &[(u32, Mac)], unpins: &[(u32, Mac)]) -> Vec<VethError> {
+    let mut rtnl = match Rtnl::open() {
+        Ok(rtnl) => rtnl,
+        Err(err) => return vec![err],
+    };
+    let entry = |port: u32, mac: &Mac| {
+        let mut entry = NeighbourMessage::default();
+        entry.header.family = AddressFamily::Bridge;
+        entry.header.ifindex = port;
+        entry.header.state = NeighbourState::Noarp;
+        entry.header.flags = NeighbourFlags::Controller | NeighbourFlags::Sticky;
+        entry
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        entry
+    };
+    let pinned = pins.iter().filter_map(|(port, mac)| {
+        rtnl.acknowledged(
+            Request::PinMac {
+                port: *port,
+                mac: *mac,
+            },
+            &RouteNetlinkMessage::NewNeighbour(entry(*port, mac)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .err()
+    });
+    let mut failures: Vec<VethError> = pinned.collect();
+    for (port, mac) in unpins {
+        match rtnl.acknowledged(
+            Request::UnpinMac {
+                port: *port,
+                mac: *mac,
+            },
+            &RouteNetlinkMessage::DelNeighbour(entry(*port, mac)),
+            0,
+        ) {
+            Err(VethError::Refused { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => failures.push(err),
+            Ok(()) => {}
+        }
+    }
+    failures
 }
 
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
@@ -1058,13 +1181,15 @@ impl Rtnl {
         Ok(self.sequence)
     }
 
-    /// One request that changes something, and the kernel's acknowledgement of it.
+    /// One request that changes something, with `flags` too, and the kernel's
+    /// acknowledgement of it.
     fn acknowledged(
         &mut self,
         request: Request,
         message: &RouteNetlinkMessage,
+        flags: u16,
     ) -> Result<(), VethError> {
-        let sequence = self.send(request, message, NLM_F_ACK)?;
+        let sequence = self.send(request, message, NLM_F_ACK | flags)?;
         let io = |source| VethError::Io { request, source };
         loop {
             self.buffer.clear();
@@ -1388,6 +1513,62 @@ mod tests {
         assert_eq!(g.contested, [ip("10.0.0.2")]);
         assert!(g.elsewhere.is_empty(), "{:?}", g.elsewhere);
         assert_eq!(g.ports.len(), 3);
+    }
+
+    #[test]
+    fn guarded_pods_macs_are_pinned_and_the_rest_unpinned_where_their_veths_remain() {
+        let links = vec![
+            bridge(1, "cni0"),
+            veth(5, "vetha", Some(1), Some((0, 2))),
+            veth(6, "vethb", Some(1), Some((1, 2))),
+            veth(7, "vethc", Some(1), Some((2, 2))),
+            veth(8, "vethd", Some(1), Some((3, 2))),
+            veth(10, "vethe", Some(1), Some((4, 2))),
+        ];
+        let d = assemble(links, BTreeMap::new(), None);
+        let pod = |veth: &str, last: u8, shared: bool| GuardedPod {
+            veth: IfName::new(veth).unwrap(),
+            ips: Vec::new(),
+            mac: mac(last),
+            mac_shared: shared,
+            egress_isolated: false,
+        };
+        // a changed its MAC from 1 to 2; c and d have one MAC, which c had first; e is no
+        // longer guarded, and the veth of what was pinned on 9 is gone.
+        let found = PodVeths {
+            found: vec![
+                ("x/a".into(), pod("vetha", 2, false)),
+                ("x/b".into(), pod("vethb", 3, false)),
+                ("x/c".into(), pod("vethc", 4, true)),
+                ("x/d".into(), pod("vethd", 4, true)),
+            ],
+            bound: BTreeMap::from([
+                ("x/a".into(), 5),
+                ("x/b".into(), 6),
+                ("x/c".into(), 7),
+                ("x/d".into(), 8),
+            ]),
+            ..PodVeths::default()
+        };
+        let pinned = BTreeSet::from([
+            (5, mac(1)),
+            (6, mac(3)),
+            (7, mac(4)),
+            (9, mac(9)),
+            (10, mac(10)),
+        ]);
+        assert_eq!(
+            PinPlan::new(&pinned, &found, &d),
+            PinPlan {
+                pins: vec![(5, mac(2)), (6, mac(3))],
+                unpins: vec![(5, mac(1)), (10, mac(10))],
+                kept: vec![(7, mac(4))],
+            }
+        );
+        // Nothing pinned yet: the shared MAC is pinned to neither.
+        let plan = PinPlan::new(&BTreeSet::new(), &found, &d);
+        assert_eq!(plan.pins, [(5, mac(2)), (6, mac(3))]);
+        assert!(plan.unpins.is_empty() && plan.kept.is_empty());
     }
 
     #[test]

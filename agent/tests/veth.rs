@@ -298,6 +298,31 @@ fn each_pod_address_maps_to_its_host_veth() {
             .output()
             .expect("ip runs");
         assert!(String::from_utf8_lossy(&shown.stdout).contains("no_linklocal_learn 1"));
+
+        // A guarded pod's MAC pinned to its veth: static and sticky, pinned again without
+        // complaint, and unpinned (twice: the second finds nothing, which is no failure).
+        let pin = (v.index, v.mac.unwrap());
+        let entry = || {
+            let shown = Command::new("bridge")
+                .args(["fdb", "show", "dev", &v.name])
+                .output()
+                .expect("bridge runs");
+            String::from_utf8_lossy(&shown.stdout)
+                .lines()
+                .find(|line| line.starts_with("02:00:00:00:00:02"))
+                .map(str::to_string)
+        };
+        for _ in 0..2 {
+            let failures = agent::veth::pin_macs(&[pin], &[]);
+            assert!(failures.is_empty(), "{failures:?}");
+            let line = entry().expect("the pinned entry");
+            assert!(line.contains("static") && line.contains("sticky"), "{line}");
+        }
+        for _ in 0..2 {
+            let failures = agent::veth::pin_macs(&[], &[pin]);
+            assert!(failures.is_empty(), "{failures:?}");
+            assert_eq!(entry(), None);
+        }
     });
 }
 
@@ -481,6 +506,21 @@ fn discovery_time_with_110_veths() {
             || {
                 let d = discover().expect("discover");
                 assert_eq!(d.addresses().count(), 2 * PODS as usize);
+            },
+        );
+
+        let d = discover().expect("discover");
+        let pins: Vec<(u32, [u8; 6])> = d
+            .veths()
+            .iter()
+            .map(|v| (v.index, v.mac.expect("a MAC")))
+            .collect();
+        measure(
+            &format!("pin_macs() of {PODS} veths, all pinned already but the first run"),
+            RUNS,
+            || {
+                let failures = agent::veth::pin_macs(&pins, &[]);
+                assert!(failures.is_empty(), "{failures:?}");
             },
         );
 

@@ -15,7 +15,10 @@
 //!   while both have the addresses takes them from neither (both cut off, warned naming both
 //!   veths) until the stranger gives them back;
 //! - floods: once the bridge forgets a pod's MAC, frames another pod sends it are flooded to
-//!   every port while no agent runs, and reach no third pod once the agent runs;
+//!   every port while no agent runs, and reach no third pod once the agent runs; frames the
+//!   node sends it (the bridge made to forget at once) reach every other pod while no agent
+//!   runs, and none once the agent has pinned the pod's MAC to its veth, a pin that another
+//!   pod taking the MAC does not move;
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
@@ -1837,5 +1840,112 @@ fn a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address() {
     assert!(
         reaches(&mallory, &teller.ipv4.to_string()),
         "mallory reaches teller again"
+    );
+}
+
+#[test]
+fn a_pod_does_not_receive_what_the_node_sends_a_pod_the_bridge_forgot() {
+    let Some((scratch, lab, teller, mallory, stranger)) =
+        with_a_stranger("a_pod_does_not_receive_what_the_node_sends_a_pod_the_bridge_forgot")
+    else {
+        return;
+    };
+    let node = lab.node_netns(0).unwrap().to_string();
+    let node = node.as_str();
+    let teller_mac = link_address(&teller.netns, "eth0");
+    let teller_v4 = teller.ipv4.to_string();
+    // The node knows teller's MAC, so its datagrams to teller go out unicast.
+    set_neighbour(node, "cni0", &teller_v4, &teller_mac, "permanent");
+    let seen = [&mallory, &stranger].map(|pod| FramesTo::install(&pod.netns, &teller_mac));
+    let counter = Counter::at(&teller.netns, 10, &["10.244.1.1".to_string()]);
+    // A bridge that ages what it learns at once: it forgets teller's MAC as soon as it learns
+    // it, as it does after teller has sent nothing for the ageing time (300 s by default).
+    exec(
+        node,
+        &[
+            "ip",
+            "link",
+            "set",
+            "cni0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "0",
+        ],
+    );
+    // Teller speaks, the bridge forgets, and the node sends teller five datagrams. Returns how
+    // many teller got, and how many frames to teller's MAC mallory and the stranger received.
+    let forgotten = || {
+        exec(
+            &teller.netns,
+            &[LABPOD, "send", &teller_v4, "10.244.1.1", "80", "1"],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let before = seen.each_ref().map(FramesTo::count);
+        let [got] = arrivals([(&counter, "10.244.1.1")], || {
+            exec(
+                node,
+                &[
+                    LABPOD,
+                    "send",
+                    "10.244.1.1",
+                    &teller_v4,
+                    "80",
+                    &SENT.to_string(),
+                ],
+            );
+        });
+        let after = seen.each_ref().map(FramesTo::count);
+        (got, [after[0] - before[0], after[1] - before[1]])
+    };
+    let (got, flooded) = forgotten();
+    assert!(
+        got == SENT && flooded == [SENT; 2],
+        "control: without the agent, the bridge floods the node's frames to teller's forgotten MAC to every port: teller got {got}, mallory and the stranger {flooded:?}"
+    );
+
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    // The agent pins teller's MAC to teller's veth: an entry that neither ages nor moves.
+    let pinned = |lab: &Lab| {
+        exec(
+            lab.node_netns(0).unwrap(),
+            &["bridge", "fdb", "show", "dev", &teller.veth()],
+        )
+        .lines()
+        .any(|line| {
+            line.starts_with(&teller_mac) && line.contains("static") && line.contains("sticky")
+        })
+    };
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "the agent saying it pinned the pods' MACs",
+        SYNC_TIMEOUT,
+        |_, a| a.count("pinned the guarded pods' MACs") == 1,
+    );
+    assert_eq!(
+        [forgotten(), forgotten()],
+        [(SENT, [0, 0]), (SENT, [0, 0])],
+        "with the agent, the node's frames to teller's MAC leave only by teller's veth\n{}",
+        agent.describe()
+    );
+    assert!(pinned(&lab), "teller's pin\n{}", agent.describe());
+    // A pod whose MAC another veth's pod takes loses its pin no more than its port: the
+    // bridge keeps sending teller's frames to teller, and mallory's frames from the MAC do not
+    // move it.
+    let mallory_mac = link_address(&mallory.netns, "eth0");
+    exec(
+        &mallory.netns,
+        &["ip", "link", "set", "dev", "eth0", "address", &teller_mac],
+    );
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "a warning that mallory has teller's MAC",
+        SYNC_TIMEOUT,
+        |_, a| a.count("has this pod's link-layer address") >= 2,
+    );
+    assert!(pinned(&lab), "teller's pin stays\n{}", agent.describe());
+    exec(
+        &mallory.netns,
+        &["ip", "link", "set", "dev", "eth0", "address", &mallory_mac],
     );
 }

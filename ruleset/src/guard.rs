@@ -36,7 +36,10 @@
 //! (one set it with CAP_NET_ADMIN), neither's frames are taken: both pods are cut off until one
 //! gives it back, rather than one of them taking the other's traffic. The bridge also learns
 //! from frames to its reserved group addresses, which never meet these chains; the agent sets
-//! the bridge's `no_linklocal_learn` for those (`agent::veth::stop_link_local_learning`).
+//! the bridge's `no_linklocal_learn` for those (`agent::veth::stop_link_local_learning`). Outside
+//! these tables, the agent also pins each guarded pod's MAC to its veth in the bridge's
+//! forwarding database (`agent::veth::pin_macs`), so that the bridge never floods the node's
+//! frames for it to every port.
 //!
 //! Likewise for IP addresses: when the pods of two veths carry one pod's addresses (one put a
 //! neighbour's on its interface), the agent keeps the pod on the veth it had; when it cannot
