@@ -841,9 +841,9 @@ struct Guards {
     shared: BTreeSet<String>,
     /// Pods already warned about for addresses other veths' pods carry too, with those veths.
     claimed: BTreeMap<String, Vec<String>>,
-    /// Each guarded pod's veth by ifindex, as last found: a pod keeps it while another veth's
-    /// pod carries its addresses too.
-    bound: BTreeMap<String, u32>,
+    /// Each local pod's veth as last found ([`veth::Binding`]): a pod keeps it while it is
+    /// there, and moves only to a veth created since.
+    bound: BTreeMap<String, veth::Binding>,
     /// Bridges already warned about for failing to set `no_linklocal_learn` on.
     unlearned: BTreeSet<String>,
     /// The MACs pinned to their pods' veths (bridge port ifindex, MAC).
@@ -875,8 +875,9 @@ impl Guards {
             }
         };
         let found = veth::guarded_pods(compiler, discovery.as_ref(), &self.bound);
-        self.warn_claims(&found);
+        // Without a discovery nothing is known of claims or veths: what was stands.
         if discovery.is_some() {
+            self.warn_claims(&found);
             self.bound.clone_from(&found.bound);
         }
         let missing = &found.missing;

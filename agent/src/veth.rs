@@ -211,6 +211,8 @@ pub struct Discovery {
     /// Bridges (name -> ifindex) that learn MACs from frames to their reserved group
     /// addresses.
     learning_bridges: BTreeMap<String, u32>,
+    /// Each bridge's own MAC and its ports' (name -> MACs): the node's, not any pod's.
+    node_macs: BTreeMap<String, BTreeSet<Mac>>,
     failures: Vec<VethError>,
 }
 
@@ -244,8 +246,20 @@ impl Discovery {
     /// bridge cannot tell their frames apart (it learns one port per address), nor can the
     /// kernel tell the pod that owns the address from one that took it, so none of their
     /// frames is its pod's. (On another bridge, or on none, the same MAC confuses nothing.)
+    ///
+    /// The bridge itself is named too when the MAC is one of the node's on it (the bridge's or
+    /// a port's own): the bridge would hand frames to it to the node, and pinning it to the
+    /// pod's veth ([`pin_macs`]) would move the node's entry to the pod.
     pub fn sharing_mac(&self, veth: &Veth) -> Vec<&str> {
-        self.veths
+        let node = self
+            .node_macs
+            .iter()
+            .filter(|(bridge, macs)| {
+                veth.bridge.as_ref() == Some(*bridge) && veth.mac.is_some_and(|m| macs.contains(&m))
+            })
+            .map(|(bridge, _)| bridge.as_str());
+        let pods = self
+            .veths
             .iter()
             .filter(|v| {
                 v.name != veth.name
@@ -254,8 +268,8 @@ impl Discovery {
                     && v.mac.is_some()
                     && v.mac == veth.mac
             })
-            .map(|v| v.name.as_str())
-            .collect()
+            .map(|v| v.name.as_str());
+        node.chain(pods).collect()
     }
 
     /// Whether bridge `name` learns MACs from frames to its reserved group addresses.
@@ -271,8 +285,9 @@ impl Discovery {
 }
 
 /// What the agent logs for a guarded pod whose link-layer address another veth's pod has too.
-pub const SHARED_MAC: &str = "another veth's pod has this pod's link-layer address (MAC); \
-     the guard drops every frame from both until one gives it back";
+pub const SHARED_MAC: &str = "another veth's pod, or the node on the bridge, has this pod's \
+     link-layer address (MAC); the guard drops every frame from the pods that have it until \
+     one gives it back";
 
 /// What the agent logs for each pod [`guarded_pods`] reports missing.
 pub const UNGUARDED: &str =
@@ -287,6 +302,14 @@ pub const CLAIMED: &str = "another veth's pod carries this pod's address too; th
 pub const CONTESTED: &str = "more than one veth's pod carries this pod's addresses and none \
      is known to be its own; no frame from the addresses is taken until one veth has them";
 
+/// The veth a pod was last found on, by ifindex, and the newest veth (the highest ifindex:
+/// the kernel hands them out in increasing order) there was then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    pub index: u32,
+    pub newest: u32,
+}
+
 /// Which veth each of the compiler's local pods was found on, as [`guarded_pods`] tells it.
 #[derive(Debug, Default)]
 pub struct PodVeths {
@@ -300,8 +323,9 @@ pub struct PodVeths {
     pub contested: BTreeMap<String, Vec<String>>,
     /// Guarded pods whose addresses other veths' pods carry too, with those veths.
     pub claimed: BTreeMap<String, Vec<String>>,
-    /// Each guarded pod's veth, by ifindex: what the next call is given as `bound`.
-    pub bound: BTreeMap<String, u32>,
+    /// Each guarded pod's veth: what the next call is given as `bound` (with the bindings of
+    /// the pods not found this time, that are still the node's).
+    pub bound: BTreeMap<String, Binding>,
     /// The addresses of the contested pods.
     addresses: Vec<IpAddr>,
 }
@@ -316,10 +340,16 @@ impl PodVeths {
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
 /// failed). A veth belongs to the pod whose addresses it alone carries.
 ///
-/// When the pods of more than one veth carry a pod's addresses (a pod with CAP_NET_ADMIN put a
-/// neighbour's on its interface), the pod keeps the veth `bound` says it was found on before
-/// (by ifindex, which the kernel does not reuse). Failing that, the kernel cannot tell the
-/// pod's own veth from the others: the pod is contested, and its addresses go to
+/// A pod stays on the veth `bound` says it was found on before (by ifindex, which the kernel
+/// does not reuse) while that veth is there, whatever addresses its pod holds now: a pod with
+/// CAP_NET_ADMIN can neither take a neighbour's addresses (and veth) by putting them on its
+/// interface, nor shed its own guard by removing its own. When that veth is gone (the pod's
+/// sandbox was recreated), the pod moves only to a veth created since: one that was there
+/// before is another pod's, whatever addresses it holds.
+///
+/// When the kernel cannot tell the pod's own veth from others that carry its addresses (no
+/// veth of its own known, as after a restart, and several veths carry them; or its veth gone
+/// and only older veths carry them), the pod is contested, and its addresses go to
 /// [`Guard::contested`], sent from none of them, rather than to a veth that may be the thief's.
 /// A pod whose veth is no bridge port is not guarded: the guard's chains never see its frames,
 /// and `input`'s drop of what comes straight from a guarded veth would take all its traffic to
@@ -327,7 +357,7 @@ impl PodVeths {
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
-    bound: &BTreeMap<String, u32>,
+    bound: &BTreeMap<String, Binding>,
 ) -> PodVeths {
     // Every address each veth carries, those claimed by two veths included.
     let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -371,6 +401,9 @@ pub fn guarded_pods(
         }
     }
     let veth_named = |name: &str| discovery.and_then(|d| d.veths().iter().find(|v| v.name == name));
+    let newest = discovery
+        .and_then(|d| d.veths().iter().map(|v| v.index).max())
+        .unwrap_or(0);
     let mut result = PodVeths::default();
     for pod in compiler.local_pods() {
         let id = format!("{}/{}", pod.namespace, pod.name);
@@ -394,14 +427,24 @@ pub fn guarded_pods(
         // different addresses of one pod are no conflict, and leave the pod unguarded.)
         let conflicted =
             discovery.is_some_and(|d| pod.ips.iter().any(|ip| d.conflicts().contains_key(ip)));
-        let chosen = match candidates.as_slice() {
-            [name] => Some(*name),
-            many if conflicted => many
-                .iter()
-                .copied()
-                .find(|name| veth_named(name).is_some_and(|v| bound.get(&id) == Some(&v.index))),
+        let prior = bound.get(&id);
+        let recorded = prior
+            .and_then(|b| discovery.and_then(|d| d.veths().iter().find(|v| v.index == b.index)));
+        // With its veth gone, only a veth created since can be the pod's.
+        let fresh: Vec<&str> = candidates
+            .iter()
+            .copied()
+            .filter(|name| {
+                prior.is_none_or(|b| veth_named(name).is_some_and(|v| v.index > b.newest))
+            })
+            .collect();
+        let chosen = match (recorded, fresh.as_slice()) {
+            (Some(v), _) => Some(v.name.as_str()),
+            (None, [name]) => Some(*name),
             _ => None,
         };
+        // Only veths that were there before carry the addresses of a pod whose veth is gone.
+        let stale = recorded.is_none() && fresh.is_empty() && !candidates.is_empty();
         let veth = chosen
             .filter(|name| bridged.contains(name))
             .and_then(|name| {
@@ -424,17 +467,23 @@ pub fn guarded_pods(
                 if !claimants.is_empty() {
                     result.claimed.insert(id.clone(), claimants);
                 }
-                result.bound.insert(id.clone(), index);
+                result.bound.insert(id.clone(), Binding { index, newest });
                 result.found.push((
                     id,
                     GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
                 ));
             }
-            None if conflicted && candidates.len() > 1 => {
+            None if (conflicted && candidates.len() > 1) || stale => {
+                if let Some(binding) = prior {
+                    result.bound.insert(id.clone(), *binding);
+                }
                 result.addresses.extend(&pod.ips);
                 result.contested.insert(id, others(None));
             }
             None => {
+                if let Some(binding) = prior {
+                    result.bound.insert(id.clone(), *binding);
+                }
                 result.missing.insert(id);
             }
         }
@@ -544,7 +593,8 @@ pub fn stop_link_local_learning(index: u32) -> Result<(), VethError> {
 /// What [`pin_macs`] is to do, given what is pinned (port ifindex, MAC): pin each guarded
 /// pod's MAC to its veth (every time, so that a pin removed behind the agent's back is back at
 /// the next discovery), keep the pin of a pod whose MAC another veth's pod has too (a second
-/// pin would move it), and unpin the rest, on veths still there.
+/// pin would move it), and unpin the rest, on veths still there and still bridge ports (the
+/// kernel drops a port's entries with the port, and a veth taken out of its bridge has none).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PinPlan {
     pub pins: Vec<(u32, Mac)>,
@@ -557,7 +607,7 @@ impl PinPlan {
     pub fn new(pinned: &BTreeSet<(u32, Mac)>, found: &PodVeths, discovery: &Discovery) -> Self {
         let mut plan = Self::default();
         for (id, pod) in &found.found {
-            let Some(port) = found.bound.get(id).copied() else {
+            let Some(port) = found.bound.get(id).map(|b| b.index) else {
                 continue;
             };
             if !pod.mac_shared {
@@ -570,7 +620,12 @@ impl PinPlan {
             .iter()
             .copied()
             .filter(|pin| !plan.pins.contains(pin) && !plan.kept.contains(pin))
-            .filter(|(port, _)| discovery.veths().iter().any(|v| v.index == *port))
+            .filter(|(port, _)| {
+                discovery
+                    .veths()
+                    .iter()
+                    .any(|v| v.index == *port && v.bridge.is_some())
+            })
             .collect();
         plan
     }
@@ -665,6 +720,8 @@ struct Link {
     /// For a bridge: whether it learns MACs from frames to its reserved group addresses
     /// (`no_linklocal_learn` off, the kernel's default).
     learns_link_local: bool,
+    /// Its own link-layer address (IFLA_ADDRESS).
+    mac: Option<Mac>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -736,6 +793,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
     let mut is_veth = false;
     let mut is_bridge = false;
     let mut learns_link_local = true;
+    let mut mac = None;
     let mut peer = Peer {
         netns_id: None,
         index: None,
@@ -743,6 +801,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
     for attribute in &link.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(bytes) => mac = Mac::try_from(&bytes[..]).ok(),
             LinkAttribute::Controller(m) if *m != 0 => master = Some(*m),
             LinkAttribute::Link(i) if *i != 0 => peer.index = Some(*i),
             // Negative: the kernel could not allocate an id (NETNSA_NSID_NOT_ASSIGNED).
@@ -776,6 +835,7 @@ fn link_of(link: &LinkMessage) -> Option<Link> {
         veth: is_veth.then_some(peer),
         is_bridge,
         learns_link_local,
+        mac,
     })
 }
 
@@ -1080,11 +1140,25 @@ fn assemble(
         .filter(|l| l.is_bridge && l.learns_link_local)
         .map(|l| (l.name.clone(), l.index))
         .collect();
+    // The node's own MACs on each bridge: the bridge's and its ports' (the local entries of its
+    // forwarding database).
+    let mut node_macs: BTreeMap<String, BTreeSet<Mac>> = BTreeMap::new();
+    for bridge in links.iter().filter(|l| l.is_bridge) {
+        let ports = links.iter().filter(|l| l.master == Some(bridge.index));
+        node_macs.insert(
+            bridge.name.clone(),
+            std::iter::once(bridge)
+                .chain(ports)
+                .filter_map(|l| l.mac)
+                .collect(),
+        );
+    }
     Discovery {
         veths,
         owners,
         conflicts,
         learning_bridges,
+        node_macs,
         failures,
     }
 }
@@ -1292,6 +1366,7 @@ mod tests {
             }),
             is_bridge: false,
             learns_link_local: true,
+            mac: None,
         }
     }
 
@@ -1303,6 +1378,7 @@ mod tests {
             veth: None,
             is_bridge: true,
             learns_link_local: true,
+            mac: None,
         }
     }
 
@@ -1438,6 +1514,18 @@ mod tests {
         assert_eq!(guard(None, &all), pods.into());
     }
 
+    /// Each pod found, with its veth's name.
+    fn found_on(pods: &PodVeths) -> Vec<(String, String)> {
+        pods.found
+            .iter()
+            .map(|(id, p)| (id.clone(), p.veth.as_str().to_string()))
+            .collect()
+    }
+
+    fn pair(id: &str, veth: &str) -> (String, String) {
+        (id.to_string(), veth.to_string())
+    }
+
     #[test]
     fn a_pod_keeps_its_veth_when_another_claims_its_address_and_is_contested_without_one() {
         let compiler = compiler_of([
@@ -1458,19 +1546,16 @@ mod tests {
             (2, Ok(side(vec![at(2, "10.0.0.9"), at(2, "10.0.0.2")]))),
         ]);
         let d = assemble(links, peers, None);
-        let ids = |pods: &PodVeths| -> Vec<(String, String)> {
-            pods.found
-                .iter()
-                .map(|(id, p)| (id.clone(), p.veth.as_str().to_string()))
-                .collect()
-        };
-        let pair = |id: &str, veth: &str| (id.to_string(), veth.to_string());
 
         // Found on vethteller before: teller keeps it, and the claim is reported.
-        let before = BTreeMap::from([("bank/teller".to_string(), 5)]);
+        let at_5 = Binding {
+            index: 5,
+            newest: 7,
+        };
+        let before = BTreeMap::from([("bank/teller".to_string(), at_5)]);
         let kept = guarded_pods(&compiler, Some(&d), &before);
         assert_eq!(
-            ids(&kept),
+            found_on(&kept),
             [
                 pair("bank/mallory", "vethmallory"),
                 pair("bank/teller", "vethteller")
@@ -1481,17 +1566,22 @@ mod tests {
             BTreeMap::from([("bank/teller".to_string(), vec!["vethstranger".to_string()])])
         );
         assert!(kept.contested.is_empty() && kept.missing.is_empty());
-        assert_eq!(kept.bound.get("bank/teller"), Some(&5));
+        assert_eq!(kept.bound.get("bank/teller"), Some(&at_5));
         assert!(guard(Some(&d), &kept).contested.is_empty());
 
-        // Nothing known before (a restarted agent), or a veth that is gone: contested, its
-        // address sent from neither veth.
+        // Nothing known before (a restarted agent), or a veth that is gone while both
+        // claimants were there: contested, its address sent from neither veth. A binding is
+        // kept until the pod is found again.
+        let gone = Binding {
+            index: 4,
+            newest: 7,
+        };
         for before in [
             BTreeMap::new(),
-            BTreeMap::from([("bank/teller".to_string(), 4)]),
+            BTreeMap::from([("bank/teller".to_string(), gone)]),
         ] {
             let contested = guarded_pods(&compiler, Some(&d), &before);
-            assert_eq!(ids(&contested), [pair("bank/mallory", "vethmallory")]);
+            assert_eq!(found_on(&contested), [pair("bank/mallory", "vethmallory")]);
             assert_eq!(
                 contested.contested,
                 BTreeMap::from([(
@@ -1500,7 +1590,10 @@ mod tests {
                 )])
             );
             assert!(contested.missing.is_empty());
-            assert!(!contested.bound.contains_key("bank/teller"));
+            assert_eq!(
+                contested.bound.get("bank/teller"),
+                before.get("bank/teller")
+            );
             assert_eq!(guard(Some(&d), &contested).contested, [ip("10.0.0.2")]);
         }
 
@@ -1542,12 +1635,10 @@ mod tests {
                 ("x/c".into(), pod("vethc", 4, true)),
                 ("x/d".into(), pod("vethd", 4, true)),
             ],
-            bound: BTreeMap::from([
-                ("x/a".into(), 5),
-                ("x/b".into(), 6),
-                ("x/c".into(), 7),
-                ("x/d".into(), 8),
-            ]),
+            bound: [("x/a", 5), ("x/b", 6), ("x/c", 7), ("x/d", 8)]
+                .into_iter()
+                .map(|(id, index)| (id.to_string(), Binding { index, newest: 10 }))
+                .collect(),
             ..PodVeths::default()
         };
         let pinned = BTreeSet::from([
@@ -1572,6 +1663,56 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_with_one_of_the_nodes_macs_on_its_bridge_shares_it_and_is_not_pinned() {
+        let compiler = compiler_of([
+            running_pod("bank", "gateway", "10.0.0.2"),
+            running_pod("bank", "portly", "10.0.0.3"),
+            running_pod("bank", "honest", "10.0.0.4"),
+        ]);
+        // gateway's pod took cni0's MAC, portly's the MAC of honest's veth (host side).
+        let links = vec![
+            Link {
+                mac: Some([2, 10, 0, 0, 2, 0]),
+                ..bridge(1, "cni0")
+            },
+            veth(5, "vethgateway", Some(1), Some((0, 2))),
+            veth(6, "vethportly", Some(1), Some((1, 2))),
+            Link {
+                mac: Some([2, 10, 0, 0, 3, 0]),
+                ..veth(7, "vethhonest", Some(1), Some((2, 2)))
+            },
+        ];
+        let peers = BTreeMap::from([
+            (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+            (1, Ok(side(vec![at(2, "10.0.0.3")]))),
+            (2, Ok(side(vec![at(2, "10.0.0.4")]))),
+        ]);
+        let d = assemble(links, peers, None);
+        let sharers =
+            |name: &str| d.sharing_mac(d.veths().iter().find(|v| v.name == name).unwrap());
+        assert_eq!(sharers("vethgateway"), ["cni0"]);
+        assert_eq!(sharers("vethportly"), ["cni0"]);
+        assert!(sharers("vethhonest").is_empty());
+        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let shared: Vec<(&str, bool)> = found
+            .found
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.mac_shared))
+            .collect();
+        assert_eq!(
+            shared,
+            [
+                ("bank/gateway", true),
+                ("bank/honest", false),
+                ("bank/portly", true)
+            ]
+        );
+        // Only honest's MAC is pinned: a pin of the others would move the node's own entry.
+        let plan = PinPlan::new(&BTreeSet::new(), &found, &d);
+        assert_eq!(plan.pins, [(7, [2, 10, 0, 0, 4, 0])]);
+    }
+
+    #[test]
     fn two_veths_with_different_addresses_of_one_pod_are_no_contest() {
         let mut pod = running_pod("bank", "twofaced", "10.0.0.2");
         pod.ips.push(ip("fd00::2"));
@@ -1586,10 +1727,99 @@ mod tests {
             (1, Ok(side(vec![at(2, "fd00::2")]))),
         ]);
         let d = assemble(links, peers, None);
-        let before = BTreeMap::from([("bank/twofaced".to_string(), 5)]);
-        let found = guarded_pods(&compiler, Some(&d), &before);
+        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
         assert!(found.found.is_empty() && found.contested.is_empty());
         assert_eq!(found.missing.iter().collect::<Vec<_>>(), ["bank/twofaced"]);
+    }
+
+    #[test]
+    fn a_pod_keeps_its_veth_without_its_addresses_and_moves_only_to_a_newer_one() {
+        let compiler = compiler_of([
+            running_pod("bank", "teller", "10.0.0.2"),
+            running_pod("bank", "mallory", "10.0.0.3"),
+        ]);
+        let bound = |index| Binding { index, newest: 7 };
+        let before = BTreeMap::from([
+            ("bank/teller".to_string(), bound(4)),
+            ("bank/mallory".to_string(), bound(6)),
+        ]);
+
+        // Mallory removed its own address: it keeps its veth, and so its guard.
+        let d = assemble(
+            vec![
+                bridge(1, "cni0"),
+                veth(4, "vethteller", Some(1), Some((0, 2))),
+                veth(6, "vethmallory", Some(1), Some((1, 2))),
+            ],
+            BTreeMap::from([
+                (0, Ok(side(vec![at(2, "10.0.0.2")]))),
+                (
+                    1,
+                    Ok(PeerSide {
+                        addresses: Vec::new(),
+                        macs: BTreeMap::from([(2, mac(3))]),
+                    }),
+                ),
+            ]),
+            None,
+        );
+        let found = guarded_pods(&compiler, Some(&d), &before);
+        assert_eq!(
+            found_on(&found),
+            [
+                pair("bank/mallory", "vethmallory"),
+                pair("bank/teller", "vethteller")
+            ]
+        );
+        let unknown = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        assert_eq!(
+            unknown.missing.iter().collect::<Vec<_>>(),
+            ["bank/mallory"],
+            "without the binding, mallory's veth would be any pod's"
+        );
+
+        // Teller's sandbox is being recreated (veth 4 gone) and mallory holds teller's address:
+        // mallory's veth, there before, is not teller's: contested.
+        let mallory_holds = || (1, Ok(side(vec![at(2, "10.0.0.2")])));
+        let d = assemble(
+            vec![
+                bridge(1, "cni0"),
+                veth(6, "vethmallory", Some(1), Some((1, 2))),
+            ],
+            BTreeMap::from([mallory_holds()]),
+            None,
+        );
+        let found = guarded_pods(&compiler, Some(&d), &before);
+        assert_eq!(found_on(&found), [pair("bank/mallory", "vethmallory")]);
+        assert_eq!(found.contested.keys().collect::<Vec<_>>(), ["bank/teller"]);
+        assert_eq!(found.bound.get("bank/teller"), Some(&bound(4)));
+
+        // Teller's new veth (created since) comes up with the address: teller moves to it.
+        let d = assemble(
+            vec![
+                bridge(1, "cni0"),
+                veth(6, "vethmallory", Some(1), Some((1, 2))),
+                veth(8, "vethteller2", Some(1), Some((2, 2))),
+            ],
+            BTreeMap::from([mallory_holds(), (2, Ok(side(vec![at(2, "10.0.0.2")])))]),
+            None,
+        );
+        let found = guarded_pods(&compiler, Some(&d), &before);
+        assert_eq!(
+            found_on(&found),
+            [
+                pair("bank/mallory", "vethmallory"),
+                pair("bank/teller", "vethteller2")
+            ]
+        );
+        assert!(found.contested.is_empty());
+        assert_eq!(
+            found.bound.get("bank/teller"),
+            Some(&Binding {
+                index: 8,
+                newest: 8
+            })
+        );
     }
 
     #[test]
@@ -1989,6 +2219,7 @@ mod tests {
                     veth: None,
                     is_bridge: false,
                     learns_link_local: true,
+                    mac: None,
                 },
                 bridge(3, "cni0"),
                 Link {

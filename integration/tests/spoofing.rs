@@ -13,12 +13,14 @@
 //!   on its interface too reaches the node from them while no agent runs; once the agent runs,
 //!   the guarded pod keeps its veth and the stranger's datagrams are dropped; an agent started
 //!   while both have the addresses takes them from neither (both cut off, warned naming both
-//!   veths) until the stranger gives them back;
+//!   veths) until the stranger gives them back; a guarded pod that removes its own addresses
+//!   and takes a remote pod's still sends from none but its own;
 //! - floods: once the bridge forgets a pod's MAC, frames another pod sends it are flooded to
 //!   every port while no agent runs, and reach no third pod once the agent runs; frames the
 //!   node sends it (the bridge made to forget at once) reach every other pod while no agent
 //!   runs, and none once the agent has pinned the pod's MAC to its veth, a pin that another
-//!   pod taking the MAC does not move;
+//!   pod taking the MAC does not move; a pod that takes the bridge's own MAC gets no pin (which
+//!   would move the bridge's entry to the pod);
 //! - ARP: a pod that announces another pod's IPv4 address in ARP (the kernel does so when it
 //!   sends from a borrowed address) takes that address over in the node's neighbour table while
 //!   no agent runs, and cannot once the agent runs;
@@ -1734,15 +1736,66 @@ fn guarded_veths(lab: &Lab) -> String {
 }
 
 #[test]
-fn a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address() {
+fn a_pod_cannot_take_a_guarded_pods_address_nor_shed_its_own_guard() {
     let Some((scratch, lab, teller, mallory, stranger)) =
-        with_a_stranger("a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address")
+        with_a_stranger("a_pod_cannot_take_a_guarded_pods_address_nor_shed_its_own_guard")
     else {
         return;
     };
     let node = lab.node_netns(0).unwrap().to_string();
     let from = [teller.ipv4.to_string(), teller.ipv6.to_string()];
-    let counter = Counter::at(&node, 10, &from);
+    // An address of a pod of another node, which some policy may admit.
+    const REMOTE: &str = "10.244.2.50";
+    let counter = Counter::at(
+        &node,
+        10,
+        &[from[0].clone(), from[1].clone(), REMOTE.into()],
+    );
+    // Datagrams from REMOTE that mallory sends the node and the node receives, once it has
+    // the address (as its only one when `alone`, with a route and neighbour to the node).
+    let as_remote = |alone: bool| {
+        if alone {
+            exec(
+                &mallory.netns,
+                &["ip", "addr", "flush", "dev", "eth0", "scope", "global"],
+            );
+        }
+        exec(
+            &mallory.netns,
+            &["ip", "addr", "add", &format!("{REMOTE}/32"), "dev", "eth0"],
+        );
+        exec(
+            &mallory.netns,
+            &["ip", "route", "replace", "10.244.1.1/32", "dev", "eth0"],
+        );
+        let cni0 = link_address(&node, "cni0");
+        set_neighbour(&mallory.netns, "eth0", "10.244.1.1", &cni0, "permanent");
+        // A discovery or two, should the agent run.
+        std::thread::sleep(Duration::from_millis(2_500));
+        let [got] = arrivals([(&counter, REMOTE)], || {
+            exec(
+                &mallory.netns,
+                &[
+                    LABPOD,
+                    "send",
+                    REMOTE,
+                    "10.244.1.1",
+                    "80",
+                    &SENT.to_string(),
+                ],
+            );
+        });
+        got
+    };
+    assert_eq!(
+        as_remote(false),
+        SENT,
+        "control: without the agent, the node takes mallory's datagrams from {REMOTE}"
+    );
+    exec(
+        &mallory.netns,
+        &["ip", "addr", "del", &format!("{REMOTE}/32"), "dev", "eth0"],
+    );
     // Datagrams from teller's addresses that `sender` sends the node and the node receives.
     let as_teller = |sender: &Pod| {
         arrivals([(&counter, &from[0]), (&counter, &from[1])], || {
@@ -1840,6 +1893,20 @@ fn a_pod_the_agent_does_not_know_cannot_take_a_guarded_pods_address() {
     assert!(
         reaches(&mallory, &teller.ipv4.to_string()),
         "mallory reaches teller again"
+    );
+
+    // Mallory, guarded, removes its own addresses (CAP_NET_ADMIN) and takes a remote pod's:
+    // its veth is still its own, so it sends from no address but its own.
+    assert_eq!(
+        as_remote(true),
+        0,
+        "mallory's datagrams from {REMOTE} once it removed its own addresses\n{}",
+        agent.describe()
+    );
+    assert!(
+        guarded_veths(&lab).contains(&mallory.veth()),
+        "mallory keeps its veth\n{}",
+        agent.describe()
     );
 }
 
@@ -1944,8 +2011,59 @@ fn a_pod_does_not_receive_what_the_node_sends_a_pod_the_bridge_forgot() {
         |_, a| a.count("has this pod's link-layer address") >= 2,
     );
     assert!(pinned(&lab), "teller's pin stays\n{}", agent.describe());
+
+    // Nor is the node's own MAC on the bridge pinned to a pod that takes it: that would move
+    // the bridge's entry, and every pod's traffic to the node, to the pod's port, and
+    // unpinning it would then leave the bridge without it.
+    let cni0_mac = link_address(node, "cni0");
+    let cni0_entry = || {
+        exec(node, &["bridge", "fdb", "show", "br", "cni0"])
+            .lines()
+            .find(|line| line.starts_with(&cni0_mac))
+            .map(str::to_string)
+    };
+    let own = cni0_entry().expect("cni0's own entry");
     exec(
         &mallory.netns,
         &["ip", "link", "set", "dev", "eth0", "address", &mallory_mac],
+    );
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "teller's MAC no longer shared",
+        SYNC_TIMEOUT,
+        |_, a| a.count("no longer shared") >= 2,
+    );
+    // Two discoveries with mallory at cni0's MAC, then mallory gives it back.
+    exec(
+        &mallory.netns,
+        &["ip", "link", "set", "dev", "eth0", "address", &cni0_mac],
+    );
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(
+        cni0_entry().as_ref(),
+        Some(&own),
+        "cni0's entry while mallory has its MAC\n{}",
+        agent.describe()
+    );
+    assert!(
+        agent
+            .lines()
+            .iter()
+            .any(|l| l.contains("has this pod's link-layer address")
+                && l.contains(&mallory.name)
+                && l.contains("with=cni0")),
+        "a warning that mallory has cni0's MAC\n{}",
+        agent.describe()
+    );
+    exec(
+        &mallory.netns,
+        &["ip", "link", "set", "dev", "eth0", "address", &mallory_mac],
+    );
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(
+        cni0_entry().as_ref(),
+        Some(&own),
+        "cni0's entry once mallory gave its MAC back\n{}",
+        agent.describe()
     );
 }
