@@ -1,8 +1,6 @@
 //! `agent dump-ruleset`
 
 use anyhow::Context;
-use std::collections::BTreeMap;
-
 use ruleset::guard::{guard_table, with_veths};
 use ruleset::{Cluster, Compiler};
 
@@ -20,7 +18,9 @@ pub fn run(args: &DumpArgs) -> anyhow::Result<()> {
     let discovery = veth::discover().context("listing this host's veths")?;
     // One look at the kernel: no veth was found before, so a pod whose addresses two veths
     // carry is contested.
-    let found = veth::guarded_pods(&compiler, Some(&discovery), &BTreeMap::new());
+    let mut history = veth::History::default();
+    history.observe(&discovery);
+    let found = veth::guarded_pods(&compiler, Some(&discovery), &history);
     for pod in &found.missing {
         tracing::warn!(%pod, "{}", veth::UNGUARDED);
     }

@@ -841,14 +841,15 @@ struct Guards {
     shared: BTreeSet<String>,
     /// Pods already warned about for addresses other veths' pods carry too, with those veths.
     claimed: BTreeMap<String, Vec<String>>,
-    /// Each local pod's veth as last found ([`veth::Binding`]): a pod keeps it while it is
-    /// there, and moves only to a veth created since.
-    bound: BTreeMap<String, veth::Binding>,
+    /// When each veth was first seen, and each local pod's veth as last found: a pod keeps it
+    /// while it is there, and moves only to a veth first seen since.
+    history: veth::History,
     /// Bridges already warned about for failing to set `no_linklocal_learn` on.
     unlearned: BTreeSet<String>,
     /// The MACs pinned to their pods' veths (bridge port ifindex, MAC).
     pinned: BTreeSet<(u32, Mac)>,
-    /// Failures to pin or unpin, already warned about, by what was asked.
+    /// Failures to pin or unpin, and pins not made (a MAC the bridge has elsewhere), already
+    /// warned about.
     unpinned: BTreeSet<String>,
     /// Whether the last discovery failed (reported once per failing stretch).
     failing: bool,
@@ -874,11 +875,14 @@ impl Guards {
                 None
             }
         };
-        let found = veth::guarded_pods(compiler, discovery.as_ref(), &self.bound);
+        if let Some(d) = &discovery {
+            self.history.observe(d);
+        }
+        let found = veth::guarded_pods(compiler, discovery.as_ref(), &self.history);
         // Without a discovery nothing is known of claims or veths: what was stands.
         if discovery.is_some() {
             self.warn_claims(&found);
-            self.bound.clone_from(&found.bound);
+            self.history.bindings.clone_from(&found.bound);
         }
         let missing = &found.missing;
         for (id, pod) in &found.found {
@@ -947,14 +951,28 @@ impl Guards {
     fn pin_macs(&mut self, discovery: &veth::Discovery, found: &veth::PodVeths) {
         let veth::PinPlan { pins, unpins, kept } =
             veth::PinPlan::new(&self.pinned, found, discovery);
-        let failures = veth::pin_macs(&pins, &unpins);
-        let messages: BTreeSet<String> = failures.iter().map(ToString::to_string).collect();
-        for err in &failures {
-            if self.unpinned.insert(err.to_string()) {
+        let failed = veth::pin_macs(&pins, &unpins);
+        let mut now: BTreeSet<String> = BTreeSet::new();
+        for err in &failed.errors {
+            let text = err.to_string();
+            if !self.unpinned.contains(&text) {
                 tracing::warn!(%err, "cannot pin or unpin a pod's MAC on its veth: frames to a guarded pod are flooded to every port whenever the bridge forgets its MAC");
             }
+            now.insert(text);
         }
-        self.unpinned.retain(|err| messages.contains(err));
+        for (port, mac) in &failed.elsewhere {
+            let text = format!("elsewhere {port} {mac:?}");
+            if !self.unpinned.contains(&text) {
+                let veth = discovery.veths().iter().find(|v| v.index == *port);
+                tracing::warn!(
+                    veth = veth.map_or("?", |v| v.name.as_str()),
+                    mac = %ruleset::render::mac_text(mac),
+                    "not pinned: the bridge has this pod's MAC behind another port or as its own, and a pin would move it here"
+                );
+            }
+            now.insert(text);
+        }
+        self.unpinned = now;
         // What is pinned now, as far as the agent knows: an unpin that failed is tried again.
         let still: Vec<(u32, Mac)> = unpins
             .into_iter()
@@ -963,17 +981,23 @@ impl Guards {
                     port: *port,
                     mac: *mac,
                 };
-                failures
+                failed
+                    .errors
                     .iter()
                     .any(|err| err.request().is_none_or(|request| request == asked))
             })
             .collect();
-        let first = self.pinned.is_empty() && !pins.is_empty();
-        self.pinned = pins.iter().chain(&kept).chain(&still).copied().collect();
+        let made: Vec<(u32, Mac)> = pins
+            .iter()
+            .filter(|pin| !failed.elsewhere.contains(pin))
+            .copied()
+            .collect();
+        let first = self.pinned.is_empty() && !made.is_empty();
+        self.pinned = made.iter().chain(&kept).chain(&still).copied().collect();
         if first {
             tracing::info!(
-                pods = pins.len(),
-                "pinned the guarded pods' MACs to their veths (static, sticky bridge fdb entries): the bridge neither forgets them nor moves them to another port"
+                pods = made.len(),
+                "pinned the guarded pods' MACs to their veths (static bridge fdb entries): the bridge does not forget them, so never floods frames for them to every port"
             );
         }
     }

@@ -14,7 +14,7 @@
 //! Discovery + guard ─> link_local_learners: the guarded pods' bridges without no_linklocal_learn
 //!   ─> stop_link_local_learning (RTM_NEWLINK, IFLA_BR_MULTI_BOOLOPT)
 //! guarded pods + what is pinned ─> PinPlan ─> pin_macs (RTM_NEWNEIGH/RTM_DELNEIGH AF_BRIDGE):
-//!   each guarded pod's MAC pinned to its veth, a static, sticky fdb entry
+//!   each guarded pod's MAC pinned to its veth, a static fdb entry, where the fdb has it nowhere else
 //! ```
 //!
 //! Those two are the only changes made here, both to the bridges of guarded pods.
@@ -29,7 +29,7 @@ use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
+    NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
@@ -99,7 +99,7 @@ pub enum Request {
     BridgeFdb,
     /// Setting `no_linklocal_learn` on a bridge.
     NoLinkLocalLearn { bridge: u32 },
-    /// Pinning a MAC to a bridge port: a static, sticky fdb entry.
+    /// Pinning a MAC to a bridge port: a static fdb entry.
     PinMac { port: u32, mac: Mac },
     /// Removing such an entry.
     UnpinMac { port: u32, mac: Mac },
@@ -138,7 +138,7 @@ impl fmt::Display for Request {
             ),
             Self::PinMac { port, mac } => write!(
                 f,
-                "RTM_NEWNEIGH AF_BRIDGE pinning {} to port ifindex {port} (static, sticky)",
+                "RTM_NEWNEIGH AF_BRIDGE pinning {} to port ifindex {port} (static)",
                 ruleset::render::mac_text(mac)
             ),
             Self::UnpinMac { port, mac } => write!(
@@ -302,12 +302,48 @@ pub const CLAIMED: &str = "another veth's pod carries this pod's address too; th
 pub const CONTESTED: &str = "more than one veth's pod carries this pod's addresses and none \
      is known to be its own; no frame from the addresses is taken until one veth has them";
 
-/// The veth a pod was last found on, by ifindex, and the newest veth (the highest ifindex:
-/// the kernel hands them out in increasing order) there was then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The veth a pod was last found on (name and ifindex: an index alone may come back, on a
+/// veth moved in from a pod's namespace), and the discovery that found it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
+    pub name: String,
     pub index: u32,
-    pub newest: u32,
+    pub found: u64,
+}
+
+/// What the agent keeps from one discovery to the next: when it first saw each veth, and
+/// which veth each local pod was on.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Discoveries observed so far.
+    tick: u64,
+    /// Each veth present (name, ifindex), with the discovery it was first seen in.
+    seen: BTreeMap<(String, u32), u64>,
+    /// Each local pod's veth, as [`guarded_pods`] last gave it ([`PodVeths::bound`]).
+    pub bindings: BTreeMap<String, Binding>,
+}
+
+impl History {
+    /// Notes discovery `d`: the veths new in it are first seen now, those gone are forgotten.
+    pub fn observe(&mut self, d: &Discovery) {
+        self.tick += 1;
+        let now: BTreeSet<(String, u32)> = d
+            .veths()
+            .iter()
+            .map(|v| (v.name.clone(), v.index))
+            .collect();
+        self.seen.retain(|veth, _| now.contains(veth));
+        for veth in now {
+            self.seen.entry(veth).or_insert(self.tick);
+        }
+    }
+
+    /// Whether `veth` was first seen after discovery `tick`.
+    fn new_since(&self, veth: &Veth, tick: u64) -> bool {
+        self.seen
+            .get(&(veth.name.clone(), veth.index))
+            .is_none_or(|first| *first > tick)
+    }
 }
 
 /// Which veth each of the compiler's local pods was found on, as [`guarded_pods`] tells it.
@@ -340,12 +376,12 @@ impl PodVeths {
 /// Which of `compiler`'s local pods sends from which veth of `discovery` (none when discovery
 /// failed). A veth belongs to the pod whose addresses it alone carries.
 ///
-/// A pod stays on the veth `bound` says it was found on before (by ifindex, which the kernel
-/// does not reuse) while that veth is there, whatever addresses its pod holds now: a pod with
-/// CAP_NET_ADMIN can neither take a neighbour's addresses (and veth) by putting them on its
-/// interface, nor shed its own guard by removing its own. When that veth is gone (the pod's
-/// sandbox was recreated), the pod moves only to a veth created since: one that was there
-/// before is another pod's, whatever addresses it holds.
+/// A pod stays on the veth `history` says it was found on before while that veth is there,
+/// whatever addresses its pod holds now: a pod with CAP_NET_ADMIN can neither take a
+/// neighbour's addresses (and veth) by putting them on its interface, nor shed its own guard
+/// by removing its own. When that veth is gone (the pod's sandbox was recreated), the pod
+/// moves only to a veth first seen since, and one that carries no other known pod's address:
+/// a veth that was there before is another pod's, whatever addresses it holds.
 ///
 /// When the kernel cannot tell the pod's own veth from others that carry its addresses (no
 /// veth of its own known, as after a restart, and several veths carry them; or its veth gone
@@ -357,7 +393,7 @@ impl PodVeths {
 pub fn guarded_pods(
     compiler: &Compiler,
     discovery: Option<&Discovery>,
-    bound: &BTreeMap<String, Binding>,
+    history: &History,
 ) -> PodVeths {
     // Every address each veth carries, those claimed by two veths included.
     let mut carried: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -401,9 +437,13 @@ pub fn guarded_pods(
         }
     }
     let veth_named = |name: &str| discovery.and_then(|d| d.veths().iter().find(|v| v.name == name));
-    let newest = discovery
-        .and_then(|d| d.veths().iter().map(|v| v.index).max())
-        .unwrap_or(0);
+    // The veths the pods of the history are on, that are still there: each is its pod's alone.
+    let held: BTreeMap<&str, &str> = history
+        .bindings
+        .iter()
+        .filter(|(_, b)| veth_named(&b.name).is_some_and(|v| v.index == b.index))
+        .map(|(id, b)| (b.name.as_str(), id.as_str()))
+        .collect();
     let mut result = PodVeths::default();
     for pod in compiler.local_pods() {
         let id = format!("{}/{}", pod.namespace, pod.name);
@@ -423,19 +463,30 @@ pub fn guarded_pods(
         } else {
             owned
         };
+        // Not a veth another pod is on.
+        let candidates: Vec<&str> = candidates
+            .into_iter()
+            .filter(|name| held.get(name).is_none_or(|o| *o == id))
+            .collect();
         // Whether another veth's pod carries one of this pod's addresses too. (Two veths with
         // different addresses of one pod are no conflict, and leave the pod unguarded.)
         let conflicted =
             discovery.is_some_and(|d| pod.ips.iter().any(|ip| d.conflicts().contains_key(ip)));
-        let prior = bound.get(&id);
-        let recorded = prior
-            .and_then(|b| discovery.and_then(|d| d.veths().iter().find(|v| v.index == b.index)));
-        // With its veth gone, only a veth created since can be the pod's.
+        let prior = history.bindings.get(&id);
+        let recorded = prior.and_then(|b| veth_named(&b.name).filter(|v| v.index == b.index));
+        // With its veth gone, only a veth first seen since, and no other known pod's, can be
+        // the pod's.
         let fresh: Vec<&str> = candidates
             .iter()
             .copied()
             .filter(|name| {
-                prior.is_none_or(|b| veth_named(name).is_some_and(|v| v.index > b.newest))
+                let others = carried.get(name).is_some_and(|ips| {
+                    ips.iter().any(|ip| owner.get(ip).is_some_and(|o| *o != id))
+                });
+                let new = prior.is_none_or(|b| {
+                    veth_named(name).is_some_and(|v| history.new_since(v, b.found))
+                });
+                new && (prior.is_none() || !others)
             })
             .collect();
         let chosen = match (recorded, fresh.as_slice()) {
@@ -444,7 +495,12 @@ pub fn guarded_pods(
             _ => None,
         };
         // Only veths that were there before carry the addresses of a pod whose veth is gone.
-        let stale = recorded.is_none() && fresh.is_empty() && !candidates.is_empty();
+        let stale = prior.is_some()
+            && recorded.is_none()
+            && fresh.is_empty()
+            && carried
+                .values()
+                .any(|ips| pod.ips.iter().any(|ip| ips.contains(ip)));
         let veth = chosen
             .filter(|name| bridged.contains(name))
             .and_then(|name| {
@@ -467,7 +523,14 @@ pub fn guarded_pods(
                 if !claimants.is_empty() {
                     result.claimed.insert(id.clone(), claimants);
                 }
-                result.bound.insert(id.clone(), Binding { index, newest });
+                result.bound.insert(
+                    id.clone(),
+                    Binding {
+                        name: veth.as_str().to_string(),
+                        index,
+                        found: history.tick,
+                    },
+                );
                 result.found.push((
                     id,
                     GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
@@ -475,14 +538,14 @@ pub fn guarded_pods(
             }
             None if (conflicted && candidates.len() > 1) || stale => {
                 if let Some(binding) = prior {
-                    result.bound.insert(id.clone(), *binding);
+                    result.bound.insert(id.clone(), binding.clone());
                 }
                 result.addresses.extend(&pod.ips);
                 result.contested.insert(id, others(None));
             }
             None => {
                 if let Some(binding) = prior {
-                    result.bound.insert(id.clone(), *binding);
+                    result.bound.insert(id.clone(), binding.clone());
                 }
                 result.missing.insert(id);
             }
@@ -631,43 +694,93 @@ impl PinPlan {
     }
 }
 
+/// What [`pin_macs`] did not do.
+#[derive(Debug, Default)]
+pub struct PinFailures {
+    /// Requests the kernel refused or could not be made.
+    pub errors: Vec<VethError>,
+    /// Pins not made because the bridge has the MAC elsewhere: behind another port, or as one
+    /// of its own (a local entry); pinning would move that entry to the pod's port.
+    pub elsewhere: Vec<(u32, Mac)>,
+}
+
 /// Pins each `(port, mac)` of `pins` in the forwarding database of the port's bridge, and
 /// removes each pin of `unpins` (one already gone is no failure). In the calling thread's
-/// network namespace; the failures.
+/// network namespace.
 ///
 /// A pinned entry is static, so the bridge never forgets it: frames to the MAC are never
 /// flooded to every port, as they are once a learned entry has aged out (the node's own
 /// included, which no hook of the bridge can stop short of one on every frame the node sends).
-/// And it is sticky, so learning never moves it to another port, whatever frame reaches the
-/// bridge before its hooks. The kernel drops a port's entries with the port.
-pub fn pin_macs(pins: &[(u32, Mac)], unpins: &[(u32, Mac)]) -> Vec<VethError> {
+/// The kernel drops a port's entries with the port. Adding an entry moves one the bridge has
+/// for the MAC, whatever its port or kind, so the forwarding database is read first: a MAC is
+/// pinned only where the bridge has it on the pod's own port or nowhere (then with
+/// NLM_F_EXCL, so that one learned meanwhile is left alone). Pins are not sticky: should the
+/// bridge learn the MAC behind another port, it moves, and is not pinned again while there.
+pub fn pin_macs(pins: &[(u32, Mac)], unpins: &[(u32, Mac)]) -> PinFailures {
+    let mut failures = PinFailures::default();
     let mut rtnl = match Rtnl::open() {
         Ok(rtnl) => rtnl,
-        Err(err) => return vec![err],
+        Err(err) => {
+            failures.errors.push(err);
+            return failures;
+        }
     };
+    // Where the bridges have each MAC: (port, whether it is a local entry).
+    let mut fdb: BTreeMap<Mac, Vec<(u32, bool)>> = BTreeMap::new();
+    if !pins.is_empty() {
+        let mut ask = NeighbourMessage::default();
+        ask.header.family = AddressFamily::Bridge;
+        match rtnl.dump(Request::BridgeFdb, &RouteNetlinkMessage::GetNeighbour(ask)) {
+            Ok(entries) => {
+                for (port, mac, local) in entries.iter().filter_map(fdb_state_of) {
+                    fdb.entry(mac).or_default().push((port, local));
+                }
+            }
+            Err(err) => {
+                failures.errors.push(err);
+                return failures;
+            }
+        }
+    }
     let entry = |port: u32, mac: &Mac| {
         let mut entry = NeighbourMessage::default();
         entry.header.family = AddressFamily::Bridge;
         entry.header.ifindex = port;
         entry.header.state = NeighbourState::Noarp;
-        entry.header.flags = NeighbourFlags::Controller | NeighbourFlags::Sticky;
+        entry.header.flags = NeighbourFlags::Controller;
         entry
             .attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         entry
     };
-    let pinned = pins.iter().filter_map(|(port, mac)| {
-        rtnl.acknowledged(
-            Request::PinMac {
-                port: *port,
-                mac: *mac,
-            },
+    for (port, mac) in pins {
+        let flags = match fdb.get(mac).map(Vec::as_slice) {
+            None | Some([]) => NLM_F_CREATE | NLM_F_EXCL,
+            Some(entries) if entries.iter().all(|(p, local)| p == port && !local) => NLM_F_REPLACE,
+            Some(_) => {
+                failures.elsewhere.push((*port, *mac));
+                continue;
+            }
+        };
+        let request = Request::PinMac {
+            port: *port,
+            mac: *mac,
+        };
+        match rtnl.acknowledged(
+            request,
             &RouteNetlinkMessage::NewNeighbour(entry(*port, mac)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .err()
-    });
-    let mut failures: Vec<VethError> = pinned.collect();
+            flags,
+        ) {
+            // Learned between the dump and now: left alone, looked at again next time.
+            Err(VethError::Refused { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists =>
+            {
+                failures.elsewhere.push((*port, *mac));
+            }
+            Err(err) => failures.errors.push(err),
+            Ok(()) => {}
+        }
+    }
     for (port, mac) in unpins {
         match rtnl.acknowledged(
             Request::UnpinMac {
@@ -678,11 +791,30 @@ pub fn pin_macs(pins: &[(u32, Mac)], unpins: &[(u32, Mac)]) -> Vec<VethError> {
             0,
         ) {
             Err(VethError::Refused { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => failures.push(err),
+            Err(err) => failures.errors.push(err),
             Ok(()) => {}
         }
     }
     failures
+}
+
+/// A bridge fdb entry's port, MAC, and whether it is one of the bridge's own (local).
+fn fdb_state_of(message: &RouteNetlinkMessage) -> Option<(u32, Mac, bool)> {
+    let RouteNetlinkMessage::NewNeighbour(n) = message else {
+        return None;
+    };
+    if n.header.family != AddressFamily::Bridge {
+        return None;
+    }
+    let mac = n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(lladdr) => Mac::try_from(&lladdr[..]).ok(),
+        _ => None,
+    })?;
+    Some((
+        n.header.ifindex,
+        mac,
+        n.header.state == NeighbourState::Permanent,
+    ))
 }
 
 /// Asks the kernel, in the calling thread's network namespace: a few milliseconds of blocking
@@ -1462,7 +1594,8 @@ mod tests {
         assert_eq!(addresses_of(&d, "vethc").0, [ip("10.0.0.4")]);
         let veth_c = d.veths().iter().find(|v| v.name == "vethc").unwrap();
         assert_eq!(veth_c.bridge, None, "bond0 is no bridge");
-        let PodVeths { found, missing, .. } = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let PodVeths { found, missing, .. } =
+            guarded_pods(&compiler, Some(&d), &History::default());
         let found: Vec<(&str, &str)> = found
             .iter()
             .map(|(id, p)| (id.as_str(), p.veth.as_str()))
@@ -1494,7 +1627,7 @@ mod tests {
             (3, Ok(side(vec![at(2, "10.0.0.10")]))),
         ]);
         let d = assemble(links, peers, None);
-        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let found = guarded_pods(&compiler, Some(&d), &History::default());
         let pods = found.pods();
         let names = |veths: &[IfName]| -> Vec<String> {
             veths.iter().map(|p| p.as_str().to_string()).collect()
@@ -1512,6 +1645,26 @@ mod tests {
         assert!(none.ports.is_empty(), "no guarded pod, no bridge of theirs");
         assert_eq!(none.elsewhere.len(), 3);
         assert_eq!(guard(None, &all), pods.into());
+    }
+
+    /// A history that has seen `d` once, and found each `(pod, veth, ifindex)` of `bindings`
+    /// then.
+    fn seen_once(d: &Discovery, bindings: &[(&str, &str, u32)]) -> History {
+        let mut history = History::default();
+        history.observe(d);
+        history.bindings = bindings
+            .iter()
+            .map(|(pod, name, index)| (pod.to_string(), binding(name, *index, history.tick)))
+            .collect();
+        history
+    }
+
+    fn binding(name: &str, index: u32, found: u64) -> Binding {
+        Binding {
+            name: name.to_string(),
+            index,
+            found,
+        }
     }
 
     /// Each pod found, with its veth's name.
@@ -1548,11 +1701,7 @@ mod tests {
         let d = assemble(links, peers, None);
 
         // Found on vethteller before: teller keeps it, and the claim is reported.
-        let at_5 = Binding {
-            index: 5,
-            newest: 7,
-        };
-        let before = BTreeMap::from([("bank/teller".to_string(), at_5)]);
+        let before = seen_once(&d, &[("bank/teller", "vethteller", 5)]);
         let kept = guarded_pods(&compiler, Some(&d), &before);
         assert_eq!(
             found_on(&kept),
@@ -1566,19 +1715,20 @@ mod tests {
             BTreeMap::from([("bank/teller".to_string(), vec!["vethstranger".to_string()])])
         );
         assert!(kept.contested.is_empty() && kept.missing.is_empty());
-        assert_eq!(kept.bound.get("bank/teller"), Some(&at_5));
+        assert_eq!(
+            kept.bound.get("bank/teller"),
+            Some(&binding("vethteller", 5, 1))
+        );
         assert!(guard(Some(&d), &kept).contested.is_empty());
 
         // Nothing known before (a restarted agent), or a veth that is gone while both
         // claimants were there: contested, its address sent from neither veth. A binding is
         // kept until the pod is found again.
-        let gone = Binding {
-            index: 4,
-            newest: 7,
-        };
+        // (Also a veth of that name at another ifindex: not the one teller was on.)
         for before in [
-            BTreeMap::new(),
-            BTreeMap::from([("bank/teller".to_string(), gone)]),
+            History::default(),
+            seen_once(&d, &[("bank/teller", "vethold", 4)]),
+            seen_once(&d, &[("bank/teller", "vethteller", 4)]),
         ] {
             let contested = guarded_pods(&compiler, Some(&d), &before);
             assert_eq!(found_on(&contested), [pair("bank/mallory", "vethmallory")]);
@@ -1592,7 +1742,7 @@ mod tests {
             assert!(contested.missing.is_empty());
             assert_eq!(
                 contested.bound.get("bank/teller"),
-                before.get("bank/teller")
+                before.bindings.get("bank/teller")
             );
             assert_eq!(guard(Some(&d), &contested).contested, [ip("10.0.0.2")]);
         }
@@ -1600,7 +1750,7 @@ mod tests {
         // Alone on its bridge, a contested pod's veths are still its bridge's ports, not
         // another network's the guard leaves alone.
         let alone = compiler_of([running_pod("bank", "teller", "10.0.0.2")]);
-        let found = guarded_pods(&alone, Some(&d), &BTreeMap::new());
+        let found = guarded_pods(&alone, Some(&d), &History::default());
         let g = guard(Some(&d), &found);
         assert!(g.pods.is_empty());
         assert_eq!(g.contested, [ip("10.0.0.2")]);
@@ -1637,7 +1787,7 @@ mod tests {
             ],
             bound: [("x/a", 5), ("x/b", 6), ("x/c", 7), ("x/d", 8)]
                 .into_iter()
-                .map(|(id, index)| (id.to_string(), Binding { index, newest: 10 }))
+                .map(|(id, index)| (id.to_string(), binding("", index, 1)))
                 .collect(),
             ..PodVeths::default()
         };
@@ -1693,7 +1843,7 @@ mod tests {
         assert_eq!(sharers("vethgateway"), ["cni0"]);
         assert_eq!(sharers("vethportly"), ["cni0"]);
         assert!(sharers("vethhonest").is_empty());
-        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let found = guarded_pods(&compiler, Some(&d), &History::default());
         let shared: Vec<(&str, bool)> = found
             .found
             .iter()
@@ -1727,7 +1877,7 @@ mod tests {
             (1, Ok(side(vec![at(2, "fd00::2")]))),
         ]);
         let d = assemble(links, peers, None);
-        let found = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let found = guarded_pods(&compiler, Some(&d), &History::default());
         assert!(found.found.is_empty() && found.contested.is_empty());
         assert_eq!(found.missing.iter().collect::<Vec<_>>(), ["bank/twofaced"]);
     }
@@ -1737,74 +1887,67 @@ mod tests {
         let compiler = compiler_of([
             running_pod("bank", "teller", "10.0.0.2"),
             running_pod("bank", "mallory", "10.0.0.3"),
+            running_pod("bank", "peddler", "10.0.0.5"),
         ]);
-        let bound = |index| Binding { index, newest: 7 };
-        let before = BTreeMap::from([
-            ("bank/teller".to_string(), bound(4)),
-            ("bank/mallory".to_string(), bound(6)),
-        ]);
+        let mut history = History::default();
+        // One discovery of `links` with each peer namespace's addresses (and a MAC for each).
+        let mut discover = |links: Vec<Link>, peers: &[(i32, &[&str])]| {
+            let peers = peers
+                .iter()
+                .map(|(id, addrs)| {
+                    let side = PeerSide {
+                        addresses: addrs.iter().map(|a| at(2, a)).collect(),
+                        macs: BTreeMap::from([(2, mac(*id as u8 + 1))]),
+                    };
+                    (*id, Ok(side))
+                })
+                .collect();
+            let d = assemble(links, peers, None);
+            history.observe(&d);
+            let found = guarded_pods(&compiler, Some(&d), &history);
+            history.bindings.clone_from(&found.bound);
+            found
+        };
+        let teller = || veth(4, "vethteller", Some(1), Some((0, 2)));
+        let mallory = || veth(6, "vethmallory", Some(1), Some((1, 2)));
+        let both = [
+            pair("bank/mallory", "vethmallory"),
+            pair("bank/teller", "vethteller"),
+        ];
 
-        // Mallory removed its own address: it keeps its veth, and so its guard.
-        let d = assemble(
-            vec![
-                bridge(1, "cni0"),
-                veth(4, "vethteller", Some(1), Some((0, 2))),
-                veth(6, "vethmallory", Some(1), Some((1, 2))),
-            ],
-            BTreeMap::from([
-                (0, Ok(side(vec![at(2, "10.0.0.2")]))),
-                (
-                    1,
-                    Ok(PeerSide {
-                        addresses: Vec::new(),
-                        macs: BTreeMap::from([(2, mac(3))]),
-                    }),
-                ),
-            ]),
-            None,
+        let found = discover(
+            vec![bridge(1, "cni0"), teller(), mallory()],
+            &[(0, &["10.0.0.2"]), (1, &["10.0.0.3"])],
         );
-        let found = guarded_pods(&compiler, Some(&d), &before);
-        assert_eq!(
-            found_on(&found),
-            [
-                pair("bank/mallory", "vethmallory"),
-                pair("bank/teller", "vethteller")
-            ]
+        assert_eq!(found_on(&found), both);
+        // Mallory removes its own address: it keeps its veth, and so its guard.
+        let found = discover(
+            vec![bridge(1, "cni0"), teller(), mallory()],
+            &[(0, &["10.0.0.2"]), (1, &[])],
         );
-        let unknown = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
-        assert_eq!(
-            unknown.missing.iter().collect::<Vec<_>>(),
-            ["bank/mallory"],
-            "without the binding, mallory's veth would be any pod's"
-        );
-
-        // Teller's sandbox is being recreated (veth 4 gone) and mallory holds teller's address:
-        // mallory's veth, there before, is not teller's: contested.
-        let mallory_holds = || (1, Ok(side(vec![at(2, "10.0.0.2")])));
-        let d = assemble(
-            vec![
-                bridge(1, "cni0"),
-                veth(6, "vethmallory", Some(1), Some((1, 2))),
-            ],
-            BTreeMap::from([mallory_holds()]),
-            None,
-        );
-        let found = guarded_pods(&compiler, Some(&d), &before);
+        assert_eq!(found_on(&found), both);
+        // Teller's sandbox is being recreated (its veth gone) and mallory holds teller's
+        // address: mallory's veth, there before, is not teller's: contested.
+        let found = discover(vec![bridge(1, "cni0"), mallory()], &[(1, &["10.0.0.2"])]);
         assert_eq!(found_on(&found), [pair("bank/mallory", "vethmallory")]);
         assert_eq!(found.contested.keys().collect::<Vec<_>>(), ["bank/teller"]);
-        assert_eq!(found.bound.get("bank/teller"), Some(&bound(4)));
-
-        // Teller's new veth (created since) comes up with the address: teller moves to it.
-        let d = assemble(
+        // Nor is a new veth that carries another known pod's address teller's.
+        let peddler = || veth(9, "vethpeddler", Some(1), Some((3, 2)));
+        let found = discover(
+            vec![bridge(1, "cni0"), mallory(), peddler()],
+            &[(1, &[]), (3, &["10.0.0.5", "10.0.0.2"])],
+        );
+        assert_eq!(found.contested.keys().collect::<Vec<_>>(), ["bank/teller"]);
+        // Teller's new veth (first seen since) comes up with the address: teller moves to it,
+        // though mallory holds the address too.
+        let found = discover(
             vec![
                 bridge(1, "cni0"),
-                veth(6, "vethmallory", Some(1), Some((1, 2))),
+                mallory(),
                 veth(8, "vethteller2", Some(1), Some((2, 2))),
             ],
-            BTreeMap::from([mallory_holds(), (2, Ok(side(vec![at(2, "10.0.0.2")])))]),
-            None,
+            &[(1, &["10.0.0.2"]), (2, &["10.0.0.2"])],
         );
-        let found = guarded_pods(&compiler, Some(&d), &before);
         assert_eq!(
             found_on(&found),
             [
@@ -1815,11 +1958,35 @@ mod tests {
         assert!(found.contested.is_empty());
         assert_eq!(
             found.bound.get("bank/teller"),
-            Some(&Binding {
-                index: 8,
-                newest: 8
-            })
+            Some(&binding("vethteller2", 8, 5))
         );
+        // Nor does a pod new to the agent get a veth another pod is on, whatever it carries.
+        let newcomer = compiler_of([
+            running_pod("bank", "mallory", "10.0.0.3"),
+            running_pod("bank", "newcomer", "10.0.0.7"),
+        ]);
+        let d = assemble(
+            vec![bridge(1, "cni0"), mallory()],
+            BTreeMap::from([(1, Ok(side(vec![at(2, "10.0.0.7")])))]),
+            None,
+        );
+        let found = guarded_pods(&newcomer, Some(&d), &history);
+        assert_eq!(found_on(&found), [pair("bank/mallory", "vethmallory")]);
+        assert!(found.missing.contains("bank/newcomer"));
+        // Without the history mallory, holding no address of its own, would be any pod's.
+        let d = assemble(
+            vec![bridge(1, "cni0"), mallory()],
+            BTreeMap::from([(
+                1,
+                Ok(PeerSide {
+                    addresses: Vec::new(),
+                    macs: BTreeMap::from([(2, mac(2))]),
+                }),
+            )]),
+            None,
+        );
+        let unknown = guarded_pods(&compiler, Some(&d), &History::default());
+        assert!(unknown.missing.contains("bank/mallory"));
     }
 
     #[test]
@@ -2103,7 +2270,8 @@ mod tests {
             names("vethf").is_empty(),
             "on another bridge, one MAC confuses nothing"
         );
-        let PodVeths { found, missing, .. } = guarded_pods(&compiler, Some(&d), &BTreeMap::new());
+        let PodVeths { found, missing, .. } =
+            guarded_pods(&compiler, Some(&d), &History::default());
         let found: Vec<(&str, [u8; 6], bool)> = found
             .iter()
             .map(|(id, p)| (id.as_str(), p.mac, p.mac_shared))

@@ -299,29 +299,59 @@ fn each_pod_address_maps_to_its_host_veth() {
             .expect("ip runs");
         assert!(String::from_utf8_lossy(&shown.stdout).contains("no_linklocal_learn 1"));
 
-        // A guarded pod's MAC pinned to its veth: static and sticky, pinned again without
-        // complaint, and unpinned (twice: the second finds nothing, which is no failure).
+        // A guarded pod's MAC pinned to its veth: static, pinned again without complaint, and
+        // unpinned (twice: the second finds nothing, which is no failure).
         let pin = (v.index, v.mac.unwrap());
-        let entry = || {
+        let entry = |mac: &str| {
             let shown = Command::new("bridge")
-                .args(["fdb", "show", "dev", &v.name])
+                .args(["fdb", "show", "br", "cni0"])
                 .output()
                 .expect("bridge runs");
             String::from_utf8_lossy(&shown.stdout)
                 .lines()
-                .find(|line| line.starts_with("02:00:00:00:00:02"))
+                .find(|line| line.starts_with(mac))
                 .map(str::to_string)
         };
         for _ in 0..2 {
             let failures = agent::veth::pin_macs(&[pin], &[]);
-            assert!(failures.is_empty(), "{failures:?}");
-            let line = entry().expect("the pinned entry");
-            assert!(line.contains("static") && line.contains("sticky"), "{line}");
+            assert!(
+                failures.errors.is_empty() && failures.elsewhere.is_empty(),
+                "{failures:?}"
+            );
+            let line = entry("02:00:00:00:00:02").expect("the pinned entry");
+            assert!(
+                line.contains(&format!("dev {} ", v.name)) && line.contains("static"),
+                "{line}"
+            );
         }
         for _ in 0..2 {
             let failures = agent::veth::pin_macs(&[], &[pin]);
-            assert!(failures.is_empty(), "{failures:?}");
-            assert_eq!(entry(), None);
+            assert!(failures.errors.is_empty(), "{failures:?}");
+            assert_eq!(entry("02:00:00:00:00:02"), None);
+        }
+        // A MAC the bridge has behind another port, or as its own (cni0's): not pinned, and
+        // its entry stays where it was.
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                "02:00:00:00:00:03",
+                "dev",
+                "veth1f2e3d4c",
+                "master",
+                "static",
+            ],
+        );
+        for mac in ["02:00:00:00:00:03", "02:00:00:00:00:01"] {
+            let before = entry(mac).expect("an entry");
+            let failures = agent::veth::pin_macs(&[(v.index, mac_bytes(mac))], &[]);
+            assert_eq!(
+                failures.elsewhere,
+                [(v.index, mac_bytes(mac))],
+                "{failures:?}"
+            );
+            assert_eq!(entry(mac), Some(before));
         }
     });
 }
@@ -520,7 +550,10 @@ fn discovery_time_with_110_veths() {
             RUNS,
             || {
                 let failures = agent::veth::pin_macs(&pins, &[]);
-                assert!(failures.is_empty(), "{failures:?}");
+                assert!(
+                    failures.errors.is_empty() && failures.elsewhere.is_empty(),
+                    "{failures:?}"
+                );
             },
         );
 

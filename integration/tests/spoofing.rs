@@ -1979,9 +1979,7 @@ fn a_pod_does_not_receive_what_the_node_sends_a_pod_the_bridge_forgot() {
             &["bridge", "fdb", "show", "dev", &teller.veth()],
         )
         .lines()
-        .any(|line| {
-            line.starts_with(&teller_mac) && line.contains("static") && line.contains("sticky")
-        })
+        .any(|line| line.starts_with(&teller_mac) && line.contains("static"))
     };
     wait_for(
         std::slice::from_mut(&mut agent),
