@@ -27,6 +27,7 @@ use std::fmt;
 use std::io;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
     NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
@@ -41,7 +42,7 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use ruleset::guard::{Guard, GuardedPod};
+use ruleset::guard::{Guard, GuardedPod, PodBridge};
 use ruleset::ir::{IfName, Mac};
 use ruleset::Compiler;
 
@@ -87,6 +88,8 @@ pub enum Method {
 pub enum Request {
     /// Every link of this namespace.
     Links,
+    /// One family's addresses in this namespace: the node's own, the bridges' among them.
+    Addresses { family: Family },
     /// One family's addresses in the namespace this one knows as `netns_id`. One dump per
     /// family: AF_UNSPEC would hand the request to every family that dumps addresses, not all
     /// of which honour IFA_TARGET_NETNSID.
@@ -116,6 +119,13 @@ impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Links => f.write_str("RTM_GETLINK dump"),
+            Self::Addresses { family } => {
+                let family = match family {
+                    Family::Ipv4 => "AF_INET",
+                    Family::Ipv6 => "AF_INET6",
+                };
+                write!(f, "RTM_GETADDR {family} dump (the node's own addresses)")
+            }
             Self::PeerAddresses { netns_id, family } => {
                 let family = match family {
                     Family::Ipv4 => "AF_INET",
@@ -213,6 +223,8 @@ pub struct Discovery {
     learning_bridges: BTreeMap<String, u32>,
     /// Each bridge's own MAC and its ports' (name -> MACs): the node's, not any pod's.
     node_macs: BTreeMap<String, BTreeSet<Mac>>,
+    /// Each bridge's own subnets (name -> subnets), link-local ones left out.
+    bridge_nets: BTreeMap<String, Vec<IpNet>>,
     failures: Vec<VethError>,
 }
 
@@ -270,6 +282,11 @@ impl Discovery {
             })
             .map(|v| v.name.as_str());
         node.chain(pods).collect()
+    }
+
+    /// The subnets of bridge `name`'s own addresses (none if the address dump failed).
+    pub fn bridge_nets(&self, name: &str) -> &[IpNet] {
+        self.bridge_nets.get(name).map_or(&[], Vec::as_slice)
     }
 
     /// Whether bridge `name` learns MACs from frames to its reserved group addresses.
@@ -589,11 +606,21 @@ pub fn guard(discovery: Option<&Discovery>, found: &PodVeths) -> Guard {
         .filter(|v| v.bridge.is_some())
         .partition(|v| v.bridge.as_deref().is_some_and(|b| bridges.contains(b)));
     let names = |veths: Vec<&Veth>| veths.iter().filter_map(|v| IfName::new(&v.name)).collect();
+    let bridges = bridges
+        .into_iter()
+        .filter_map(|name| {
+            Some(PodBridge {
+                name: IfName::new(name)?,
+                nets: d.bridge_nets(name).to_vec(),
+            })
+        })
+        .collect();
     Guard {
         ports: names(ours),
         elsewhere: names(others),
         pods,
         contested,
+        bridges,
     }
 }
 
@@ -836,7 +863,61 @@ pub fn discover() -> Result<Discovery, VethError> {
         None => false,
     });
     let tables = needs_tables.then(|| bridge_tables(&mut rtnl));
-    Ok(assemble(links, peers, tables))
+    let bridges: BTreeMap<u32, String> = links
+        .iter()
+        .filter(|l| l.is_bridge)
+        .map(|l| (l.index, l.name.clone()))
+        .collect();
+    let own = own_addresses(&mut rtnl);
+    let mut discovery = assemble(links, peers, tables);
+    match own {
+        Ok(addresses) => discovery.bridge_nets = nets_of(&bridges, addresses),
+        Err(err) => discovery.failures.push(err),
+    }
+    Ok(discovery)
+}
+
+/// This namespace's own addresses with their prefixes, by interface index, link-local ones
+/// left out.
+fn own_addresses(rtnl: &mut Rtnl) -> Result<Vec<(u32, IpNet)>, VethError> {
+    let mut found = Vec::new();
+    for (family, af) in [
+        (Family::Ipv4, AddressFamily::Inet),
+        (Family::Ipv6, AddressFamily::Inet6),
+    ] {
+        let mut ask = AddressMessage::default();
+        ask.header.family = af;
+        let replies = rtnl.dump(
+            Request::Addresses { family },
+            &RouteNetlinkMessage::GetAddress(ask),
+        )?;
+        found.extend(replies.iter().filter_map(address_of));
+    }
+    Ok(found)
+}
+
+/// An address of this namespace: its interface, and the address with its prefix length.
+fn address_of(message: &RouteNetlinkMessage) -> Option<(u32, IpNet)> {
+    let RouteNetlinkMessage::NewAddress(address) = message else {
+        return None;
+    };
+    let ip = own_address(address).1.filter(|ip| is_pod_address(*ip))?;
+    let net = IpNet::new(ip, address.header.prefix_len).ok()?;
+    Some((address.header.index, net))
+}
+
+/// The subnets of each bridge of `bridges` (index -> name), from the namespace's addresses.
+fn nets_of(
+    bridges: &BTreeMap<u32, String>,
+    addresses: Vec<(u32, IpNet)>,
+) -> BTreeMap<String, Vec<IpNet>> {
+    let mut nets: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    for (index, net) in addresses {
+        if let Some(name) = bridges.get(&index) {
+            nets.entry(name.clone()).or_default().push(net.trunc());
+        }
+    }
+    nets
 }
 
 /// A link as the join needs it.
@@ -1053,26 +1134,14 @@ fn parse_peer_addresses(
         ) {
             continue;
         }
-        let mut target = None;
-        let mut local = None;
-        let mut peer = None;
-        for attribute in &address.attributes {
-            match attribute {
-                AddressAttribute::TargetNetNsId(id) => target = Some(*id),
-                AddressAttribute::Local(ip) => local = Some(*ip),
-                AddressAttribute::Address(ip) => peer = Some(*ip),
-                _ => {}
-            }
-        }
+        let (target, ip) = own_address(&address);
         if target != Some(netns_id) {
             return Err(VethError::WrongNamespace {
                 request,
                 got: target,
             });
         }
-        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is that too unless the link is
-        // point-to-point, and IPv6 sends only IFA_ADDRESS.
-        if let Some(ip) = local.or(peer).filter(|ip| is_pod_address(*ip)) {
+        if let Some(ip) = ip.filter(|ip| is_pod_address(*ip)) {
             found.push(PeerAddress {
                 index: address.header.index,
                 ip,
@@ -1080,6 +1149,24 @@ fn parse_peer_addresses(
         }
     }
     Ok(found)
+}
+
+/// An address message's target namespace (IFA_TARGET_NETNSID, if the kernel sent one) and the
+/// interface's own address: IFA_LOCAL; IFA_ADDRESS is that too unless the link is
+/// point-to-point, and IPv6 sends only IFA_ADDRESS.
+fn own_address(address: &AddressMessage) -> (Option<i32>, Option<IpAddr>) {
+    let mut target = None;
+    let mut local = None;
+    let mut peer = None;
+    for attribute in &address.attributes {
+        match attribute {
+            AddressAttribute::TargetNetNsId(id) => target = Some(*id),
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => peer = Some(*ip),
+            _ => {}
+        }
+    }
+    (target, local.or(peer))
 }
 
 /// What a pod can source packets from beyond its own link: not link-local, loopback or
@@ -1291,6 +1378,7 @@ fn assemble(
         conflicts,
         learning_bridges,
         node_macs,
+        bridge_nets: BTreeMap::new(),
         failures,
     }
 }

@@ -898,3 +898,81 @@ fn the_fingerprint_follows_our_table_and_ignores_others() {
     assert_ne!(b7, b6, "a flushed bridge chain shows");
     assert_eq!(at("flushed").1, None, "a removed table reads as absent");
 }
+
+/// Whether `nft get element` finds `addr` in set `set` of `bridge nftpol`.
+fn bridge_set_holds(set: &str, addr: &str) -> bool {
+    Command::new("nft")
+        .args([
+            "get",
+            "element",
+            "bridge",
+            TABLE,
+            set,
+            &format!("{{ {addr} }}"),
+        ])
+        .output()
+        .expect("run nft")
+        .status
+        .success()
+}
+
+#[test]
+fn the_guards_bridge_subnets_follow_the_bridges_by_delta() {
+    use ruleset::guard::{guard_table, Guard, PodBridge};
+    use ruleset::ir::IfName;
+
+    if skip_unless_root("the_guards_bridge_subnets_follow_the_bridges_by_delta") {
+        return;
+    }
+    let bridge = |nets: &[&str]| Guard {
+        bridges: vec![PodBridge {
+            name: IfName::new("cni0").unwrap(),
+            nets: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        }],
+        ..Guard::default()
+    };
+    // No bridge yet (no pod on the node): every address; then the first pod's bridge; then
+    // its address changes; then it has none of IPv4.
+    let steps = [
+        Guard::default(),
+        bridge(&["10.244.1.1/24", "fd00:10:244:1::1/64"]),
+        bridge(&["10.244.7.1/24", "fd00:10:244:1::1/64"]),
+        bridge(&["fd00:10:244:1::1/64"]),
+    ];
+    let checks = [
+        ("bridgenets4", "10.244.1.5"),
+        ("bridgenets4", "10.244.7.5"),
+        ("bridgenets4", "192.0.2.1"),
+        ("bridgenets6", "fd00:10:244:1::5"),
+        ("bridgenets6", "fd00:10:244:2::5"),
+        ("bridgenets6", "fe80::1"),
+    ];
+    let expected = [
+        [true, true, true, true, true, true],
+        [true, false, false, true, false, true],
+        [false, true, false, true, false, true],
+        [true, true, true, true, false, true],
+    ];
+    let seen = in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        let mut table = guard_table("n1", &steps[0]);
+        writer.replace_table(&table).unwrap();
+        let mut seen = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            if i > 0 {
+                let next = guard_table("n1", step);
+                let delta = ruleset::diff(&table, &next);
+                let change = Change::Delta {
+                    family: TableFamily::Bridge,
+                    table: TABLE,
+                    delta: &delta,
+                };
+                writer.commit(&[change]).unwrap();
+                table = next;
+            }
+            seen.push(checks.map(|(set, addr)| bridge_set_holds(set, addr)));
+        }
+        seen
+    });
+    assert_eq!(seen, expected, "{checks:?}");
+}

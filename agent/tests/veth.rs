@@ -269,6 +269,16 @@ fn each_pod_address_maps_to_its_host_veth() {
         assert_eq!(owner(&d, "10.99.0.1"), None, "flannel.1's address");
         assert_eq!(owner(&d, "10.98.0.1"), None, "a node-local veth's address");
         assert_eq!(owner(&d, "10.244.0.1"), None, "the bridge's own address");
+        // The bridge's own subnets (link-local left out), which its pods' addresses are in;
+        // nothing for a device that is no bridge.
+        assert_eq!(
+            d.bridge_nets("cni0")
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.244.0.0/24", "fd00:244::/64"]
+        );
+        assert!(d.bridge_nets("flannel.1").is_empty());
         assert_eq!(d.addresses().count(), 7);
         assert!(d.conflicts().is_empty());
         assert!(d.failures().is_empty(), "{:?}", d.failures());

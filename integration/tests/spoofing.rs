@@ -3,7 +3,9 @@
 //! - anti-spoofing: a pod that puts another pod's addresses on its interface and sends from them
 //!   reaches a server that admits the other pod while no agent runs, and is dropped at its own
 //!   veth once the agents run (cross-node and same-node, IPv4 and IPv6), while the real pod's
-//!   packets still arrive;
+//!   packets still arrive; so is a pod the agent does not know (not in the snapshot) sending
+//!   from a remote pod's addresses, outside its bridge's subnets, while it still reaches an
+//!   open pod from its own;
 //! - link-layer addresses: a pod (guarded, or one the agent does not know) that sends one frame
 //!   from a neighbour's MAC moves that MAC to its own bridge port, and the node's traffic to the
 //!   neighbour with it, while no agent runs, and cannot once the agent runs; a pod that sets
@@ -301,10 +303,14 @@ fn a_pod_cannot_send_from_another_pods_address() {
     let mallory = lab.add_pod(0, "bank/mallory", 11).expect("pod");
     let vault = lab.add_pod(1, "bank/vault", 20).expect("pod");
     let eve = lab.add_pod(1, "bank/eve", 21).expect("pod");
-    warm_up(&lab, &[&teller, &mallory, &eve], &vault);
+    // Not in the snapshot: the agent does not guard its veth.
+    let stranger = lab.add_pod(1, "bank/stranger", 22).expect("pod");
+    warm_up(&lab, &[&teller, &mallory, &eve, &stranger], &vault);
     let counter = Counter::install(&vault, &[&teller]);
+    let at_eve = Counter::install(&eve, &[&stranger]);
     borrow_addresses(&mallory, &teller);
     borrow_addresses(&eve, &teller);
+    borrow_addresses(&stranger, &teller);
 
     // No agent: forged datagrams arrive, across nodes (mallory) and on the vault's node (eve).
     assert_eq!(
@@ -316,6 +322,11 @@ fn a_pod_cannot_send_from_another_pods_address() {
         delivered(&eve, &teller, &vault, &counter),
         [SENT; 2],
         "control, same node"
+    );
+    assert_eq!(
+        delivered(&stranger, &teller, &vault, &counter),
+        [SENT; 2],
+        "control, a pod the agent does not know"
     );
 
     let path = scratch.path().join("snapshot.yaml");
@@ -340,6 +351,8 @@ fn a_pod_cannot_send_from_another_pods_address() {
 
     let forged_cross = delivered(&mallory, &teller, &vault, &counter);
     let forged_local = delivered(&eve, &teller, &vault, &counter);
+    let forged_unknown = delivered(&stranger, &teller, &vault, &counter);
+    let unknown_own = delivered(&stranger, &stranger, &eve, &at_eve);
     let genuine = delivered(&teller, &teller, &vault, &counter);
     let allowed = lab
         .probe(
@@ -363,7 +376,7 @@ fn a_pod_cannot_send_from_another_pods_address() {
         .expect("probe");
     let logs: Vec<String> = agents.iter_mut().map(Agent::describe).collect();
     println!(
-        "forged cross-node {forged_cross:?}, forged same-node {forged_local:?}, genuine {genuine:?} (of {SENT} per family)"
+        "forged cross-node {forged_cross:?}, forged same-node {forged_local:?}, forged by an unknown pod {forged_unknown:?}, its own {unknown_own:?}, genuine {genuine:?} (of {SENT} per family)"
     );
     assert_eq!(
         forged_cross,
@@ -375,6 +388,18 @@ fn a_pod_cannot_send_from_another_pods_address() {
         forged_local,
         [0, 0],
         "forged on the same node\n{}",
+        logs.join("\n")
+    );
+    assert_eq!(
+        forged_unknown,
+        [0, 0],
+        "forged by a pod the agent does not know, from outside its bridge's subnets\n{}",
+        logs.join("\n")
+    );
+    assert_eq!(
+        unknown_own,
+        [SENT; 2],
+        "that pod, from its own addresses, to an open pod\n{}",
         logs.join("\n")
     );
     assert_eq!(genuine, [SENT; 2], "the real teller\n{}", logs.join("\n"));

@@ -9,7 +9,7 @@
 //!
 //! | object | kind | what it does |
 //! | --- | --- | --- |
-//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth, its pod's link-layer address and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; anything else from a guarded veth with a link-layer address that is not its pod's is dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), frames from a guarded pod's link-layer address, IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped |
+//! | `prerouting` | base chain, bridge hook prerouting, priority filter, policy accept | IPv4 from a guarded veth, its pod's link-layer address and its pod's own address is accepted (one lookup, the common case); other VLAN-tagged frames from any veth not in `elsewhere` are dropped; anything else from a guarded veth with a link-layer address that is not its pod's is dropped; router and neighbour advertisements and redirects from a guarded veth go to `neighbour`; IPv6 from the pod's own address is accepted; anything else from a guarded veth goes to `guard`; from any other veth not in `elsewhere` (a pod not guarded yet, or not matched to its veth; by kind, whatever its name), frames from a guarded pod's link-layer address, IP and ARP from a guarded pod's address, and neighbour advertisements for one, are dropped; and from a veth on one of the pods' bridges (`ports`), IP from outside the bridges' subnets (`bridgenets4`/`bridgenets6`) is dropped |
 //! | `forward` | base chain, bridge hook forward, priority filter, policy accept | between two ports (pod to pod on this node): a frame to a guarded pod's MAC by another port (a flood: the bridge forgot the MAC) is dropped; ARP and neighbour discovery are accepted, then IP leaving by a guarded veth to an address that is not its pod's (broadcast, multicast, link-local), and IPv6 entering from a guarded veth with a link-local source, is dropped |
 //! | `veths` | set of `ifname` | host-side veths of local pods |
 //! | `elsewhere` | set of `ifname` | the veths on other bridges (`docker0`, a secondary network's), which the rules for other veths leave alone |
@@ -21,6 +21,8 @@
 //! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth, and the contested addresses ([`Guard::contested`]), which no veth may send from |
 //! | `targets6` | set of `typeof @th,64,128` | the addresses of `guarded6`, keyed on a neighbour advertisement's target |
 //! | `target6` | set of `typeof iifname . @th,64,128` | each veth with the IPv6 addresses its pod may advertise (the elements of `src6`, keyed on the advertisement's target) |
+//! | `ports` | set of `ifname` | the veths on the guarded pods' bridges ([`Guard::ports`] and the pods' own) |
+//! | `bridgenets4`/`bridgenets6` | interval sets | the subnets of those bridges' own addresses ([`Guard::bridges`]), out of which their pods' addresses come; the whole family for a bridge with no subnet of it; and (IPv6) `::` and `fe80::/10` |
 //! | `linklocal6` | interval set | `::` and `fe80::/10`: sources of IPv6 neighbour discovery and DAD; between pods, of nothing else; from a pod isolated for egress, of nothing else but MLD reports and done messages |
 //! | `neighbour` | regular chain | neighbour discovery behind an extension header, router advertisements and redirects are dropped, and neighbour advertisements whose target is neither link-local nor in `target6`; the rest returns |
 //! | `guard` | regular chain | ARP from the pod's own addresses and ARP probes are accepted; from IPv6 link-local sources, neighbour discovery and MLD reports and done messages are accepted, anything else from an `isolated` veth is dropped and the rest is accepted; everything else is dropped. No verdict here returns: a guarded veth's frames never meet the rules for other veths |
@@ -69,11 +71,18 @@
 //! kind, so they hold from the moment a veth appears, and while no agent runs; the agent lists
 //! a veth of another bridge within a second of its appearing, while it runs. If it is a port of
 //! a guarded pod's bridge ([`Guard::ports`]), it sends nothing straight to the node either.
-//! What it sends from other addresses (a remote pod's included) is not checked. A port that is
-//! no veth (an uplink) is not touched.
+//! On a guarded pod's bridge, once the agent lists it in `ports` (within a second of its
+//! appearing, while the agent runs), it sends IP from no address outside the bridges' subnets
+//! either: not a remote pod's, nor one an ipBlock admits, which would pass the policies of the
+//! pod it reaches and escape its own pod's egress rules. (What it sends from another address
+//! of the bridges' subnets, an unguarded neighbour's, is not checked. By name, not kind: a
+//! veth of another bridge, `docker0`'s, sends from that bridge's subnet, and must not lose its
+//! first second.) A port that is no veth (an uplink) is not touched.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::compile::{comment, Compiler};
 use crate::diff::Delta;
@@ -130,6 +139,92 @@ pub struct Guard {
     /// to be the pod's own (one took a neighbour's addresses with CAP_NET_ADMIN): sent from
     /// no veth, like a guarded pod's from any veth but its own.
     pub contested: Vec<IpAddr>,
+    /// The bridges whose ports `ports` are, with the subnets of their own addresses.
+    pub bridges: Vec<PodBridge>,
+}
+
+/// A bridge of the guarded pods (`cni0`, `cbr0`), with the subnets of its own addresses: the
+/// pods' gateway, whose subnet the CNI hands its pods' addresses out of (Flannel's and
+/// kubenet's `host-local` ranges are the node's pod CIDR, the bridge's subnet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodBridge {
+    pub name: IfName,
+    /// The subnets of the bridge's addresses, link-local ones left out. A family with none
+    /// here (or only a host route, /32 or /128, which says nothing of the pods') is not
+    /// checked on this bridge.
+    pub nets: Vec<IpNet>,
+}
+
+/// The set of the addresses of `family` that veths on the pods' bridges may send from.
+fn bridge_nets_set(family: Family) -> String {
+    format!("bridgenets{}", family.digit())
+}
+
+/// The elements of [`bridge_nets_set`]: the bridges' subnets of `family`, the whole family
+/// for a bridge with none (or when no bridge is known), and (IPv6) the unspecified and
+/// link-local sources of neighbour discovery. Merged, as an interval set holds no two ranges
+/// that overlap.
+fn bridge_nets(bridges: &[PodBridge], family: Family) -> BTreeSet<Element> {
+    let whole = |family: Family| match family {
+        Family::V4 => IpNet::from(Ipv4Net::default()),
+        Family::V6 => IpNet::from(Ipv6Net::default()),
+    };
+    let mut nets: Vec<IpNet> = Vec::new();
+    if bridges.is_empty() {
+        nets.push(whole(family));
+    }
+    for bridge in bridges {
+        let own: Vec<IpNet> = bridge
+            .nets
+            .iter()
+            .filter(|net| Family::of_net(net) == family && net.prefix_len() < net.max_prefix_len())
+            .map(IpNet::trunc)
+            .collect();
+        if own.is_empty() {
+            nets.push(whole(family));
+        }
+        nets.extend(own);
+    }
+    if family == Family::V6 && !bridges.is_empty() {
+        nets.extend(link_local_sources());
+    }
+    let mut ranges: Vec<(u128, u128)> = nets
+        .iter()
+        .map(|net| (number(net.network()), number(net.broadcast())))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (lo, hi) in ranges {
+        match merged.last_mut() {
+            Some((_, end)) if lo <= end.saturating_add(1) => *end = (*end).max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    let addr = |n: u128| match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(n)),
+    };
+    merged
+        .into_iter()
+        .map(|(lo, hi)| Element::Range(addr(lo), addr(hi)))
+        .collect()
+}
+
+/// An address as a number, to order and join ranges.
+fn number(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// `::/128` and `fe80::/10`: the sources of IPv6 neighbour discovery and DAD.
+fn link_local_sources() -> [IpNet; 2] {
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+    [
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+        IpNet::V6(Ipv6Net::new_assert(link_local, 10)),
+    ]
 }
 
 impl From<Vec<GuardedPod>> for Guard {
@@ -304,21 +399,32 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             .map(|(veth, ip)| Element::IfaceAddr(veth, ip))
             .collect(),
     );
-    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
-    let link_local_end = Ipv6Addr::new(
-        0xfebf, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
-    );
     table.add_set(
         "linklocal6",
         SetKey::Addr(Family::V6),
         true,
         "unspecified and link-local sources: neighbour discovery",
-        [
-            Element::Range(Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()),
-            Element::Range(link_local.into(), link_local_end.into()),
-        ]
-        .into(),
+        link_local_sources()
+            .iter()
+            .map(|net| Element::Range(net.network(), net.broadcast()))
+            .collect(),
     );
+    table.add_set(
+        "ports",
+        SetKey::Iface,
+        false,
+        "veths on the bridges of local pods' veths",
+        guard.all_ports().map(Element::Iface).collect(),
+    );
+    for family in Family::BOTH {
+        table.add_set(
+            &bridge_nets_set(family),
+            SetKey::Addr(family),
+            true,
+            "the subnets of those bridges' addresses, which their pods' addresses are in",
+            bridge_nets(&guard.bridges, family),
+        );
+    }
     let from_veth = || Match::IifnameInSet {
         set: "veths".into(),
     };
@@ -549,6 +655,25 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
             "neighbour advertisement for a guarded pod's address from another veth",
         ),
     ]);
+    // Nor from outside its bridge's subnets: a remote pod's address, or one an ipBlock
+    // admits, would pass the policies of the pod it reaches, and its own pod's egress rules,
+    // which see it by its pod address, would never see it.
+    prerouting.extend(Family::BOTH.map(|family| {
+        rule(
+            vec![
+                Match::IifnameInSet {
+                    set: "ports".into(),
+                },
+                Match::AddrNotInSet {
+                    family,
+                    field: AddrField::Source,
+                    set: bridge_nets_set(family),
+                },
+            ],
+            Verdict::Drop,
+            "an address outside the bridge's subnets from another veth",
+        )
+    }));
     // Between two ports: pod to pod on this node. Policies see pods by their pod addresses;
     // IP to any other address (broadcast, multicast, link-local, whatever the frame's
     // Ethernet destination) would pass the inet table untouched, past any isolation. Pod to

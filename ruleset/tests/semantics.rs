@@ -1178,7 +1178,7 @@ fn unprogrammed_local_addresses_are_isolated_only_when_asked() {
 
 #[test]
 fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
-    use ruleset::guard::{guard_table, Guard, GuardedPod};
+    use ruleset::guard::{guard_table, Guard, GuardedPod, PodBridge};
     use ruleset::ir::{Element, IfName, Match, TableFamily, Verdict};
 
     let veth = IfName::new("veth0a1b2c3d").unwrap();
@@ -1222,9 +1222,80 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
             ports: vec![stranger],
             elsewhere: vec![docker],
             contested: contested.clone(),
+            // Two bridges: one with a subnet of each family (and a host route, which says
+            // nothing of its pods'), one with only an IPv4 subnet, which overlaps the first's.
+            bridges: vec![
+                PodBridge {
+                    name: IfName::new("cni0").unwrap(),
+                    nets: ["10.244.1.1/24", "10.244.1.200/32", "fd00::1/64"]
+                        .map(|n| n.parse().unwrap())
+                        .to_vec(),
+                },
+                PodBridge {
+                    name: IfName::new("cbr0").unwrap(),
+                    nets: vec!["10.244.0.1/23".parse().unwrap()],
+                },
+            ],
         },
     );
     assert_eq!(table.family, TableFamily::Bridge);
+    let range = |lo: &str, hi: &str| Element::Range(lo.parse().unwrap(), hi.parse().unwrap());
+    // Every veth on the pods' bridges, guarded or not; none on other bridges.
+    assert_eq!(
+        table.sets["ports"].elements.iter().collect::<Vec<_>>(),
+        [
+            &Element::Iface(veth),
+            &Element::Iface(open),
+            &Element::Iface(stranger),
+            &Element::Iface(cloned)
+        ]
+    );
+    // The bridges' subnets, joined where they overlap.
+    assert_eq!(
+        table.sets["bridgenets4"]
+            .elements
+            .iter()
+            .collect::<Vec<_>>(),
+        [&range("10.244.0.0", "10.244.1.255")]
+    );
+    // A bridge with no IPv6 subnet does not limit IPv6: every address.
+    assert_eq!(
+        table.sets["bridgenets6"]
+            .elements
+            .iter()
+            .collect::<Vec<_>>(),
+        [&range("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")]
+    );
+    let one_bridge = guard_table(
+        "n1",
+        &Guard {
+            bridges: vec![PodBridge {
+                name: IfName::new("cni0").unwrap(),
+                nets: vec!["fd00::1/64".parse().unwrap()],
+            }],
+            ..Guard::default()
+        },
+    );
+    assert_eq!(
+        one_bridge.sets["bridgenets4"]
+            .elements
+            .iter()
+            .collect::<Vec<_>>(),
+        [&range("0.0.0.0", "255.255.255.255")],
+        "a bridge with no IPv4 subnet does not limit IPv4"
+    );
+    assert_eq!(
+        one_bridge.sets["bridgenets6"]
+            .elements
+            .iter()
+            .collect::<Vec<_>>(),
+        [
+            &range("::", "::"),
+            &range("fd00::", "fd00::ffff:ffff:ffff:ffff"),
+            &range("fe80::", "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
+        ],
+        "the bridge's subnet, and the sources of neighbour discovery"
+    );
     assert_eq!(
         table.sets["veths"].elements.iter().collect::<Vec<_>>(),
         [
@@ -1354,6 +1425,8 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
             "meta iifkind \"veth\" iifname != @elsewhere ip6 saddr @guarded6 drop comment \"a guarded pod's address from another veth\"",
             "meta iifkind \"veth\" iifname != @elsewhere arp saddr ip @guarded4 drop comment \"ARP claiming a guarded pod's address from another veth\"",
             "icmpv6 type { nd-neighbor-advert } meta iifkind \"veth\" iifname != @elsewhere @th,64,128 @targets6 drop comment \"neighbour advertisement for a guarded pod's address from another veth\"",
+            "iifname @ports ip saddr != @bridgenets4 drop comment \"an address outside the bridge's subnets from another veth\"",
+            "iifname @ports ip6 saddr != @bridgenets6 drop comment \"an address outside the bridge's subnets from another veth\"",
         ],
         "{prerouting:#?}"
     );

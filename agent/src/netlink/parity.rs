@@ -264,6 +264,19 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         ports: vec![IfName::new("vethffffffff").unwrap()],
         elsewhere: vec![IfName::new("vethdocker0").unwrap()],
         contested: vec!["10.244.1.99".parse().unwrap(), "fd00::99".parse().unwrap()],
+        bridges: vec![
+            ruleset::guard::PodBridge {
+                name: IfName::new("cni0").unwrap(),
+                nets: vec![
+                    "10.244.1.1/24".parse().unwrap(),
+                    "fd00::1/64".parse().unwrap(),
+                ],
+            },
+            ruleset::guard::PodBridge {
+                name: IfName::new("cbr0").unwrap(),
+                nets: vec!["10.244.9.1/24".parse().unwrap()],
+            },
+        ],
     };
     failures.extend(differences(&guard_table("node-a", &guard), "guard"));
     let with_veths = ruleset::guard::with_veths(isolating.table(), &guard);
