@@ -92,6 +92,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         ready: false,
         retry: None,
         epoch: options.epoch,
+        cleared_ahead: None,
     };
     let result = match &args.manifests {
         Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
@@ -324,6 +325,12 @@ struct Kernel {
     retry: Option<(Instant, Duration)>,
     /// The ruleset epoch of the installed table.
     epoch: Epoch,
+    /// The value of the epoch after `epoch` once it is cleared from every connection's mark,
+    /// ahead of the change that installs it. The walk of conntrack takes 10 ms and more
+    /// whatever the number of connections (ctnetlink visits every bucket of the host's table),
+    /// so it is done after a sync rather than between a change and its transaction. Nothing
+    /// stamps that value meanwhile: the rules in force stamp `epoch`'s.
+    cleared_ahead: Option<u32>,
 }
 
 /// What the agent last put in the kernel.
@@ -540,9 +547,13 @@ impl Kernel {
                     baseline,
                 });
                 self.epoch = next;
+                if self.cleared_ahead != Some(next.next().value()) {
+                    self.cleared_ahead = None;
+                }
                 self.health.set_epoch(next);
                 self.retry = None;
                 self.enable_fast_path();
+                self.clear_ahead();
                 if !self.ready {
                     self.ready = true;
                     self.health.mark_ready();
@@ -568,7 +579,7 @@ impl Kernel {
     /// current one. When the clearing fails, the new epoch comes without the fast path.
     fn free_next_epoch(&mut self) -> Epoch {
         let next = self.epoch.next();
-        if next.bits().is_off() {
+        if next.bits().is_off() || self.cleared_ahead.take() == Some(next.value()) {
             return next;
         }
         match conntrack::clear(next.bits().mask(), Which::Value(next.mark())) {
@@ -589,6 +600,21 @@ impl Kernel {
         }
     }
 
+    /// Clears the epoch after the installed one from conntrack ([`Kernel::cleared_ahead`]),
+    /// unless that is done; on failure the next change clears it itself.
+    fn clear_ahead(&mut self) {
+        let next = self.epoch.next();
+        if next.bits().is_off() || self.cleared_ahead == Some(next.value()) {
+            return;
+        }
+        match conntrack::clear(next.bits().mask(), Which::Value(next.mark())) {
+            Ok(_) => self.cleared_ahead = Some(next.value()),
+            Err(err) => {
+                tracing::debug!(%err, "cannot clear the next epoch ahead; the next change will");
+            }
+        }
+    }
+
     /// Turns the fast path on for the installed epoch once every connection's epoch bits are
     /// cleared: a mark left from an earlier run or an earlier cycle of epochs could otherwise
     /// carry it. Marks stamped meanwhile come from the rules in force, so they may stay
@@ -605,6 +631,8 @@ impl Kernel {
             tracing::warn!(%err, "cannot clear epochs from conntrack marks; fast path off, retrying");
             return;
         }
+        // Every epoch is clear now, the next one too: the rules in force stamp this one's.
+        self.cleared_ahead = Some(self.epoch.next().value());
         let on = self.epoch.with_fast_path();
         let mut policy = installed.policy.clone();
         epoch::apply(&mut policy, on);
