@@ -87,6 +87,17 @@ pub struct RunArgs {
     /// V6:PORT (the last colon starts the port). Loopback by default.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9743", value_parser = parse_health_addr)]
     pub health_addr: SocketAddr,
+    /// Where to keep which veth each local pod was found on, so that a restarted agent still
+    /// knows (a pod keeps its veth while it exists, whatever addresses it puts on its
+    /// interface): file `veths.json` in this directory, written when that changes. Use a
+    /// tmpfs such as /run (a reboot starts afresh); an empty value keeps it in memory only.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "NFTPOL_STATE_DIR",
+        default_value = "/run/nftpol"
+    )]
+    pub state_dir: PathBuf,
 }
 
 /// A mask in hexadecimal (`0x...`) or decimal.

@@ -84,7 +84,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut kernel = Kernel {
         writer,
         installed: None,
-        guards: Guards::default(),
+        guards: Guards::with_state(&args.state_dir),
         health,
         notifier: Notifier::from_env(),
         last_check: Instant::now(),
@@ -884,9 +884,119 @@ struct Guards {
     /// The veths last found on other bridges, kept while discovery fails: without them, the
     /// guard would take them for pods' and drop their tagged frames.
     elsewhere: Vec<ruleset::ir::IfName>,
+    /// Where `history` is kept across restarts, if anywhere.
+    saved: Option<SavedState>,
+}
+
+/// The file that keeps the veth history across restarts (`--state-dir`).
+struct SavedState {
+    path: std::path::PathBuf,
+    /// The inode of this network namespace, which the file must name to be taken.
+    netns: u64,
+    /// The veths and bindings last written (not the discovery count, which moves every
+    /// second): nothing is written while they stay the same.
+    written: Option<String>,
+    /// Whether the last write failed (warned once per failing stretch).
+    failing: bool,
+}
+
+/// The file in `--state-dir` that holds the veth history.
+pub const STATE_FILE: &str = "veths.json";
+
+/// The inode of the calling thread's network namespace.
+fn netns_inode() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// Writes `text` to `path` whole: a reader sees the old file or the new one, never a part.
+fn write_whole(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
 }
 
 impl Guards {
+    /// Guards that keep their veth history in `dir` ([`STATE_FILE`]), starting from what an
+    /// earlier run in this network namespace left there; in memory only if `dir` is empty.
+    fn with_state(dir: &std::path::Path) -> Guards {
+        let mut guards = Guards::default();
+        if dir.as_os_str().is_empty() {
+            return guards;
+        }
+        let netns = match netns_inode() {
+            Ok(netns) => netns,
+            Err(err) => {
+                tracing::warn!(%err, "cannot tell this network namespace; the veth history is kept in memory only");
+                return guards;
+            }
+        };
+        let path = dir.join(STATE_FILE);
+        let shown = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match serde_json::from_str::<veth::SavedHistory>(&text) {
+                Ok(saved) => match veth::History::restore(saved, netns) {
+                    Some(history) => {
+                        tracing::info!(path = %shown, pods = history.bindings.len(), "restored which veth each local pod was found on");
+                        guards.history = history;
+                    }
+                    None => {
+                        tracing::info!(path = %shown, "the veth history there is another network namespace's; starting afresh")
+                    }
+                },
+                Err(err) => {
+                    tracing::warn!(path = %shown, %err, "the veth history there does not parse; starting afresh")
+                }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(path = %shown, %err, "cannot read the veth history; starting afresh")
+            }
+        }
+        guards.saved = Some(SavedState {
+            path,
+            netns,
+            written: None,
+            failing: false,
+        });
+        guards
+    }
+
+    /// Writes the veth history to its file if its veths or bindings changed.
+    fn save_history(&mut self) {
+        let Some(state) = self.saved.as_mut() else {
+            return;
+        };
+        let saved = self.history.saved(state.netns);
+        let (Ok(text), Ok(key)) = (
+            serde_json::to_string(&saved),
+            serde_json::to_string(&saved.without_tick()),
+        ) else {
+            return;
+        };
+        if state.written.as_ref() == Some(&key) {
+            return;
+        }
+        match write_whole(&state.path, &text) {
+            Ok(()) => {
+                if state.failing {
+                    tracing::info!(path = %state.path.display(), "veth history written again");
+                }
+                state.failing = false;
+                state.written = Some(key);
+            }
+            Err(err) => {
+                if !state.failing {
+                    tracing::warn!(path = %state.path.display(), %err, "cannot write the veth history; a restarted agent would not know which veth each pod was on");
+                }
+                state.failing = true;
+            }
+        }
+    }
+
     /// The local pods of `compiler` and their veths, and the other veths on their bridges, as
     /// the kernel shows them now.
     fn guard(&mut self, compiler: &Compiler) -> Guard {
@@ -911,6 +1021,7 @@ impl Guards {
         if discovery.is_some() {
             self.warn_claims(&found);
             self.history.bindings.clone_from(&found.bound);
+            self.save_history();
         }
         let missing = &found.missing;
         for (id, pod) in &found.found {

@@ -321,7 +321,7 @@ pub const CONTESTED: &str = "more than one veth's pod carries this pod's address
 
 /// The veth a pod was last found on (name and ifindex: an index alone may come back, on a
 /// veth moved in from a pod's namespace), and the discovery that found it there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Binding {
     pub name: String,
     pub index: u32,
@@ -355,11 +355,61 @@ impl History {
         }
     }
 
+    /// The history as saved: with the network namespace it belongs to (the inode of
+    /// `/proc/self/ns/net`), since ifindexes and veth names mean nothing in another.
+    pub fn saved(&self, netns: u64) -> SavedHistory {
+        SavedHistory {
+            netns,
+            tick: self.tick,
+            seen: self
+                .seen
+                .iter()
+                .map(|((name, index), first)| (name.clone(), *index, *first))
+                .collect(),
+            bindings: self.bindings.clone(),
+        }
+    }
+
+    /// The history `saved` holds, if it belongs to network namespace `netns`.
+    pub fn restore(saved: SavedHistory, netns: u64) -> Option<History> {
+        (saved.netns == netns).then(|| History {
+            tick: saved.tick,
+            seen: saved
+                .seen
+                .into_iter()
+                .map(|(name, index, first)| ((name, index), first))
+                .collect(),
+            bindings: saved.bindings,
+        })
+    }
+
     /// Whether `veth` was first seen after discovery `tick`.
     fn new_since(&self, veth: &Veth, tick: u64) -> bool {
         self.seen
             .get(&(veth.name.clone(), veth.index))
             .is_none_or(|first| *first > tick)
+    }
+}
+
+/// A [`History`] as the agent keeps it across restarts ([`History::saved`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedHistory {
+    /// The inode of the network namespace the history was taken in.
+    pub netns: u64,
+    tick: u64,
+    /// Each veth seen, with the discovery that first saw it: (name, ifindex, tick).
+    seen: Vec<(String, u32, u64)>,
+    bindings: BTreeMap<String, Binding>,
+}
+
+impl SavedHistory {
+    /// The same without the discovery count, which moves every second: what tells whether
+    /// anything worth writing changed.
+    pub fn without_tick(&self) -> SavedHistory {
+        SavedHistory {
+            tick: 0,
+            ..self.clone()
+        }
     }
 }
 
@@ -1570,6 +1620,45 @@ impl Rtnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_history_comes_back_only_in_its_own_network_namespace() {
+        let mut history = History {
+            tick: 7,
+            ..History::default()
+        };
+        history.seen.insert(("veth0a1b2c3d".into(), 12), 3);
+        history.seen.insert(("veth0a1b2c3e".into(), 14), 6);
+        history.bindings.insert(
+            "bank/teller".into(),
+            Binding {
+                name: "veth0a1b2c3d".into(),
+                index: 12,
+                found: 3,
+            },
+        );
+        let netns = 4_026_531_992;
+        let text = serde_json::to_string(&history.saved(netns)).unwrap();
+        let saved: SavedHistory = serde_json::from_str(&text).unwrap();
+        let back = History::restore(saved.clone(), netns).expect("the same namespace");
+        assert_eq!(
+            (back.tick, &back.seen, &back.bindings),
+            (history.tick, &history.seen, &history.bindings)
+        );
+        assert!(
+            History::restore(saved.clone(), netns + 1).is_none(),
+            "another namespace's ifindexes and names mean nothing here"
+        );
+        // What tells a write is due leaves the discovery count out.
+        history.tick += 1;
+        assert_eq!(
+            history.saved(netns).without_tick(),
+            saved.without_tick(),
+            "a discovery that changed nothing"
+        );
+        history.seen.insert(("veth0a1b2c3f".into(), 15), 8);
+        assert_ne!(history.saved(netns).without_tick(), saved.without_tick());
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or_else(|_| panic!("bad address {s}"))

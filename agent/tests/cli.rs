@@ -272,6 +272,7 @@ fn run_installs_restores_after_tampering_and_leaves_rules_on_sigterm() {
     let out = Command::new("unshare")
         .args(["--net", "bash", "-c", &script])
         .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("NFTPOL_STATE_DIR", dir.path())
         .env("LOG", &log)
         .output()
         .expect("run unshare");
@@ -351,6 +352,7 @@ fn run_repairs_a_tampered_table_when_a_change_comes_before_its_check() {
     let out = Command::new("unshare")
         .args(["--net", "bash", "-c", &script])
         .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("NFTPOL_STATE_DIR", dir.path())
         .env("SNAPSHOT", &snapshot)
         .env("ANOTHER", ANOTHER_BACKEND)
         .env("LOG", &log)
@@ -389,6 +391,7 @@ fn run_says_so_when_the_snapshot_is_missing() {
     if common::skip_unless_root("run_says_so_when_the_snapshot_is_missing") {
         return;
     }
+    let dir = tempfile::tempdir().unwrap();
     let out = Command::new("unshare")
         .args([
             "--net",
@@ -397,6 +400,7 @@ fn run_says_so_when_the_snapshot_is_missing() {
             "1",
             env!("CARGO_BIN_EXE_agent"),
         ])
+        .env("NFTPOL_STATE_DIR", dir.path())
         .args([
             "run",
             "--manifests",

@@ -9,7 +9,7 @@
     reason = "test support: a failure fails the test by panicking"
 )]
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -189,12 +189,20 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let netns = lab.node_netns(index).expect("node").to_string();
+        // The node's own state directory, unless the test names one: never the host's
+        // /run/nftpol, which agents of other tests' nodes would share.
+        let state = if extra.contains(&"--state-dir") {
+            Vec::new()
+        } else {
+            vec![OsString::from("--state-dir"), lab.state_dir(index).into()]
+        };
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .arg(agent_binary(labpod))
             .args(["--log-level", log_level, "run"])
             .args(source)
             .args(["--node", node])
+            .args(state)
             .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

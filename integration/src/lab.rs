@@ -151,6 +151,12 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The directory for node `node`'s agent to keep its state in (`--state-dir`): one per
+    /// node and run, kept while the lab stands (so a restarted agent finds it), removed with it.
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-state-{node}", self.prefix))
+    }
+
     /// A lab holding a snapshot's pods: the node named `nodes[i]` is lab node `i` (its pod CIDR
     /// 10.244.<i+1>.0/24) and each pod keeps the host part of its IPv4 address. Every pod serves
     /// its containerPorts and `ports`. hostNetwork pods are left out: they are their nodes.
@@ -621,6 +627,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            let _ = std::fs::remove_dir_all(self.state_dir(node));
+        }
         for server in &mut self.servers {
             // Already gone is fine; anything else is reported by `ip netns del` below.
             let _ = server.kill();

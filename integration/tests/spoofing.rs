@@ -13,8 +13,9 @@
 //!   gives it back;
 //! - addresses on two veths: a pod the agent does not know that puts a guarded pod's addresses
 //!   on its interface too reaches the node from them while no agent runs; once the agent runs,
-//!   the guarded pod keeps its veth and the stranger's datagrams are dropped; an agent started
-//!   while both have the addresses takes them from neither (both cut off, warned naming both
+//!   the guarded pod keeps its veth and the stranger's datagrams are dropped, also after the
+//!   agent restarts (its state directory says which veth the pod was on); an agent started
+//!   afresh while both have the addresses takes them from neither (both cut off, warned naming both
 //!   veths) until the stranger gives them back; a guarded pod that removes its own addresses
 //!   and takes a remote pod's still sends from none but its own;
 //! - floods: once the bridge forgets a pod's MAC, frames another pod sends it are flooded to
@@ -1874,11 +1875,48 @@ fn a_pod_cannot_take_a_guarded_pods_address_nor_shed_its_own_guard() {
         "the warning says teller keeps its veth: {warning}"
     );
 
-    // A restarted agent has not seen which veth had the addresses first: neither is taken to
-    // be teller's, and nothing from teller's addresses gets through until one veth has them.
+    // A restarted agent reads from its state directory which veth teller was on: teller
+    // keeps it, and the stranger's datagrams from its addresses stay dropped.
     drop(agent);
     let snapshot = scratch.path().join("snapshot.yaml");
     let mut agent = Agent::start(Path::new(LABPOD), &lab, 0, NODES[0], &snapshot, &[]);
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "a first sync with the veth history restored",
+        SYNC_TIMEOUT,
+        |_, a| {
+            a.synced() >= 1
+                && a.lines()
+                    .iter()
+                    .any(|line| line.contains("restored which veth each local pod was found on"))
+        },
+    );
+    assert_eq!(
+        [as_teller(&stranger), as_teller(&teller)],
+        [[0, 0], [SENT; 2]],
+        "datagrams from teller's addresses, sent by the stranger and by teller, after a restart that kept the agent's state\n{}",
+        agent.describe()
+    );
+    assert!(
+        guarded_veths(&lab).contains(&teller.veth()),
+        "teller keeps its veth across the restart\n{}",
+        agent.describe()
+    );
+
+    // An agent started afresh (its state lost, or a node it never ran on) has not seen which
+    // veth had the addresses first: neither is taken to be teller's, and nothing from teller's
+    // addresses gets through until one veth has them.
+    drop(agent);
+    let fresh = scratch.path().join("fresh-state");
+    let fresh = fresh.to_str().expect("a UTF-8 path");
+    let mut agent = Agent::start(
+        Path::new(LABPOD),
+        &lab,
+        0,
+        NODES[0],
+        &snapshot,
+        &["--state-dir", fresh],
+    );
     let contested = "none is known to be its own";
     wait_for(
         std::slice::from_mut(&mut agent),

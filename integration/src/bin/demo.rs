@@ -88,6 +88,8 @@ fn run() -> Result<(), String> {
                 "--node",
                 node,
             ])
+            .arg("--state-dir")
+            .arg(lab.state_dir(index))
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting the agent: {e}"))?;
