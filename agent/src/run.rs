@@ -547,9 +547,6 @@ impl Kernel {
                     baseline,
                 });
                 self.epoch = next;
-                if self.cleared_ahead != Some(next.next().value()) {
-                    self.cleared_ahead = None;
-                }
                 self.health.set_epoch(next);
                 self.retry = None;
                 self.enable_fast_path();
@@ -582,7 +579,7 @@ impl Kernel {
         if next.bits().is_off() || self.cleared_ahead.take() == Some(next.value()) {
             return next;
         }
-        match conntrack::clear(next.bits().mask(), Which::Value(next.mark())) {
+        match clear_epoch(next) {
             Ok(cleared) => {
                 if cleared > 0 {
                     tracing::debug!(
@@ -601,18 +598,21 @@ impl Kernel {
     }
 
     /// Clears the epoch after the installed one from conntrack ([`Kernel::cleared_ahead`]),
-    /// unless that is done; on failure the next change clears it itself.
+    /// unless that is done; on failure the next change clears it itself. Called after every
+    /// sync, so a value cleared for an epoch since installed (a whole table installs the next
+    /// epoch without taking it) never outlives the sync that installed it.
     fn clear_ahead(&mut self) {
         let next = self.epoch.next();
         if next.bits().is_off() || self.cleared_ahead == Some(next.value()) {
             return;
         }
-        match conntrack::clear(next.bits().mask(), Which::Value(next.mark())) {
-            Ok(_) => self.cleared_ahead = Some(next.value()),
+        self.cleared_ahead = match clear_epoch(next) {
+            Ok(_) => Some(next.value()),
             Err(err) => {
                 tracing::debug!(%err, "cannot clear the next epoch ahead; the next change will");
+                None
             }
-        }
+        };
     }
 
     /// Turns the fast path on for the installed epoch once every connection's epoch bits are
@@ -893,11 +893,16 @@ struct SavedState {
     path: std::path::PathBuf,
     /// The inode of this network namespace, which the file must name to be taken.
     netns: u64,
-    /// The veths and bindings last written (not the discovery count, which moves every
-    /// second): nothing is written while they stay the same.
-    written: Option<String>,
+    /// The history last written, without the discovery count (which moves every second):
+    /// nothing is written while the veths and bindings stay the same.
+    written: Option<veth::SavedHistory>,
     /// Whether the last write failed (warned once per failing stretch).
     failing: bool,
+}
+
+/// Clears `epoch`'s value from every connection's mark; how many had it.
+fn clear_epoch(epoch: Epoch) -> Result<usize, conntrack::ConntrackError> {
+    conntrack::clear(epoch.bits().mask(), Which::Value(epoch.mark()))
 }
 
 /// The file in `--state-dir` that holds the veth history.
@@ -971,16 +976,14 @@ impl Guards {
             return;
         };
         let saved = self.history.saved(state.netns);
-        let (Ok(text), Ok(key)) = (
-            serde_json::to_string(&saved),
-            serde_json::to_string(&saved.without_tick()),
-        ) else {
-            return;
-        };
+        let key = saved.without_tick();
         if state.written.as_ref() == Some(&key) {
             return;
         }
-        match write_whole(&state.path, &text) {
+        let written = serde_json::to_string(&saved)
+            .map_err(std::io::Error::from)
+            .and_then(|text| write_whole(&state.path, &text));
+        match written {
             Ok(()) => {
                 if state.failing {
                     tracing::info!(path = %state.path.display(), "veth history written again");

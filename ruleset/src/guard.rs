@@ -91,6 +91,7 @@ use crate::ir::{
     Table, TableFamily, Verdict, ETHERTYPE_VLAN, MLD_LISTENER_TYPES, ND_NEIGHBOR_ADVERT, ND_TYPES,
     ROUTER_ND_TYPES, TABLE_NAME, VXLAN_PORTS,
 };
+use crate::policy::{int_addr, net_range};
 
 /// The guard's set of the addresses of `family` that guarded pods send from.
 fn guarded_set(family: Family) -> String {
@@ -188,10 +189,7 @@ fn bridge_nets(bridges: &[PodBridge], family: Family) -> BTreeSet<Element> {
     if family == Family::V6 && !bridges.is_empty() {
         nets.extend(link_local_sources());
     }
-    let mut ranges: Vec<(u128, u128)> = nets
-        .iter()
-        .map(|net| (number(net.network()), number(net.broadcast())))
-        .collect();
+    let mut ranges: Vec<(u128, u128)> = nets.iter().map(net_range).collect();
     ranges.sort_unstable();
     let mut merged: Vec<(u128, u128)> = Vec::new();
     for (lo, hi) in ranges {
@@ -200,22 +198,11 @@ fn bridge_nets(bridges: &[PodBridge], family: Family) -> BTreeSet<Element> {
             _ => merged.push((lo, hi)),
         }
     }
-    let addr = |n: u128| match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::from(n as u32)),
-        Family::V6 => IpAddr::V6(Ipv6Addr::from(n)),
-    };
+    let v4 = family == Family::V4;
     merged
         .into_iter()
-        .map(|(lo, hi)| Element::Range(addr(lo), addr(hi)))
+        .map(|(lo, hi)| Element::Range(int_addr(lo, v4), int_addr(hi, v4)))
         .collect()
-}
-
-/// An address as a number, to order and join ranges.
-fn number(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => u128::from(v6),
-    }
 }
 
 /// `::/128` and `fe80::/10`: the sources of IPv6 neighbour discovery and DAD.

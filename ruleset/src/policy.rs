@@ -350,7 +350,7 @@ fn resolve_ip_block(block: &IpBlock) -> Result<PeerMatch, (String, String)> {
 }
 
 /// First and last address of a network as integers.
-fn net_range(net: &IpNet) -> (u128, u128) {
+pub(crate) fn net_range(net: &IpNet) -> (u128, u128) {
     (addr_int(net.network()), addr_int(net.broadcast()))
 }
 
@@ -361,7 +361,7 @@ fn addr_int(ip: IpAddr) -> u128 {
     }
 }
 
-fn int_addr(n: u128, v4: bool) -> IpAddr {
+pub(crate) fn int_addr(n: u128, v4: bool) -> IpAddr {
     match u32::try_from(n) {
         Ok(n) if v4 => IpAddr::V4(n.into()),
         _ => IpAddr::V6(n.into()),
