@@ -1179,6 +1179,7 @@ mod tests {
         let before = compiler.table().clone();
         let pod = GuardedPod {
             veth: ruleset::ir::IfName::new("veth0000000a").unwrap(),
+            index: 10,
             ips: Vec::new(),
             mac: [2, 0, 0, 0, 0, 10],
             mac_shared: false,

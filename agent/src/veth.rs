@@ -600,7 +600,7 @@ pub fn guarded_pods(
                 );
                 result.found.push((
                     id,
-                    GuardedPod::new(compiler, veth, pod.ips.clone(), mac, shared),
+                    GuardedPod::new(compiler, veth, index, pod.ips.clone(), mac, shared),
                 ));
             }
             None if (conflicted && candidates.len() > 1) || stale => {
@@ -1946,8 +1946,9 @@ mod tests {
             veth(10, "vethe", Some(1), Some((4, 2))),
         ];
         let d = assemble(links, BTreeMap::new(), None);
-        let pod = |veth: &str, last: u8, shared: bool| GuardedPod {
+        let pod = |veth: &str, index: u32, last: u8, shared: bool| GuardedPod {
             veth: IfName::new(veth).unwrap(),
+            index,
             ips: Vec::new(),
             mac: mac(last),
             mac_shared: shared,
@@ -1957,10 +1958,10 @@ mod tests {
         // longer guarded, and the veth of what was pinned on 9 is gone.
         let found = PodVeths {
             found: vec![
-                ("x/a".into(), pod("vetha", 2, false)),
-                ("x/b".into(), pod("vethb", 3, false)),
-                ("x/c".into(), pod("vethc", 4, true)),
-                ("x/d".into(), pod("vethd", 4, true)),
+                ("x/a".into(), pod("vetha", 5, 2, false)),
+                ("x/b".into(), pod("vethb", 6, 3, false)),
+                ("x/c".into(), pod("vethc", 7, 4, true)),
+                ("x/d".into(), pod("vethd", 8, 4, true)),
             ],
             bound: [("x/a", 5), ("x/b", 6), ("x/c", 7), ("x/d", 8)]
                 .into_iter()

@@ -823,6 +823,7 @@ fn the_fingerprint_follows_our_table_and_ignores_others() {
         "node-a",
         &vec![ruleset::guard::GuardedPod {
             veth: ruleset::ir::IfName::new("veth00aa11bb").unwrap(),
+            index: 40,
             ips: vec![ip("10.244.1.20")],
             mac: [2, 0, 0, 0, 0, 20],
             mac_shared: false,

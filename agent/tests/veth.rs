@@ -288,6 +288,7 @@ fn each_pod_address_maps_to_its_host_veth() {
         let v = veth(&d, "veth0a1b2c3d");
         let guard = ruleset::guard::Guard::from(vec![ruleset::guard::GuardedPod {
             veth: ruleset::ir::IfName::new(&v.name).unwrap(),
+            index: v.index,
             ips: v.addresses.clone(),
             mac: v.mac.unwrap(),
             mac_shared: false,

@@ -525,9 +525,14 @@ fn connrate() {
                 .into_iter()
                 .filter(|p| p.node == i)
                 .map(|p| {
+                    let index = ip_netns_exec(
+                        netns,
+                        &["cat", &format!("/sys/class/net/{}/ifindex", p.veth())],
+                    );
                     GuardedPod::new(
                         c,
                         IfName::new(&p.veth()).expect("veth name"),
+                        index.trim().parse().expect("ifindex"),
                         vec![IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)],
                         p.mac(),
                         false,

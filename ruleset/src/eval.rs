@@ -219,7 +219,7 @@ fn matches(table: &Table, m: &Match, packet: &Packet) -> bool {
         | Match::OifnameInSet { .. }
         | Match::OifnameDestinationNotInSet { .. }
         | Match::IifnameSourceInSet { .. }
-        | Match::IifnameEtherSourceInSet { .. }
+        | Match::IifEtherSourceInSet { .. }
         | Match::IifnameEtherNotInSet { .. }
         | Match::EtherSourceInSet { .. }
         | Match::EtherDestInSet { .. }

@@ -16,7 +16,7 @@
 //! | `isolated` | set of `ifname` | the veths of local pods that a policy isolates for egress |
 //! | `src4`/`src6` | set of `ifname . addr` | each veth with its pod's addresses |
 //! | `macs` | set of `ifname . ether_addr` | each veth with its pod's link-layer address (none for a pod whose address another veth's pod has too) |
-//! | `own4` | set of `ifname . ether_addr . ipv4_addr` | the elements of `macs` and `src4` joined: the common case in one lookup |
+//! | `own4` | set of `iface_index . ether_addr . ipv4_addr` | the elements of `macs` and `src4` joined, the veth by its interface index: the common case in one lookup, on a key of 16 bytes rather than 28 |
 //! | `guardedmacs` | set of `ether_addr` | the link-layer addresses of the guarded pods (shared ones included), which `prerouting` drops from any other veth |
 //! | `guarded4`/`guarded6` | set of `addr` | the addresses in `src4`/`src6`, which `prerouting` drops from any other veth, and the contested addresses ([`Guard::contested`]), which no veth may send from |
 //! | `targets6` | set of `typeof @th,64,128` | the addresses of `guarded6`, keyed on a neighbour advertisement's target |
@@ -241,6 +241,8 @@ impl Guard {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardedPod {
     pub veth: IfName,
+    /// The veth's interface index, which keys the common case's lookup (`own4`).
+    pub index: u32,
     /// Every address the pod may send from.
     pub ips: Vec<IpAddr>,
     /// The link-layer address of the pod's end of the veth, which its frames carry.
@@ -254,11 +256,13 @@ pub struct GuardedPod {
 }
 
 impl GuardedPod {
-    /// The local pod at `ips` behind `veth`, whose frames come from `mac` (shared with another
-    /// veth if `mac_shared`), isolated for egress as `compiler`'s policies say.
+    /// The local pod at `ips` behind `veth` (interface `index`), whose frames come from `mac`
+    /// (shared with another veth if `mac_shared`), isolated for egress as `compiler`'s
+    /// policies say.
     pub fn new(
         compiler: &Compiler,
         veth: IfName,
+        index: u32,
         ips: Vec<IpAddr>,
         mac: Mac,
         mac_shared: bool,
@@ -266,6 +270,7 @@ impl GuardedPod {
         let egress_isolated = ips.iter().any(|ip| compiler.isolates_egress(*ip));
         Self {
             veth,
+            index,
             ips,
             mac,
             mac_shared,
@@ -341,13 +346,13 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     );
     table.add_set(
         "own4",
-        SetKey::IfaceMacAddr(Family::V4),
+        SetKey::IndexMacAddr(Family::V4),
         false,
-        "each veth with its pod's link-layer address and IPv4 addresses",
+        "each veth (by interface index) with its pod's link-layer address and IPv4 addresses",
         bound()
             .flat_map(|p| p.ips.iter().map(move |ip| (p, *ip)))
             .filter(|(_, ip)| ip.is_ipv4())
-            .map(|(p, ip)| Element::IfaceMacAddr(p.veth, p.mac, ip))
+            .map(|(p, ip)| Element::IndexMacAddr(p.index, p.mac, ip))
             .collect(),
     );
     table.add_set(
@@ -565,7 +570,7 @@ pub fn guard_table(node: &str, guard: &Guard) -> Table {
     });
     // IPv4 from the pod's own link-layer and IP address in one lookup: the common case.
     let mut prerouting = vec![rule(
-        vec![Match::IifnameEtherSourceInSet {
+        vec![Match::IifEtherSourceInSet {
             family: Family::V4,
             set: "own4".into(),
         }],

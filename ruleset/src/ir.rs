@@ -175,8 +175,9 @@ pub enum SetKey {
     Mac,
     /// Input interface name and source link-layer address, concatenated.
     IfaceMac,
-    /// Input interface name, source link-layer address and source address, concatenated.
-    IfaceMacAddr(Family),
+    /// Input interface index (`iface_index`), source link-layer address and source address,
+    /// concatenated: a shorter key than the name's, read without copying the name.
+    IndexMacAddr(Family),
 }
 
 impl SetKey {
@@ -187,7 +188,7 @@ impl SetKey {
             | SetKey::AddrPair(f)
             | SetKey::AddrProtoPort(f)
             | SetKey::IfaceAddr(f)
-            | SetKey::IfaceMacAddr(f) => Some(f),
+            | SetKey::IndexMacAddr(f) => Some(f),
             SetKey::IfaceNdTarget | SetKey::NdTarget => Some(Family::V6),
             SetKey::Iface | SetKey::Mac | SetKey::IfaceMac => None,
         }
@@ -215,7 +216,8 @@ pub enum Element {
     IfaceAddr(IfName, IpAddr),
     Mac(Mac),
     IfaceMac(IfName, Mac),
-    IfaceMacAddr(IfName, Mac, IpAddr),
+    /// An interface index, a link-layer address and an address.
+    IndexMacAddr(u32, Mac, IpAddr),
 }
 
 /// A link-layer (Ethernet) address.
@@ -342,9 +344,9 @@ pub enum Match {
     OifnameDestinationNotInSet { family: Family, set: String },
     /// `iifname . ip saddr @set` (bridge tables).
     IifnameSourceInSet { family: Family, set: String },
-    /// `iifname . ether saddr . ip saddr @set` (bridge tables): interface, link-layer source
+    /// `iif . ether saddr . ip saddr @set` (bridge tables): interface index, link-layer source
     /// and source address together.
-    IifnameEtherSourceInSet { family: Family, set: String },
+    IifEtherSourceInSet { family: Family, set: String },
     /// `iifname . ether saddr != @set` (bridge tables): the frame's link-layer source is not
     /// the one of the pod behind the interface.
     IifnameEtherNotInSet { set: String },

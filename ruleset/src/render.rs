@@ -169,9 +169,9 @@ fn match_text(m: &Match) -> String {
         Match::IifnameSourceInSet { family, set } => {
             format!("iifname . {} @{set}", addr(*family, AddrField::Source))
         }
-        Match::IifnameEtherSourceInSet { family, set } => {
+        Match::IifEtherSourceInSet { family, set } => {
             format!(
-                "iifname . ether saddr . {} @{set}",
+                "iif . ether saddr . {} @{set}",
                 addr(*family, AddrField::Source)
             )
         }
@@ -224,8 +224,8 @@ fn key_type(key: SetKey) -> &'static str {
         SetKey::NdTarget => "typeof @th,64,128",
         SetKey::Mac => "type ether_addr",
         SetKey::IfaceMac => "type ifname . ether_addr",
-        SetKey::IfaceMacAddr(Family::V4) => "type ifname . ether_addr . ipv4_addr",
-        SetKey::IfaceMacAddr(Family::V6) => "type ifname . ether_addr . ipv6_addr",
+        SetKey::IndexMacAddr(Family::V4) => "type iface_index . ether_addr . ipv4_addr",
+        SetKey::IndexMacAddr(Family::V6) => "type iface_index . ether_addr . ipv6_addr",
     }
 }
 
@@ -242,9 +242,8 @@ fn element(e: &Element) -> String {
         Element::IfaceAddr(name, ip) => format!("{} . {ip}", quote(name.as_str())),
         Element::Mac(mac) => mac_text(mac),
         Element::IfaceMac(name, mac) => format!("{} . {}", quote(name.as_str()), mac_text(mac)),
-        Element::IfaceMacAddr(name, mac, ip) => {
-            format!("{} . {} . {ip}", quote(name.as_str()), mac_text(mac))
-        }
+        // By number: a name would have to exist where the text is loaded.
+        Element::IndexMacAddr(index, mac, ip) => format!("{index} . {} . {ip}", mac_text(mac)),
     }
 }
 

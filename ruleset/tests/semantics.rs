@@ -1199,6 +1199,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
             pods: vec![
                 GuardedPod {
                     veth,
+                    index: 21,
                     ips: ips.clone(),
                     mac,
                     mac_shared: false,
@@ -1206,6 +1207,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
                 },
                 GuardedPod {
                     veth: open,
+                    index: 22,
                     ips: Vec::new(),
                     mac: open_mac,
                     mac_shared: false,
@@ -1213,6 +1215,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
                 },
                 GuardedPod {
                     veth: cloned,
+                    index: 23,
                     ips: vec![cloned_ip],
                     mac: cloned_mac,
                     mac_shared: true,
@@ -1315,7 +1318,7 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
     );
     assert_eq!(
         table.sets["own4"].elements.iter().collect::<Vec<_>>(),
-        [&Element::IfaceMacAddr(veth, mac, ips[0])]
+        [&Element::IndexMacAddr(21, mac, ips[0])]
     );
     // No other veth sends from any of them, the shared one included.
     assert_eq!(
@@ -1393,10 +1396,11 @@ fn the_guard_table_pairs_each_veth_with_its_pods_addresses() {
         .iter()
         .map(ruleset::render::rule_text)
         .collect();
-    // IPv4 from the pod's own link-layer and IP address first, in one lookup; past the tagged
-    // drops, nothing from a guarded veth with another link-layer address goes on.
+    // IPv4 from the pod's own link-layer and IP address first, in one lookup keyed on the
+    // veth's index; past the tagged drops, nothing from a guarded veth with another link-layer
+    // address goes on.
     assert!(
-        prerouting[0].starts_with("iifname . ether saddr . ip saddr @own4 accept"),
+        prerouting[0].starts_with("iif . ether saddr . ip saddr @own4 accept"),
         "{prerouting:#?}"
     );
     for (i, tag) in ["8021q", "8021ad"].into_iter().enumerate() {
@@ -1492,6 +1496,7 @@ fn input_accepts_only_unicast_before_it_drops_what_comes_straight_from_a_veth() 
 
     let pod = |name: &str| GuardedPod {
         veth: IfName::new(name).unwrap(),
+        index: 7,
         ips: Vec::new(),
         mac: [2, 0, 0, 0, 0, 1],
         mac_shared: false,

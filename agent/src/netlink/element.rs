@@ -19,6 +19,7 @@ pub(super) mod datatype {
     /// A raw payload field's type.
     pub const INTEGER: u32 = 4;
     pub const IFNAME: u32 = 41;
+    pub const IFINDEX: u32 = 20;
     pub const ETHER_ADDR: u32 = 9;
     /// A concatenated type is its parts' numbers, each shifted in by this many bits.
     pub const CONCAT_SHIFT: u32 = 6;
@@ -59,7 +60,7 @@ pub(super) fn key_type(key: SetKey) -> (u32, u32) {
         SetKey::NdTarget => vec![(datatype::INTEGER, 16)],
         SetKey::Mac => vec![(datatype::ETHER_ADDR, 6)],
         SetKey::IfaceMac => vec![ifname, mac],
-        SetKey::IfaceMacAddr(f) => vec![ifname, mac, addr(f)],
+        SetKey::IndexMacAddr(f) => vec![(datatype::IFINDEX, 4), mac, addr(f)],
     };
     parts.iter().fold((0, 0), |(t, l), (pt, pl)| {
         ((t << datatype::CONCAT_SHIFT) | pt, l + pl)
@@ -101,9 +102,13 @@ pub(super) fn key_bytes(element: &Element) -> Vec<u8> {
         Element::IfaceAddr(name, ip) => [name.bytes().to_vec(), addr_bytes(*ip)].concat(),
         Element::Mac(mac) => mac.to_vec(),
         Element::IfaceMac(name, mac) => [name.bytes().to_vec(), mac_in_concat(mac)].concat(),
-        Element::IfaceMacAddr(name, mac, ip) => {
-            [name.bytes().to_vec(), mac_in_concat(mac), addr_bytes(*ip)].concat()
-        }
+        // The index in host byte order, as `meta iif` loads it.
+        Element::IndexMacAddr(index, mac, ip) => [
+            index.to_ne_bytes().to_vec(),
+            mac_in_concat(mac),
+            addr_bytes(*ip),
+        ]
+        .concat(),
     }
 }
 
@@ -122,7 +127,7 @@ pub(super) fn fits(key: SetKey, interval: bool, element: &Element) -> bool {
             !interval && v(ip)
         }
         (SetKey::Mac, Element::Mac(_)) | (SetKey::IfaceMac, Element::IfaceMac(..)) => !interval,
-        (SetKey::IfaceMacAddr(_), Element::IfaceMacAddr(_, _, ip)) => !interval && v(ip),
+        (SetKey::IndexMacAddr(_), Element::IndexMacAddr(_, _, ip)) => !interval && v(ip),
         _ => false,
     }
 }
@@ -148,7 +153,7 @@ pub(super) fn interval_elements(elements: &[Element]) -> Vec<ElementSpec> {
         | Element::AddrPair(ip, _)
         | Element::AddrProtoPort(ip, _, _)
         | Element::IfaceAddr(_, ip)
-        | Element::IfaceMacAddr(_, _, ip) => Some(*ip),
+        | Element::IndexMacAddr(_, _, ip) => Some(*ip),
         Element::Iface(_) | Element::Mac(_) | Element::IfaceMac(..) => None,
     });
     if let Some(lo) = first {

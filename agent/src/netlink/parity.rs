@@ -251,6 +251,7 @@ fn the_batch_for_guard_and_isolation_tables_is_the_one_nft_sends() {
         .enumerate()
         .map(|(i, pod)| GuardedPod {
             veth: IfName::new(&format!("veth{i:08x}")).unwrap(),
+            index: 100 + i as u32,
             ips: pod.ips.clone(),
             mac: [2, 0, 0, 0, 0, i as u8],
             // One whose link-layer address another veth's pod has too: no binding.

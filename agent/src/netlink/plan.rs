@@ -355,7 +355,7 @@ impl Plan {
             | SetKey::AddrProtoPort(_)
             | SetKey::IfaceAddr(_)
             | SetKey::IfaceMac
-            | SetKey::IfaceMacAddr(_) => {
+            | SetKey::IndexMacAddr(_) => {
                 let mut data = tlv(udata::SET_KEYBYTEORDER, &udata::NO_BYTEORDER.to_ne_bytes());
                 let mut typeof_key = tlv(udata::TYPEOF_EXPR, &udata::EXPR_CONCAT.to_ne_bytes());
                 typeof_key.extend(tlv(udata::TYPEOF_DATA, &[]));
@@ -645,11 +645,11 @@ impl Plan {
                     exprs.push(addr_payload(*family, AddrField::Source, 4));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
-                Match::IifnameEtherSourceInSet { family, set } => {
+                Match::IifEtherSourceInSet { family, set } => {
                     exprs.family(*family);
-                    exprs.meta(libc::NFT_META_IIFNAME, reg(0));
-                    exprs.push(ether_source(reg(4)));
-                    exprs.push(addr_payload(*family, AddrField::Source, 6));
+                    exprs.meta(libc::NFT_META_IIF, reg(0));
+                    exprs.push(ether_source(reg(1)));
+                    exprs.push(addr_payload(*family, AddrField::Source, 3));
                     exprs.push(self.lookup(set, &object, None)?);
                 }
                 Match::IifnameEtherNotInSet { set } => {
