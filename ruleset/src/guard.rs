@@ -267,15 +267,21 @@ impl GuardedPod {
         mac: Mac,
         mac_shared: bool,
     ) -> Self {
-        let egress_isolated = ips.iter().any(|ip| compiler.isolates_egress(*ip));
-        Self {
+        let mut pod = Self {
             veth,
             index,
             ips,
             mac,
             mac_shared,
-            egress_isolated,
-        }
+            egress_isolated: false,
+        };
+        pod.follow_policies(compiler);
+        pod
+    }
+
+    /// Whether the pod is isolated for egress, as `compiler`'s policies say now.
+    pub fn follow_policies(&mut self, compiler: &Compiler) {
+        self.egress_isolated = self.ips.iter().any(|ip| compiler.isolates_egress(*ip));
     }
 }
 
