@@ -448,11 +448,11 @@ impl Kernel {
 
     fn count_objects(&self, compiler: &Compiler) {
         let cluster = compiler.cluster();
-        self.health.set_objects("pods", cluster.pods().count());
+        self.health.set_objects("pods", cluster.pod_count());
         self.health
-            .set_objects("namespaces", cluster.namespace_names().count());
+            .set_objects("namespaces", cluster.namespace_count());
         self.health
-            .set_objects("networkpolicies", cluster.policies().count());
+            .set_objects("networkpolicies", cluster.policy_count());
         self.health.set_local_pods(compiler.local_pods().count());
     }
 
