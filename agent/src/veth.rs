@@ -326,6 +326,19 @@ pub struct Binding {
     pub name: String,
     pub index: u32,
     pub found: u64,
+    /// The pod's addresses then. A pod of the same name at none of them is another pod (one
+    /// recreated under its name, as a StatefulSet does, whose old sandbox may still be
+    /// there), which the binding does not hold. None known (a history saved before they were
+    /// kept): the binding holds whatever the pod's addresses.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+impl Binding {
+    /// Whether this is the binding of the pod at `ips`, not of an earlier pod of its name.
+    fn holds(&self, ips: &[IpAddr]) -> bool {
+        self.ips.is_empty() || self.ips.iter().any(|ip| ips.contains(ip))
+    }
 }
 
 /// What the agent keeps from one discovery to the next: when it first saw each veth, and
@@ -539,7 +552,7 @@ pub fn guarded_pods(
         // different addresses of one pod are no conflict, and leave the pod unguarded.)
         let conflicted =
             discovery.is_some_and(|d| pod.ips.iter().any(|ip| d.conflicts().contains_key(ip)));
-        let prior = history.bindings.get(&id);
+        let prior = history.bindings.get(&id).filter(|b| b.holds(&pod.ips));
         let recorded = prior.and_then(|b| veth_named(&b.name).filter(|v| v.index == b.index));
         // With its veth gone, only a veth first seen since, and no other known pod's, can be
         // the pod's.
@@ -596,6 +609,7 @@ pub fn guarded_pods(
                         name: veth.as_str().to_string(),
                         index,
                         found: history.tick,
+                        ips: pod.ips.clone(),
                     },
                 );
                 result.found.push((
@@ -1635,6 +1649,7 @@ mod tests {
                 name: "veth0a1b2c3d".into(),
                 index: 12,
                 found: 3,
+                ips: vec!["10.0.0.2".parse().unwrap()],
             },
         );
         let netns = 4_026_531_992;
@@ -1825,22 +1840,23 @@ mod tests {
     }
 
     /// A history that has seen `d` once, and found each `(pod, veth, ifindex)` of `bindings`
-    /// then.
+    /// then (at addresses not recorded, as a history saved before they were kept).
     fn seen_once(d: &Discovery, bindings: &[(&str, &str, u32)]) -> History {
         let mut history = History::default();
         history.observe(d);
         history.bindings = bindings
             .iter()
-            .map(|(pod, name, index)| (pod.to_string(), binding(name, *index, history.tick)))
+            .map(|(pod, name, index)| (pod.to_string(), binding(name, *index, history.tick, &[])))
             .collect();
         history
     }
 
-    fn binding(name: &str, index: u32, found: u64) -> Binding {
+    fn binding(name: &str, index: u32, found: u64, ips: &[&str]) -> Binding {
         Binding {
             name: name.to_string(),
             index,
             found,
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         }
     }
 
@@ -1894,7 +1910,7 @@ mod tests {
         assert!(kept.contested.is_empty() && kept.missing.is_empty());
         assert_eq!(
             kept.bound.get("bank/teller"),
-            Some(&binding("vethteller", 5, 1))
+            Some(&binding("vethteller", 5, 1, &["10.0.0.2"]))
         );
         assert!(guard(Some(&d), &kept).contested.is_empty());
 
@@ -1965,7 +1981,7 @@ mod tests {
             ],
             bound: [("x/a", 5), ("x/b", 6), ("x/c", 7), ("x/d", 8)]
                 .into_iter()
-                .map(|(id, index)| (id.to_string(), binding("", index, 1)))
+                .map(|(id, index)| (id.to_string(), binding("", index, 1, &[])))
                 .collect(),
             ..PodVeths::default()
         };
@@ -2061,6 +2077,48 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_recreated_under_its_name_at_other_addresses_leaves_the_old_veth() {
+        let mut history = History::default();
+        let mut discover = |compiler: &Compiler, links: Vec<Link>, peers: &[(i32, &str)]| {
+            let peers = peers
+                .iter()
+                .map(|(id, addr)| (*id, Ok(side(vec![at(2, addr)]))))
+                .collect();
+            let d = assemble(links, peers, None);
+            history.observe(&d);
+            let found = guarded_pods(compiler, Some(&d), &history);
+            history.bindings.clone_from(&found.bound);
+            found
+        };
+        let old = || veth(4, "vethweb0old", Some(1), Some((0, 2)));
+        let first = compiler_of([running_pod("db", "web-0", "10.0.0.2")]);
+        let found = discover(&first, vec![bridge(1, "cni0"), old()], &[(0, "10.0.0.2")]);
+        assert_eq!(found_on(&found), [pair("db/web-0", "vethweb0old")]);
+        // Deleted (forcibly) and created again under its name at another address, on a new
+        // veth, while its old sandbox is still being torn down: the new pod is on the new veth.
+        let second = compiler_of([running_pod("db", "web-0", "10.0.0.9")]);
+        let new = || veth(7, "vethweb0new", Some(1), Some((1, 2)));
+        let found = discover(
+            &second,
+            vec![bridge(1, "cni0"), old(), new()],
+            &[(0, "10.0.0.2"), (1, "10.0.0.9")],
+        );
+        assert_eq!(found_on(&found), [pair("db/web-0", "vethweb0new")]);
+        assert!(found.contested.is_empty() && found.missing.is_empty());
+        // The same pod at the same address stays where it was, whoever carries it.
+        let found = discover(
+            &second,
+            vec![bridge(1, "cni0"), old(), new()],
+            &[(0, "10.0.0.9"), (1, "10.0.0.9")],
+        );
+        assert_eq!(found_on(&found), [pair("db/web-0", "vethweb0new")]);
+        // A binding saved before addresses were kept holds the pod at any address.
+        let saved: Binding =
+            serde_json::from_str(r#"{"name":"vethweb0old","index":4,"found":1}"#).unwrap();
+        assert!(saved.ips.is_empty() && saved.holds(&["10.0.0.9".parse().unwrap()]));
+    }
+
+    #[test]
     fn a_pod_keeps_its_veth_without_its_addresses_and_moves_only_to_a_newer_one() {
         let compiler = compiler_of([
             running_pod("bank", "teller", "10.0.0.2"),
@@ -2136,7 +2194,7 @@ mod tests {
         assert!(found.contested.is_empty());
         assert_eq!(
             found.bound.get("bank/teller"),
-            Some(&binding("vethteller2", 8, 5))
+            Some(&binding("vethteller2", 8, 5, &["10.0.0.2"]))
         );
         // Nor does a pod new to the agent get a veth another pod is on, whatever it carries.
         let newcomer = compiler_of([
