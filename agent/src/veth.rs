@@ -1649,7 +1649,7 @@ mod tests {
                 name: "veth0a1b2c3d".into(),
                 index: 12,
                 found: 3,
-                ips: vec!["10.0.0.2".parse().unwrap()],
+                ips: vec![ip("10.0.0.2")],
             },
         );
         let netns = 4_026_531_992;
@@ -1856,7 +1856,7 @@ mod tests {
             name: name.to_string(),
             index,
             found,
-            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ips: ips.iter().map(|s| ip(s)).collect(),
         }
     }
 
@@ -2115,7 +2115,7 @@ mod tests {
         // A binding saved before addresses were kept holds the pod at any address.
         let saved: Binding =
             serde_json::from_str(r#"{"name":"vethweb0old","index":4,"found":1}"#).unwrap();
-        assert!(saved.ips.is_empty() && saved.holds(&["10.0.0.9".parse().unwrap()]));
+        assert!(saved.ips.is_empty() && saved.holds(&[ip("10.0.0.9")]));
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub struct Cluster {
     /// Enforceable pods by address.
     by_ip: HashMap<IpAddr, Owners>,
     /// How many pods and policies there are, kept with each change: counting them means
-    /// walking 150,000 pods (~3 ms), which the agent's metrics would do at every change.
+    /// walking 150,000 pods (~0.5 ms), which the agent's metrics would do at every change.
     pod_count: usize,
     policy_count: usize,
 }
