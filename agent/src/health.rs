@@ -82,6 +82,27 @@ impl EventOutcome {
     }
 }
 
+/// How the agent found out that its tables were as it left them, or not, after the nf_tables
+/// generation moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// nf_tables' notifications showed only other tables' transactions.
+    Notifications,
+    /// The tables were read back and compared.
+    ReadBack,
+}
+
+impl Checked {
+    const ALL: [Checked; 2] = [Self::Notifications, Self::ReadBack];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Notifications => "notifications",
+            Self::ReadBack => "read_back",
+        }
+    }
+}
+
 /// Upper bounds of the sync duration histogram, in seconds: 100 µs to 10 s.
 const BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -144,6 +165,7 @@ struct State {
     kernel: KernelCounts,
     unenforceable: u64,
     events: [u64; EventOutcome::ALL.len()],
+    checks: [u64; Checked::ALL.len()],
     /// The installed ruleset's epoch, and 1 while its fast path is on.
     epoch: u64,
     fast_path: u64,
@@ -174,6 +196,7 @@ impl Health {
                 kernel: KernelCounts::default(),
                 unenforceable: 0,
                 events: [0; EventOutcome::ALL.len()],
+                checks: [0; Checked::ALL.len()],
                 epoch: 0,
                 fast_path: 0,
             })),
@@ -227,6 +250,11 @@ impl Health {
     /// An Event about an unenforceable policy was recorded, or not.
     pub fn record_event(&self, outcome: EventOutcome) {
         self.lock().events[outcome as usize] += 1;
+    }
+
+    /// The agent looked at whether its tables are as it left them, and how.
+    pub fn record_check(&self, how: Checked) {
+        self.lock().checks[how as usize] += 1;
     }
 
     /// What the agent's tables hold in the kernel after the last successful sync.
@@ -433,6 +461,22 @@ impl Health {
                 "nftpol_events_total",
                 &[("result", outcome.label())],
                 s.events[outcome as usize],
+            );
+        }
+        family(
+            &mut out,
+            "nftpol_table_checks_total",
+            "counter",
+            "Looks at whether the agent's tables are as it left them after another transaction, by \
+             how they were answered: from nf_tables' notifications (only other tables changed), \
+             or by reading the tables back.",
+        );
+        for how in Checked::ALL {
+            sample(
+                &mut out,
+                "nftpol_table_checks_total",
+                &[("by", how.label())],
+                s.checks[how as usize],
             );
         }
         family(

@@ -9,8 +9,9 @@
 //!     whole table: fast path on once conntrack holds no epoch, see `ruleset::epoch`)
 //!     (a change that brings, takes or moves no local pod: the last second's guard, with the
 //!     pods' egress isolation worked out again; no discovery on the way to the transaction)
-//! every second, and before every delta: nf_tables generation moved? -> fingerprint our
-//!     tables -> restore (whole tables) if changed
+//! every second, and before every delta: nf_tables generation moved? -> notifications show
+//!     only other tables' transactions? done; else fingerprint our tables -> restore (whole
+//!     tables) if changed
 //! after a change: Findings (unenforceable fields) -> logged once; from the API, every second:
 //!     those this node reports -> Recorder (queue, never waits) -> Kubernetes Events
 //! ```
@@ -32,9 +33,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::cli::RunArgs;
 use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
-use crate::health::{self, Health, KernelCounts, SyncKind};
+use crate::health::{self, Checked, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
-use crate::netlink::{Change, Sent, WriteError, Writer};
+use crate::netlink::{Change, Monitor, Sent, WriteError, Writer};
 use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
 
@@ -83,8 +84,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         terminate: signal(SignalKind::terminate())?,
         interrupt: signal(SignalKind::interrupt())?,
     };
+    // Without it the agent reads its tables back after every other table's transaction.
+    let monitor = match Monitor::new(writer.port()) {
+        Ok(monitor) => Some(monitor),
+        Err(err) => {
+            tracing::warn!(%err, "cannot subscribe to nf_tables notifications; our tables are read back after every other transaction");
+            None
+        }
+    };
     let mut kernel = Kernel {
         writer,
+        monitor,
         installed: None,
         guards: Guards::with_state(&args.state_dir),
         health,
@@ -314,6 +324,9 @@ fn log_interruption(update: &Update) {
 /// What the agent put in the kernel, and the ways it tells people.
 struct Kernel {
     writer: Writer,
+    /// nf_tables' notifications: when they show that the transactions since our tables were
+    /// last known as left touched only other tables, the tables need not be read back.
+    monitor: Option<Monitor>,
     installed: Option<Installed>,
     guards: Guards,
     health: Health,
@@ -351,22 +364,29 @@ struct Baseline {
     bridge: Option<u64>,
 }
 
-/// Our tables' fingerprints and the generation they belong to. Nothing is known
-/// ([`WriteError::Moved`]) when the generation moved while they were read, or, after a checked
-/// commit, when the generation is not `expected`, the one that commit left: a transaction after
-/// ours might have changed our tables, and the fingerprints would take that for ours.
-fn read_baseline(writer: &mut Writer, expected: Option<u32>) -> Result<Baseline, WriteError> {
+/// Our tables' fingerprints, at the generation reached when they were read. Nothing is known
+/// ([`WriteError::Moved`]) when a transaction that might have changed them came while they
+/// were read, or, after a checked commit, after `expected`, the generation that commit left
+/// (the fingerprints would take its change for ours): any transaction at all without a
+/// `monitor`, with one any it does not vouch for ([`Monitor::untouched`]).
+fn read_baseline(
+    writer: &mut Writer,
+    monitor: Option<&mut Monitor>,
+    expected: Option<u32>,
+) -> Result<Baseline, WriteError> {
+    let before = writer.generation()?;
+    let inet = writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?;
+    let bridge = writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?;
     let generation = writer.generation()?;
-    let baseline = Baseline {
-        generation,
-        inet: writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?,
-        bridge: writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?,
-    };
-    let ours = expected.is_none_or(|expected| generation == expected);
-    if !ours || writer.generation()? != generation {
+    let since = expected.unwrap_or(before);
+    if since != generation && !monitor.is_some_and(|m| m.untouched(since, generation)) {
         return Err(WriteError::Moved);
     }
-    Ok(baseline)
+    Ok(Baseline {
+        generation,
+        inet,
+        bridge,
+    })
 }
 
 /// The generation a batch checked at `generation` leaves: the next one (the kernel counts up
@@ -536,7 +556,11 @@ impl Kernel {
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
-                let baseline = match read_baseline(&mut self.writer, expected) {
+                let baseline = match read_baseline(
+                    &mut self.writer,
+                    self.monitor.as_mut(),
+                    expected,
+                ) {
                     Ok(baseline) => Some(baseline),
                     Err(WriteError::Moved) => {
                         tracing::warn!("another transaction came right after the sync; the next check writes our tables whole");
@@ -652,7 +676,8 @@ impl Kernel {
         match self.commit_delta(&[change]) {
             Ok((_, expected)) => {
                 tracing::info!(epoch = on.value(), "established-connection fast path on");
-                let baseline = read_baseline(&mut self.writer, expected).ok();
+                let baseline =
+                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy = policy;
                     installed.baseline = baseline;
@@ -695,7 +720,8 @@ impl Kernel {
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"
                 );
-                let baseline = read_baseline(&mut self.writer, expected).ok();
+                let baseline =
+                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy.apply(&veths);
                     installed.guard = guard;
@@ -748,11 +774,20 @@ impl Kernel {
     /// ours (and might have changed them). A whole table does not depend on what it replaces:
     /// a batch refused as stale is sent again, and after three refusals it goes unchecked,
     /// with no generation to expect, rather than not at all.
+    /// The notification monitor sits out the write (see [`Monitor::leave`]); every caller reads
+    /// the tables back right after.
     fn commit_whole(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {
-        match self.writer.commit_at_latest(changes, 3) {
+        if let Some(monitor) = self.monitor.as_mut() {
+            monitor.leave();
+        }
+        let result = match self.writer.commit_at_latest(changes, 3) {
             Err(err) if err.is_stale() => self.writer.commit(changes).map(|sent| (sent, None)),
             result => result.map(|(sent, at)| (sent, Some(generation_after(at, sent)))),
+        };
+        if let Some(monitor) = self.monitor.as_mut() {
+            monitor.rejoin(&mut self.writer);
         }
+        result
     }
 
     /// Puts our tables back when anyone else changed or removed them (`nft flush ruleset`, a
@@ -796,7 +831,18 @@ impl Kernel {
         {
             return Some(true);
         }
-        let now = match read_baseline(&mut self.writer, None) {
+        // Other tables' transactions, all reported and none touching ours: no need to look.
+        if let (Some(monitor), Some(baseline)) =
+            (self.monitor.as_mut(), installed.baseline.as_mut())
+        {
+            if monitor.untouched(baseline.generation, generation) {
+                baseline.generation = generation;
+                self.health.record_check(Checked::Notifications);
+                return Some(true);
+            }
+        }
+        self.health.record_check(Checked::ReadBack);
+        let now = match read_baseline(&mut self.writer, self.monitor.as_mut(), None) {
             Ok(now) => now,
             Err(WriteError::Moved) => {
                 tracing::info!("another transaction came while our tables were read back; looking again at the next check");

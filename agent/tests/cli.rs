@@ -300,6 +300,97 @@ fn run_installs_restores_after_tampering_and_leaves_rules_on_sigterm() {
     assert_eq!(log.matches("synced").count(), 3, "{log}");
 }
 
+/// Other tables' transactions (kube-proxy's, every second or so) are vouched for by nf_tables'
+/// notifications, without reading the agent's tables back, even as they come between the
+/// agent's own; a transaction that touches ours still gets them read back and repaired, even
+/// when it changes another table as well.
+#[test]
+fn run_tells_other_tables_transactions_from_tampering_by_notifications() {
+    if common::skip_unless_root(
+        "run_tells_other_tables_transactions_from_tampering_by_notifications",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = example("three-tier.yaml");
+    let snapshot = dir.path().join("snapshot.yaml");
+    std::fs::copy(&base, &snapshot).unwrap();
+    // Another writer commits every 20 ms or so while the snapshot flips node-a's ruleset ten
+    // times (a delta each).
+    let script = format!(
+        r#"{WAIT_FOR}
+        ip link set lo up
+        metrics() {{ exec 3<>/dev/tcp/127.0.0.1/9743 || return 1; printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3; exec 3<&-; }}
+        "$AGENT" run --manifests "$SNAPSHOT" --node node-a --poll-ms 20 2>"$LOG" &
+        pid=$!
+        trap 'kill -KILL $pid $other 2>/dev/null' EXIT
+        wait_for 'grep -q "fast path on" "$LOG"' || {{ echo fast-path-never-on; exit 1; }}
+        nft add table inet other
+        (i=0; while [ $i -lt 150 ]; do nft add chain inet other c$i; i=$((i+1)); sleep 0.01; done) &
+        other=$!
+        for i in 1 2 3 4 5 6 7 8 9 10; do
+            if [ $((i % 2)) = 1 ]; then cat "$BASE" - >"$SNAPSHOT.new" <<<"$ANOTHER"; else cp "$BASE" "$SNAPSHOT.new"; fi
+            mv "$SNAPSHOT.new" "$SNAPSHOT"
+            sleep 0.15
+        done
+        wait $other
+        sleep 1.5
+        echo "== others"; metrics
+        nft -f - <<'EOT'
+add chain inet other last
+add element inet nftpol self4 {{ 10.9.9.9 . 10.9.9.9 }}
+EOT
+        wait_for '! nft list set inet nftpol self4 | grep -q 10.9.9.9' || {{ echo never-repaired; exit 1; }}
+        nft list chain inet other last >/dev/null || {{ echo other-table-touched; exit 1; }}
+        echo "== tampered"; metrics
+        echo done"#
+    );
+    let log = dir.path().join("agent.log");
+    let out = Command::new("unshare")
+        .args(["--net", "bash", "-c", &script])
+        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("NFTPOL_STATE_DIR", dir.path())
+        .env("SNAPSHOT", &snapshot)
+        .env("BASE", &base)
+        .env("ANOTHER", ANOTHER_BACKEND)
+        .env("LOG", &log)
+        .output()
+        .expect("run unshare");
+    let stdout = text(&out.stdout);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("done"),
+        "{stdout}\n{}\n{log}",
+        text(&out.stderr)
+    );
+    let checks = |part: &str, by: &str| -> u64 {
+        let line = format!("nftpol_table_checks_total{{by=\"{by}\"}} ");
+        part.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line:?} in\n{part}"))
+    };
+    let (others, tampered) = stdout
+        .split_once("== tampered")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    // 151 transactions over 1.5 s and more, between ten of the agent's: every look at its
+    // tables answered by notifications, none written whole after the first.
+    assert!(checks(others, "notifications") >= 1, "{others}\n{log}");
+    assert_eq!(checks(others, "read_back"), 0, "{others}\n{log}");
+    let (before, _) = log
+        .split_once("table inet nftpol was changed behind the agent's back")
+        .unwrap_or_else(|| panic!("no warning about the change\n{log}"));
+    let synced = |kind: &str| {
+        before
+            .lines()
+            .filter(|l| l.contains("synced") && l.contains(kind))
+            .count()
+    };
+    assert_eq!(synced("kind=Full"), 1, "{log}");
+    assert!(synced("kind=Delta") >= 5, "{log}");
+    assert!(checks(tampered, "read_back") >= 1, "{tampered}\n{log}");
+}
+
 /// A pod that node-a's frontend may send to: a change to node-a's ruleset.
 const ANOTHER_BACKEND: &str = "---
 apiVersion: v1

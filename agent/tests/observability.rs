@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use agent::health::{self, Health, KernelCounts, SyncKind};
+use agent::health::{self, Checked, Health, KernelCounts, SyncKind};
 
 #[test]
 fn log_format_json_writes_one_json_object_per_line() {
@@ -128,6 +128,9 @@ fn probes_and_metrics_over_http() {
         elements: 25,
         chains: 9,
     });
+    health.record_check(Checked::Notifications);
+    health.record_check(Checked::Notifications);
+    health.record_check(Checked::ReadBack);
     health.mark_ready();
     assert_eq!(get(addr, "/readyz").0, 200);
 
@@ -154,6 +157,8 @@ fn probes_and_metrics_over_http() {
         "nftpol_kernel_elements 25",
         "nftpol_kernel_chains 9",
         "nftpol_ready 1",
+        "nftpol_table_checks_total{by=\"notifications\"} 2",
+        "nftpol_table_checks_total{by=\"read_back\"} 1",
         &format!(
             "nftpol_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
@@ -203,6 +208,7 @@ fn probes_and_metrics_over_http() {
                         "networkpolicies",
                     ],
                     "result" => &["ok", "error", "created", "aggregated", "failed", "dropped"],
+                    "by" => &["notifications", "read_back"],
                     "le" => &[],
                     "version" => &[env!("CARGO_PKG_VERSION")],
                     other => panic!("unexpected label {other} in {line:?}"),

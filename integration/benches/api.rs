@@ -14,6 +14,11 @@
 //!   (`nftpol_syncs_total`) and the time until it has taken every change (its log read every
 //!   20 ms, so convergence is late by up to that).
 //!
+//! With `NFTPOL_API_OTHERS_MS=N`, a stand-in for kube-proxy commits one element to a table of
+//! its own in the agent's node every N ms throughout `churn` (and its idle phase), as a busy
+//! node's other writers do; the agent's `nftpol_table_checks_total` says how it looked at its
+//! tables after them.
+//!
 //! The stand-in runs in this process, so the RSS figures are the agent's alone.
 //! `cargo bench -p integration --bench api [-- memory|latency|churn]`; `NFTPOL_API_SAMPLES`:
 //! latency samples per direction (default 100). Figures are printed with the load average
@@ -82,6 +87,40 @@ fn metrics(agent: &Agent) -> String {
 
 fn syncs(agent: &Agent) -> f64 {
     metric_sum(&metrics(agent), "nftpol_syncs_total")
+}
+
+/// Another writer of nf_tables in a node: one element added to `table inet others` every
+/// `ms` milliseconds, until dropped.
+struct Others(std::process::Child);
+
+impl Others {
+    fn start(netns: &str, ms: &str) -> Others {
+        let ms: u64 = ms
+            .parse()
+            .expect("NFTPOL_API_OTHERS_MS is a number of milliseconds");
+        let script = format!(
+            "nft add table inet others && nft add set inet others s '{{ type ipv4_addr; }}' || exit 1
+             i=0; while :; do
+                 nft add element inet others s \"{{ 10.$((i / 65536 % 256)).$((i / 256 % 256)).$((i % 256)) }}\" || exit 1
+                 i=$((i + 1)); sleep {}
+             done",
+            ms as f64 / 1e3
+        );
+        println!("  another writer commits to table inet others every {ms} ms");
+        Others(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", netns, "bash", "-c", &script])
+                .spawn()
+                .expect("start the other writer"),
+        )
+    }
+}
+
+impl Drop for Others {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 // ------------------------------------------------------------------- the large cluster
@@ -193,6 +232,9 @@ impl Large {
         let pods: Vec<Pod> = (0..PODS)
             .map(|i| synthetic::pod(&LARGE, LARGE.pods + i, synthetic::app_of(i)))
             .collect();
+        let _others = std::env::var("NFTPOL_API_OTHERS_MS")
+            .ok()
+            .map(|ms| Others::start(&self.agents[0].netns, &ms));
         let idle_from = cpu_time(self.pid());
         thread::sleep(Duration::from_secs(10));
         println!(
@@ -212,6 +254,12 @@ impl Large {
                 assert!(server.delete(Resource::Pods, &pod.namespace, &pod.name));
             });
         }
+        let text = metrics(&self.agents[0]);
+        println!(
+            "  the agent looked at its tables after other transactions: {} times by notifications, {} by reading them back",
+            metric_sum(&text, "nftpol_table_checks_total{by=\"notifications\"}"),
+            metric_sum(&text, "nftpol_table_checks_total{by=\"read_back\"}"),
+        );
         let errors = self.agents[0].errors();
         assert_eq!(errors, 0, "agent errors\n{}", logs(&mut self.agents));
     }

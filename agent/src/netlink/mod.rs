@@ -15,6 +15,7 @@
 
 mod element;
 mod expr;
+mod monitor;
 #[cfg(test)]
 mod parity;
 mod plan;
@@ -27,6 +28,8 @@ use std::io;
 
 use ruleset::diff::Delta;
 use ruleset::ir::{Table, TableFamily};
+
+pub use monitor::Monitor;
 
 /// Why a table or delta did not reach the kernel. Except after `Receive` and `Unanswered`,
 /// the kernel's ruleset is as it was.
@@ -120,6 +123,12 @@ impl Writer {
             socket,
             query_seq: u32::MAX,
         })
+    }
+
+    /// The port of the socket this writer commits through, as nf_tables' notifications of its
+    /// transactions carry it.
+    pub fn port(&self) -> u32 {
+        self.socket.port()
     }
 
     /// Replaces `table <family> <table.name>`, or creates it, in one transaction: no packet

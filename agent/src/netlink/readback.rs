@@ -16,7 +16,7 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NFT_MSG_NEWGEN: u16 = 15;
+pub(super) const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_DUMP: u16 = 0x300;
@@ -25,7 +25,7 @@ const ATTR_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_GEN_ID: u16 = 1;
+pub(super) const NFTA_GEN_ID: u16 = 1;
 /// The netlink and nfgenmsg headers: the part of a reply that varies with sequence number,
 /// port and generation, not with what the table holds.
 const HEADERS: usize = HEADER + 4;
@@ -201,7 +201,7 @@ const fn nft(msg: u16) -> u16 {
 }
 
 /// The top-level netlink attributes of a payload: `(type, value)`.
-fn attributes(mut payload: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(super) fn attributes(mut payload: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16::from_ne_bytes(payload.get(..2)?.try_into().ok()?));
         let kind = u16::from_ne_bytes(payload.get(2..4)?.try_into().ok()?) & 0x3fff;

@@ -734,6 +734,11 @@ impl Socket {
         Ok(())
     }
 
+    /// The socket's netlink port id.
+    pub fn port(&self) -> u32 {
+        self.mnl.portid()
+    }
+
     pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
         let sent = self.mnl.send(bytes)?;
         if sent == bytes.len() {
@@ -757,6 +762,13 @@ impl Socket {
             }
         }
     }
+}
+
+/// Sets the receive buffer of another netlink socket (the notification monitor's) to `size`,
+/// past the system's cap; needs CAP_NET_ADMIN.
+pub(super) fn force_receive_buffer(fd: RawFd, size: usize) -> io::Result<()> {
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    set_option(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, size)
 }
 
 fn set_option(
