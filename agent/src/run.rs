@@ -378,8 +378,14 @@ fn read_baseline(
     let inet = writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?;
     let bridge = writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?;
     let generation = writer.generation()?;
-    let since = expected.unwrap_or(before);
-    if since != generation && !monitor.is_some_and(|m| m.untouched(since, generation)) {
+    let known = match (expected, monitor) {
+        (Some(ours), _) if ours == generation => true,
+        (None, _) if before == generation => true,
+        (Some(ours), Some(monitor)) => monitor.untouched_after_own(ours, generation),
+        (None, Some(monitor)) => monitor.untouched(before, generation),
+        (_, None) => false,
+    };
+    if !known {
         return Err(WriteError::Moved);
     }
     Ok(Baseline {
@@ -829,6 +835,9 @@ impl Kernel {
             .baseline
             .is_some_and(|b| b.generation == generation)
         {
+            if let Some(monitor) = self.monitor.as_mut() {
+                monitor.settle(generation);
+            }
             return Some(true);
         }
         // Other tables' transactions, all reported and none touching ours: no need to look.

@@ -977,3 +977,72 @@ fn the_guards_bridge_subnets_follow_the_bridges_by_delta() {
     });
     assert_eq!(seen, expected, "{checks:?}");
 }
+
+/// The notification monitor against the real kernel: other tables' transactions are vouched
+/// for, one touching ours is not, even when another process forges the report of its
+/// generation first, and the agent's own commit counts as its own.
+#[test]
+fn the_monitor_vouches_only_for_the_kernels_reports_of_other_tables() {
+    use agent::netlink::Monitor;
+    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+    if skip_unless_root("the_monitor_vouches_only_for_the_kernels_reports_of_other_tables") {
+        return;
+    }
+    in_netns(|| {
+        let mut writer = Writer::new().expect("writer");
+        writer
+            .replace_table(&Table {
+                name: TABLE.into(),
+                ..Table::default()
+            })
+            .expect("our table");
+        let mut monitor = Monitor::new(writer.port()).expect("monitor");
+        nft(&["add", "table", "inet", "other"], None);
+        let start = writer.generation().expect("generation");
+        for i in 0..5 {
+            nft(&["add", "chain", "inet", "other", &format!("c{i}")], None);
+        }
+        let now = writer.generation().expect("generation");
+        assert_eq!(now, start + 5);
+        assert!(monitor.untouched(start, now), "five of another table's");
+
+        // Someone reports the next generation as another table's, then takes it for ours.
+        let forger = Socket::new(NETLINK_NETFILTER).expect("socket");
+        let mut newgen = vec![0u8; 16];
+        newgen[4..6].copy_from_slice(&((10u16 << 8) | 15).to_ne_bytes());
+        newgen[12..16].copy_from_slice(&77u32.to_ne_bytes());
+        newgen.extend_from_slice(&[0, 0, 0, 0]);
+        newgen.extend_from_slice(&8u16.to_ne_bytes());
+        newgen.extend_from_slice(&1u16.to_ne_bytes());
+        newgen.extend_from_slice(&(now + 1).to_be_bytes());
+        let len = newgen.len() as u32;
+        newgen[0..4].copy_from_slice(&len.to_ne_bytes());
+        forger
+            .send_to(&newgen, &SocketAddr::new(0, 1 << 6), 0)
+            .expect("send to group 7");
+        nft(&["add", "chain", "inet", TABLE, "stray"], None);
+        let tampered = writer.generation().expect("generation");
+        assert_eq!(tampered, now + 1);
+        assert!(!monitor.untouched(now, tampered), "a change to ours");
+
+        // The agent's own commit, then another table's: vouched for after the own one.
+        writer
+            .replace_table(&Table {
+                name: TABLE.into(),
+                ..Table::default()
+            })
+            .expect("our table again");
+        let ours = writer.generation().expect("generation");
+        nft(&["add", "chain", "inet", "other", "after"], None);
+        let later = writer.generation().expect("generation");
+        assert!(
+            monitor.untouched_after_own(ours, later),
+            "after our own commit"
+        );
+        // Another's commit is not the agent's.
+        nft(&["add", "chain", "inet", "other", "last"], None);
+        let last = writer.generation().expect("generation");
+        assert!(!monitor.untouched_after_own(later, last));
+    });
+}

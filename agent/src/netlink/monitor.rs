@@ -40,6 +40,15 @@ const LAG: Duration = Duration::from_millis(20);
 /// Transactions kept unasked for; beyond that the oldest are dropped, as if lost.
 const KEEP: usize = 4096;
 
+/// What the reports so far say about a run of generations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Yes,
+    No,
+    /// So far so good, but not every transaction of the run was reported yet.
+    NotYet,
+}
+
 /// A reported transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Transaction {
@@ -128,7 +137,7 @@ impl Log {
         if since == now {
             return true;
         }
-        self.transactions.retain(|t| is_after(t.generation, since));
+        self.forget_upto(since);
         if std::mem::take(&mut self.lost) {
             // What was lost may belong to any transaction reported so far, or to one whose
             // report is still to come: the caller reads our tables back, and asks again only
@@ -137,29 +146,51 @@ impl Log {
             self.pending = true;
             return false;
         }
+        self.answer(since, now) == Answer::Yes
+    }
+
+    /// [`Log::untouched`] for the run after the agent's own commit that made generation
+    /// `ours`: that transaction must have been reported as the agent's (a batch whose every
+    /// message changed nothing commits nothing, and another transaction may then hold the
+    /// generation the agent expected).
+    fn untouched_after_own(&mut self, ours: u32, now: u32) -> bool {
+        let reported_as_ours = self
+            .transactions
+            .iter()
+            .any(|t| t.generation == ours && t.ours && !self.lost);
+        reported_as_ours && self.untouched(ours, now)
+    }
+
+    /// What the transactions reported so far say about `since` up to `now`, `since` before
+    /// `now`.
+    fn answer(&self, since: u32, now: u32) -> Answer {
         let mut expected = next_generation(since);
-        for t in &self.transactions {
+        for t in self
+            .transactions
+            .iter()
+            .filter(|t| is_after(t.generation, since))
+        {
             if is_after(t.generation, now) {
                 break;
             }
             if t.generation != expected || t.ours || t.touches_ours {
-                return false;
+                return Answer::No;
             }
             if t.generation == now {
-                return true;
+                return Answer::Yes;
             }
             expected = next_generation(expected);
         }
-        false
+        if self.lost {
+            Answer::No
+        } else {
+            Answer::NotYet
+        }
     }
 
-    /// Whether the transaction that made generation `now` was reported.
-    fn has(&self, now: u32) -> bool {
-        self.lost
-            || self
-                .transactions
-                .iter()
-                .any(|t| t.generation == now || is_after(t.generation, now))
+    /// Forgets the transactions up to generation `known`.
+    fn forget_upto(&mut self, known: u32) {
+        self.transactions.retain(|t| is_after(t.generation, known));
     }
 }
 
@@ -203,19 +234,40 @@ impl Monitor {
     /// current one), and none of them touched our tables or came from the agent. `false`
     /// means "not known": read the tables back.
     pub fn untouched(&mut self, since: u32, now: u32) -> bool {
-        if since == now {
-            return true;
-        }
-        if !self.joined {
-            return false;
+        self.wait_for(since, now);
+        self.log.untouched(since, now)
+    }
+
+    /// [`Monitor::untouched`] after the agent's own commit that made generation `ours`, which
+    /// must have been reported as the agent's.
+    pub fn untouched_after_own(&mut self, ours: u32, now: u32) -> bool {
+        self.wait_for(ours, now);
+        self.log.untouched_after_own(ours, now)
+    }
+
+    /// Reads the reports, for up to [`LAG`] while they fall short of `now`.
+    fn wait_for(&mut self, since: u32, now: u32) {
+        if since == now || !self.joined {
+            if !self.joined {
+                // Nothing is reported while away: never vouch.
+                self.log.lost = true;
+            }
+            return;
         }
         self.drain();
         let deadline = Instant::now() + LAG;
-        while !self.log.has(now) && Instant::now() < deadline {
+        while self.log.answer(since, now) == Answer::NotYet && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
             self.drain();
         }
-        self.log.untouched(since, now)
+    }
+
+    /// Takes in what was reported and forgets transactions up to `known`, a generation at which
+    /// our tables are known as left: the agent's own commits are reported too, and nothing else
+    /// would read them off the socket while no other table changes.
+    pub fn settle(&mut self, known: u32) {
+        self.drain();
+        self.log.forget_upto(known);
     }
 
     /// Leaves the group for a write of our tables whole: its report (one message per element,
@@ -232,7 +284,8 @@ impl Monitor {
     /// Joins again after [`Monitor::leave`], before the tables are read back. A transaction
     /// whose report was under way as the socket joined may have been reported in part: every
     /// transaction up to the generation read just after joining is taken as touching ours
-    /// (all that follow are reported whole); without that generation, the next one reported.
+    /// (all that follow are reported whole); without that generation, none until the tables
+    /// are read back.
     pub fn rejoin(&mut self, writer: &mut Writer) {
         if self.joined {
             return;
@@ -244,20 +297,38 @@ impl Monitor {
         self.joined = true;
         match writer.generation() {
             Ok(generation) => self.log.partial_upto = Some(generation),
-            Err(_) => self.log.pending = true,
+            // Reports from before the write may still be queued: the next one is no marker
+            // of where the partial one ends. Vouch for nothing until a read-back.
+            Err(_) => self.log.lost = true,
         }
     }
 
+    /// Reads every queued datagram. Only the kernel's count: with CAP_NET_ADMIN any process
+    /// may send to the group, and a forged `NEWGEN` would vouch for a transaction that
+    /// touched our tables.
     fn drain(&mut self) {
         loop {
             self.buffer.clear();
-            match self.socket.recv(&mut self.buffer, MSG_TRUNC) {
-                Ok(len) if len > self.buffer.len() => self.log.lost = true,
+            match self.socket.recv_from(&mut self.buffer, MSG_TRUNC) {
+                Ok((len, _)) if len > self.buffer.len() => self.log.lost = true,
+                Ok((_, from)) if from.port_number() != 0 => {
+                    tracing::warn!(
+                        port = from.port_number(),
+                        "a process sent to nf_tables' notification group; vouching for nothing until our tables are read back"
+                    );
+                    self.log.lost = true;
+                }
                 Ok(_) => self.log.read(&self.buffer),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 // ENOBUFS: the socket's buffer overflowed and notifications were dropped.
-                Err(_) => self.log.lost = true,
+                // Anything else: nothing more to read now.
+                Err(err) => {
+                    self.log.lost = true;
+                    if err.raw_os_error() != Some(ENOBUFS) {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -265,6 +336,7 @@ impl Monitor {
 
 /// recv(2) flag: return the datagram's real length even when it did not fit.
 const MSG_TRUNC: i32 = 0x20;
+const ENOBUFS: i32 = 105;
 
 #[cfg(test)]
 mod tests {
@@ -366,11 +438,14 @@ mod tests {
         let mut log = log_of(&[newgen(11, KUBE_PROXY), newgen(13, KUBE_PROXY)]);
         assert!(!log.untouched(10, 13), "12 missing");
         let mut log = log_of(&[newgen(11, KUBE_PROXY)]);
-        assert!(!log.has(12));
+        assert_eq!(log.answer(10, 12), Answer::NotYet);
         assert!(!log.untouched(10, 12), "12 not reported yet");
         log.read(&newgen(12, KUBE_PROXY));
-        assert!(log.has(12));
+        assert_eq!(log.answer(10, 12), Answer::Yes);
         assert!(log.untouched(10, 12));
+        // Known already: no use waiting for the rest.
+        let log = log_of(&[element(1, TABLE_NAME, 5), newgen(11, 5)]);
+        assert_eq!(log.answer(10, 12), Answer::No);
     }
 
     #[test]
@@ -404,6 +479,46 @@ mod tests {
         let mut log = log_of(&[]);
         assert!(log.untouched(7, 7));
         assert!(!log.untouched(7, 8));
+    }
+
+    #[test]
+    fn the_agents_own_commits_are_forgotten_as_they_are_settled() {
+        let mut log = Log::new(WRITER);
+        for generation in 1..=3 * KEEP as u32 {
+            log.read(&[element(1, TABLE_NAME, WRITER), newgen(generation, WRITER)].concat());
+            if generation % 100 == 0 {
+                log.forget_upto(generation);
+            }
+        }
+        assert!(!log.lost);
+        let last = 3 * KEEP as u32;
+        log.read(&newgen(last + 1, KUBE_PROXY));
+        assert!(log.untouched(last, last + 1));
+        // Unsettled, they would overflow what is kept: a loss.
+        let mut log = Log::new(WRITER);
+        for generation in 1..=KEEP as u32 + 1 {
+            log.read(&newgen(generation, WRITER));
+        }
+        assert!(log.lost);
+    }
+
+    #[test]
+    fn after_its_own_commit_the_agent_needs_that_commit_reported_as_its() {
+        let mut log = log_of(&[
+            element(1, TABLE_NAME, WRITER),
+            newgen(11, WRITER),
+            newgen(12, KUBE_PROXY),
+        ]);
+        assert!(log.untouched_after_own(11, 12));
+        // Its batch changed nothing and committed nothing: 11 is someone else's, which
+        // touched our table.
+        let mut log = log_of(&[
+            element(1, TABLE_NAME, 5),
+            newgen(11, 5),
+            newgen(12, KUBE_PROXY),
+        ]);
+        assert!(!log.untouched_after_own(11, 12));
+        assert!(!log.untouched_after_own(11, 11));
     }
 
     #[test]
