@@ -237,6 +237,29 @@ fn run_refuses_to_start_without_cap_net_admin() {
     assert!(stderr.contains("missing CAP_NET_ADMIN"), "{stderr}");
 }
 
+/// Runs `script` with `bash` in a new network namespace, with `$AGENT`, `$NFTPOL_STATE_DIR`
+/// (`dir`), `$LOG` (the agent's log, in `dir`) and `env` set; fails unless it succeeds and
+/// prints `done`. Its stdout and the agent's log.
+fn run_script(script: &str, dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> (String, String) {
+    let log = dir.join("agent.log");
+    let out = Command::new("unshare")
+        .args(["--net", "bash", "-c", script])
+        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
+        .env("NFTPOL_STATE_DIR", dir)
+        .env("LOG", &log)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run unshare");
+    let stdout = text(&out.stdout);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "done"),
+        "{stdout}\n{}\n{log}",
+        text(&out.stderr)
+    );
+    (stdout, log)
+}
+
 /// Polls `cond` (a shell test) every 100 ms for up to 10 s.
 const WAIT_FOR: &str = "wait_for() { i=0; until eval \"$1\"; do i=$((i+1)); [ $i -ge 100 ] && return 1; sleep 0.1; done; }";
 
@@ -264,29 +287,17 @@ fn run_installs_restores_after_tampering_and_leaves_rules_on_sigterm() {
         nft list table inet other >/dev/null || {{ echo other-table-touched; exit 1; }}
         kill -TERM $pid
         wait $pid; echo "exit=$?"
-        nft list table inet nftpol | grep -c 'comment "shop/'"#,
+        nft list table inet nftpol | grep -c 'comment "shop/'
+        echo done"#,
         manifests = path.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("agent.log");
-    let out = Command::new("unshare")
-        .args(["--net", "bash", "-c", &script])
-        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
-        .env("NFTPOL_STATE_DIR", dir.path())
-        .env("LOG", &log)
-        .output()
-        .expect("run unshare");
-    let stdout = text(&out.stdout);
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{log}",
-        text(&out.stderr)
-    );
+    let (stdout, log) = run_script(&script, dir.path(), &[]);
     assert!(stdout.contains("exit=0"), "{stdout}\n{log}");
     let rules: usize = stdout
         .lines()
-        .last()
+        .rev()
+        .nth(1)
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0);
     assert!(rules > 0, "the rules stay after SIGTERM:\n{stdout}");
@@ -345,23 +356,14 @@ EOT
         echo "== tampered"; metrics
         echo done"#
     );
-    let log = dir.path().join("agent.log");
-    let out = Command::new("unshare")
-        .args(["--net", "bash", "-c", &script])
-        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
-        .env("NFTPOL_STATE_DIR", dir.path())
-        .env("SNAPSHOT", &snapshot)
-        .env("BASE", &base)
-        .env("ANOTHER", ANOTHER_BACKEND)
-        .env("LOG", &log)
-        .output()
-        .expect("run unshare");
-    let stdout = text(&out.stdout);
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        out.status.success() && stdout.contains("done"),
-        "{stdout}\n{}\n{log}",
-        text(&out.stderr)
+    let (stdout, log) = run_script(
+        &script,
+        dir.path(),
+        &[
+            ("SNAPSHOT", snapshot.as_os_str()),
+            ("BASE", base.as_os_str()),
+            ("ANOTHER", ANOTHER_BACKEND.as_ref()),
+        ],
     );
     let checks = |part: &str, by: &str| -> u64 {
         let line = format!("nftpol_table_checks_total{{by=\"{by}\"}} ");
@@ -437,24 +439,15 @@ fn run_repairs_a_tampered_table_when_a_change_comes_before_its_check() {
         mv "$SNAPSHOT.new" "$SNAPSHOT"
         wait_for 'nft list ruleset | grep -q 10.244.2.31' || {{ echo change-never-applied; exit 1; }}
         wait_for egress || {{ echo never-repaired; exit 1; }}
-        echo repaired"#
+        echo done"#
     );
-    let log = dir.path().join("agent.log");
-    let out = Command::new("unshare")
-        .args(["--net", "bash", "-c", &script])
-        .env("AGENT", env!("CARGO_BIN_EXE_agent"))
-        .env("NFTPOL_STATE_DIR", dir.path())
-        .env("SNAPSHOT", &snapshot)
-        .env("ANOTHER", ANOTHER_BACKEND)
-        .env("LOG", &log)
-        .output()
-        .expect("run unshare");
-    let stdout = text(&out.stdout);
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        out.status.success() && stdout.contains("repaired"),
-        "{stdout}\n{}\n{log}",
-        text(&out.stderr)
+    let (_, log) = run_script(
+        &script,
+        dir.path(),
+        &[
+            ("SNAPSHOT", snapshot.as_os_str()),
+            ("ANOTHER", ANOTHER_BACKEND.as_ref()),
+        ],
     );
     // No delta went over the changed table: the first sync after the warning is a whole one,
     // and none before it (the start-up sync aside) is a delta.
