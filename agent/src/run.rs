@@ -35,7 +35,7 @@ use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
 use crate::health::{self, Checked, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
-use crate::netlink::{Change, Monitor, Sent, WriteError, Writer};
+use crate::netlink::{sets_named_by, Change, Monitor, Sent, TableImage, WriteError, Writer};
 use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
 
@@ -357,26 +357,46 @@ struct Installed {
     baseline: Option<Baseline>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Baseline {
     generation: u32,
-    inet: Option<u64>,
-    bridge: Option<u64>,
+    inet: Option<TableImage>,
+    bridge: Option<TableImage>,
 }
 
-/// Our tables' fingerprints, at the generation reached when they were read. Nothing is known
+/// Our tables as read back, at the generation reached when they were read. Nothing is known
 /// ([`WriteError::Moved`]) when a transaction that might have changed them came while they
 /// were read, or, after a checked commit, after `expected`, the generation that commit left
-/// (the fingerprints would take its change for ours): any transaction at all without a
-/// `monitor`, with one any it does not vouch for ([`Monitor::untouched`]).
+/// (the images would take its change for ours): any transaction at all without a `monitor`,
+/// with one any it does not vouch for ([`Monitor::untouched`]).
+///
+/// `after`: the commit was a delta checked at the generation of `previous`, whose images then
+/// still held, and `changes` were its changes: a set none of them names is as in `previous`,
+/// and its elements are not read again ([`Writer::table_image`]).
 fn read_baseline(
     writer: &mut Writer,
     monitor: Option<&mut Monitor>,
     expected: Option<u32>,
+    after: Option<(&Baseline, &[Change<'_>])>,
 ) -> Result<Baseline, WriteError> {
     let before = writer.generation()?;
-    let inet = writer.table_fingerprint(TableFamily::Inet, TABLE_NAME)?;
-    let bridge = writer.table_fingerprint(TableFamily::Bridge, TABLE_NAME)?;
+    let mut image = |family: TableFamily, previous: Option<&TableImage>| {
+        let touched = after.map(|(_, changes)| Touched::by(changes, family));
+        match (previous, touched) {
+            (Some(previous), Some(Touched::Sets(names))) => writer.table_image(
+                family,
+                TABLE_NAME,
+                Some((previous, &|set: &str| names.contains(set))),
+            ),
+            _ => writer.table_image(family, TABLE_NAME, None),
+        }
+    };
+    let previous = after.map(|(b, _)| b);
+    let inet = image(TableFamily::Inet, previous.and_then(|b| b.inet.as_ref()))?;
+    let bridge = image(
+        TableFamily::Bridge,
+        previous.and_then(|b| b.bridge.as_ref()),
+    )?;
     let generation = writer.generation()?;
     let known = match (expected, monitor) {
         (Some(ours), _) if ours == generation => true,
@@ -393,6 +413,30 @@ fn read_baseline(
         inet,
         bridge,
     })
+}
+
+/// What a batch of changes did to one of our tables.
+enum Touched<'a> {
+    /// Wrote it whole.
+    Whole,
+    /// Changed at most these sets (and maps), by name.
+    Sets(BTreeSet<&'a str>),
+}
+
+impl<'a> Touched<'a> {
+    fn by(changes: &'a [Change<'a>], family: TableFamily) -> Touched<'a> {
+        let mut names = BTreeSet::new();
+        for change in changes {
+            match *change {
+                Change::Replace(table) if table.family == family => return Touched::Whole,
+                Change::Delta {
+                    family: f, delta, ..
+                } if f == family => names.extend(sets_named_by(delta)),
+                _ => {}
+            }
+        }
+        Touched::Sets(names)
+    }
 }
 
 /// The generation a batch checked at `generation` leaves: the next one (the kernel counts up
@@ -525,14 +569,17 @@ impl Kernel {
         epoch::apply(&mut policy, next);
         let policy = &policy;
         let whole = [Change::Replace(policy), Change::Replace(&guard)];
-        let (kind, attempt) = match self.installed.as_ref().filter(|_| !full) {
+        let delta_pair = self
+            .installed
+            .as_ref()
+            .filter(|_| !full)
+            .map(|prev| (diff(&prev.policy, policy), diff(&prev.guard, &guard)));
+        let changes = delta_pair
+            .as_ref()
+            .map(|(policy_delta, guard_delta)| deltas(policy_delta, guard_delta));
+        let (kind, attempt) = match &changes {
             None => (SyncKind::Full, self.commit_whole(&whole)),
-            Some(prev) => {
-                let policy_delta = diff(&prev.policy, policy);
-                let guard_delta = diff(&prev.guard, &guard);
-                let changes = deltas(&policy_delta, &guard_delta);
-                (SyncKind::Delta, self.commit_delta(&changes))
-            }
+            Some(changes) => (SyncKind::Delta, self.commit_delta(changes)),
         };
         self.health
             .record_sync(kind, started.elapsed(), attempt.is_ok());
@@ -562,10 +609,18 @@ impl Kernel {
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
+                // After a delta, the sets it did not name are as last read.
+                let after = match (kind, &changes, self.installed.as_ref()) {
+                    (SyncKind::Delta, Some(changes), Some(installed)) => {
+                        installed.baseline.as_ref().map(|b| (b, changes.as_slice()))
+                    }
+                    _ => None,
+                };
                 let baseline = match read_baseline(
                     &mut self.writer,
                     self.monitor.as_mut(),
                     expected,
+                    after,
                 ) {
                     Ok(baseline) => Some(baseline),
                     Err(WriteError::Moved) => {
@@ -679,11 +734,17 @@ impl Kernel {
             table: TABLE_NAME,
             delta: &delta,
         };
-        match self.commit_delta(&[change]) {
+        let changes = [change];
+        match self.commit_delta(&changes) {
             Ok((_, expected)) => {
                 tracing::info!(epoch = on.value(), "established-connection fast path on");
+                let after = self
+                    .installed
+                    .as_ref()
+                    .and_then(|i| i.baseline.as_ref())
+                    .map(|b| (b, changes.as_slice()));
                 let baseline =
-                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected).ok();
+                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected, after).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy = policy;
                     installed.baseline = baseline;
@@ -726,8 +787,13 @@ impl Kernel {
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"
                 );
+                let after = self
+                    .installed
+                    .as_ref()
+                    .and_then(|i| i.baseline.as_ref())
+                    .map(|b| (b, changes.as_slice()));
                 let baseline =
-                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected).ok();
+                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected, after).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy.apply(&veths);
                     installed.guard = guard;
@@ -756,7 +822,7 @@ impl Kernel {
             let Some(generation) = self
                 .installed
                 .as_ref()
-                .and_then(|i| i.baseline)
+                .and_then(|i| i.baseline.as_ref())
                 .map(|b| b.generation)
             else {
                 return Err(WriteError::Moved);
@@ -833,6 +899,7 @@ impl Kernel {
         };
         if installed
             .baseline
+            .as_ref()
             .is_some_and(|b| b.generation == generation)
         {
             if let Some(monitor) = self.monitor.as_mut() {
@@ -851,7 +918,7 @@ impl Kernel {
             }
         }
         self.health.record_check(Checked::ReadBack);
-        let now = match read_baseline(&mut self.writer, self.monitor.as_mut(), None) {
+        let now = match read_baseline(&mut self.writer, self.monitor.as_mut(), None, None) {
             Ok(now) => now,
             Err(WriteError::Moved) => {
                 tracing::info!("another transaction came while our tables were read back; looking again at the next check");
@@ -863,18 +930,19 @@ impl Kernel {
             }
         };
         if let Some(baseline) = installed.baseline.as_mut() {
-            if (baseline.inet, baseline.bridge) == (now.inet, now.bridge) {
+            if (&baseline.inet, &baseline.bridge) == (&now.inet, &now.bridge) {
                 // Another table changed; ours are as we left them.
                 baseline.generation = now.generation;
                 return Some(true);
             }
         }
+        let was = installed.baseline.as_ref();
         for (family, was, is) in [
-            ("inet", installed.baseline.and_then(|b| b.inet), now.inet),
+            ("inet", was.and_then(|b| b.inet.as_ref()), now.inet.as_ref()),
             (
                 "bridge",
-                installed.baseline.and_then(|b| b.bridge),
-                now.bridge,
+                was.and_then(|b| b.bridge.as_ref()),
+                now.bridge.as_ref(),
             ),
         ] {
             match (installed.baseline.is_some(), is) {

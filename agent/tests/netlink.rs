@@ -1046,3 +1046,59 @@ fn the_monitor_vouches_only_for_the_kernels_reports_of_other_tables() {
         assert!(!monitor.untouched_after_own(later, last));
     });
 }
+
+/// A read-back after a delta reads again only the sets the delta names (and the anonymous
+/// ones): what it gives is what reading everything gives, and taking every set from the old
+/// read instead would not be.
+#[test]
+fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
+    use agent::netlink::sets_named_by;
+
+    if skip_unless_root("a_read_back_after_a_delta_reuses_the_sets_it_did_not_name") {
+        return;
+    }
+    let mut compiler = compile("three-tier.yaml", "node-a");
+    let initial = compiler.table().clone();
+    // New chains and sets, elements in and out, then back: every kind of delta.
+    let deltas: Vec<Delta> = [
+        ("frontend-1", "backend"),
+        ("frontend-1", "database"),
+        ("backend-1", "frontend"),
+        ("frontend-1", "frontend"),
+    ]
+    .iter()
+    .map(|(pod, app)| relabel(&mut compiler, pod, app))
+    .collect();
+    in_netns(|| {
+        let mut writer = Writer::new().unwrap();
+        writer.replace_table(&initial).unwrap();
+        let mut image = writer
+            .table_image(TableFamily::Inet, TABLE, None)
+            .unwrap()
+            .unwrap();
+        for (i, delta) in deltas.iter().enumerate() {
+            writer.apply_delta(TABLE, delta).unwrap();
+            let named = sets_named_by(delta);
+            assert!(!named.is_empty(), "delta {i} changes sets");
+            let reused = writer
+                .table_image(
+                    TableFamily::Inet,
+                    TABLE,
+                    Some((&image, &|set: &str| named.contains(set))),
+                )
+                .unwrap()
+                .unwrap();
+            let full = writer
+                .table_image(TableFamily::Inet, TABLE, None)
+                .unwrap()
+                .unwrap();
+            assert_eq!(reused, full, "delta {i}");
+            let stale = writer
+                .table_image(TableFamily::Inet, TABLE, Some((&image, &|_: &str| false)))
+                .unwrap()
+                .unwrap();
+            assert_ne!(stale, full, "delta {i}: the old read of its sets");
+            image = reused;
+        }
+    });
+}

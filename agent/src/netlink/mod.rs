@@ -30,6 +30,7 @@ use ruleset::diff::Delta;
 use ruleset::ir::{Table, TableFamily};
 
 pub use monitor::Monitor;
+pub use readback::TableImage;
 
 /// Why a table or delta did not reach the kernel. Except after `Receive` and `Unanswered`,
 /// the kernel's ruleset is as it was.
@@ -107,6 +108,19 @@ pub enum Change<'a> {
         table: &'a str,
         delta: &'a Delta,
     },
+}
+
+/// The sets (and maps) a delta creates, deletes or changes the elements of, by name: what a
+/// read-back after it must read again ([`Writer::table_image`]).
+pub fn sets_named_by(delta: &Delta) -> std::collections::BTreeSet<&str> {
+    let mut names = std::collections::BTreeSet::new();
+    names.extend(delta.add_sets.iter().map(|set| set.name.as_str()));
+    names.extend(delta.delete_sets.iter().map(String::as_str));
+    names.extend(delta.add_elements.keys().map(String::as_str));
+    names.extend(delta.remove_elements.keys().map(String::as_str));
+    names.extend(delta.add_map_entries.keys().map(String::as_str));
+    names.extend(delta.remove_map_entries.keys().map(String::as_str));
+    names
 }
 
 /// A netlink socket to nf_tables in the network namespace of the thread that opened it.

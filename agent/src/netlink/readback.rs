@@ -2,6 +2,7 @@
 //! ours or anyone's) and a fingerprint of everything a table holds, so the agent can tell a
 //! transaction that touched its tables from one that only touched kube-proxy's or Flannel's.
 
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hasher};
 use std::io;
 
@@ -31,6 +32,29 @@ pub(super) const NFTA_GEN_ID: u16 = 1;
 const HEADERS: usize = HEADER + 4;
 /// Empty reads tolerated while a reply is still being produced.
 const PATIENCE: usize = 1000;
+
+/// A previous read of a table, and which sets have changed since (by name).
+pub type Reuse<'a> = (&'a TableImage, &'a dyn Fn(&str) -> bool);
+
+/// A table as read back: a hash of its chains, sets (their definitions) and rules, and the sum
+/// of each set's element hashes, by set name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableImage {
+    objects: u64,
+    sets: BTreeMap<Vec<u8>, u64>,
+}
+
+impl TableImage {
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        hasher.write_u64(self.objects);
+        for (set, sum) in &self.sets {
+            hasher.write(set);
+            hasher.write_u64(*sum);
+        }
+        hasher.finish()
+    }
+}
 
 impl Writer {
     /// The current nf_tables generation of this network namespace.
@@ -66,13 +90,29 @@ impl Writer {
         family: TableFamily,
         name: &str,
     ) -> Result<Option<u64>, WriteError> {
+        Ok(self
+            .table_image(family, name, None)?
+            .map(|image| image.fingerprint()))
+    }
+
+    /// What [`Writer::table_fingerprint`] is made of, read from the kernel. With `reuse`, the
+    /// elements of a named set that the previous image holds and `touched` does not name are
+    /// taken from it rather than dumped again: right for a table changed since that image only
+    /// by a delta naming every set it changed (an anonymous set, a rule's own, is always
+    /// dumped: a replaced chain makes new ones, whose names the kernel may give again).
+    pub fn table_image(
+        &mut self,
+        family: TableFamily,
+        name: &str,
+        reuse: Option<Reuse<'_>>,
+    ) -> Result<Option<TableImage>, WriteError> {
         if !self.has_table(family, name)? {
             return Ok(None);
         }
         let nfproto = plan::nfproto(family) as u8;
         let table = nul_terminated(name);
         let mut hasher = DefaultHasher::new();
-        let mut sets = Vec::new();
+        let mut names = Vec::new();
         for (kind, what) in [
             (NFT_MSG_GETCHAIN, "chains"),
             (NFT_MSG_GETSET, "sets"),
@@ -84,39 +124,57 @@ impl Writer {
                 hasher.write(payload);
                 if kind == NFT_MSG_GETSET {
                     if let Some((_, set)) = attributes(payload).find(|(k, _)| *k == NFTA_SET_NAME) {
-                        sets.push(set.to_vec());
+                        names.push(set.to_vec());
                     }
                 }
             })?;
         }
-        for set in sets {
-            let seq = self.next_query_seq();
-            let req = request(
-                NFT_MSG_GETSETELEM,
-                NLM_F_DUMP,
-                nfproto,
-                seq,
-                &[(ATTR_TABLE, &table), (NFTA_SET_ELEM_LIST_SET, &set)],
-            );
-            hasher.write(&set);
-            // A hash set lists its elements in bucket order, which changes when the kernel
-            // resizes the table in the background: elements are summed, not chained.
-            let mut elements = 0u64;
-            self.dump(&req, seq, "set elements", |payload| {
-                for (kind, list) in attributes(payload) {
-                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
-                        continue;
-                    }
-                    for (_, element) in attributes(list) {
-                        let mut one = DefaultHasher::new();
-                        one.write(element);
-                        elements = elements.wrapping_add(one.finish());
-                    }
-                }
-            })?;
-            hasher.write_u64(elements);
+        let mut sets = BTreeMap::new();
+        for set in names {
+            let text = String::from_utf8_lossy(set.split(|b| *b == 0).next().unwrap_or_default())
+                .into_owned();
+            let kept = reuse.and_then(|(previous, touched)| {
+                (!text.starts_with("__") && !touched(&text))
+                    .then(|| previous.sets.get(&set).copied())
+                    .flatten()
+            });
+            let sum = match kept {
+                Some(sum) => sum,
+                None => self.element_sum(nfproto, &table, &set)?,
+            };
+            sets.insert(set, sum);
         }
-        Ok(Some(hasher.finish()))
+        Ok(Some(TableImage {
+            objects: hasher.finish(),
+            sets,
+        }))
+    }
+
+    /// The elements of one set, hashed one by one and summed: a hash set lists its elements in
+    /// bucket order, which changes when the kernel resizes the table in the background.
+    fn element_sum(&mut self, nfproto: u8, table: &[u8], set: &[u8]) -> Result<u64, WriteError> {
+        let seq = self.next_query_seq();
+        let req = request(
+            NFT_MSG_GETSETELEM,
+            NLM_F_DUMP,
+            nfproto,
+            seq,
+            &[(ATTR_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)],
+        );
+        let mut elements = 0u64;
+        self.dump(&req, seq, "set elements", |payload| {
+            for (kind, list) in attributes(payload) {
+                if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
+                    continue;
+                }
+                for (_, element) in attributes(list) {
+                    let mut one = DefaultHasher::new();
+                    one.write(element);
+                    elements = elements.wrapping_add(one.finish());
+                }
+            }
+        })?;
+        Ok(elements)
     }
 
     /// Runs a dump request, giving each reply's payload (after the headers) to `each`.
