@@ -609,19 +609,11 @@ impl Kernel {
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
-                // After a delta, the sets it did not name are as last read.
-                let after = match (kind, &changes, self.installed.as_ref()) {
-                    (SyncKind::Delta, Some(changes), Some(installed)) => {
-                        installed.baseline.as_ref().map(|b| (b, changes.as_slice()))
-                    }
-                    _ => None,
+                let read = match (kind, &changes) {
+                    (SyncKind::Delta, Some(changes)) => self.read_after_delta(expected, changes),
+                    _ => read_baseline(&mut self.writer, self.monitor.as_mut(), expected, None),
                 };
-                let baseline = match read_baseline(
-                    &mut self.writer,
-                    self.monitor.as_mut(),
-                    expected,
-                    after,
-                ) {
+                let baseline = match read {
                     Ok(baseline) => Some(baseline),
                     Err(WriteError::Moved) => {
                         tracing::warn!("another transaction came right after the sync; the next check writes our tables whole");
@@ -661,6 +653,22 @@ impl Kernel {
                 Synced::Failed
             }
         }
+    }
+
+    /// Our tables read back after the kernel took a delta of `changes` ([`read_baseline`]):
+    /// the sets the delta did not name are as the last read found them.
+    fn read_after_delta(
+        &mut self,
+        expected: Option<u32>,
+        changes: &[Change<'_>],
+    ) -> Result<Baseline, WriteError> {
+        let previous = self.installed.as_ref().and_then(|i| i.baseline.as_ref());
+        read_baseline(
+            &mut self.writer,
+            self.monitor.as_mut(),
+            expected,
+            previous.map(|b| (b, changes)),
+        )
     }
 
     /// The epoch after the current one, cleared from every connection's mark first. Nothing
@@ -738,13 +746,7 @@ impl Kernel {
         match self.commit_delta(&changes) {
             Ok((_, expected)) => {
                 tracing::info!(epoch = on.value(), "established-connection fast path on");
-                let after = self
-                    .installed
-                    .as_ref()
-                    .and_then(|i| i.baseline.as_ref())
-                    .map(|b| (b, changes.as_slice()));
-                let baseline =
-                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected, after).ok();
+                let baseline = self.read_after_delta(expected, &changes).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy = policy;
                     installed.baseline = baseline;
@@ -787,13 +789,7 @@ impl Kernel {
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"
                 );
-                let after = self
-                    .installed
-                    .as_ref()
-                    .and_then(|i| i.baseline.as_ref())
-                    .map(|b| (b, changes.as_slice()));
-                let baseline =
-                    read_baseline(&mut self.writer, self.monitor.as_mut(), expected, after).ok();
+                let baseline = self.read_after_delta(expected, &changes).ok();
                 if let Some(installed) = self.installed.as_mut() {
                     installed.policy.apply(&veths);
                     installed.guard = guard;

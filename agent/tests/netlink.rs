@@ -1053,6 +1053,8 @@ fn the_monitor_vouches_only_for_the_kernels_reports_of_other_tables() {
 #[test]
 fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
     use agent::netlink::sets_named_by;
+    use ruleset::guard::{guard_table, GuardedPod};
+    use ruleset::ir::IfName;
 
     if skip_unless_root("a_read_back_after_a_delta_reuses_the_sets_it_did_not_name") {
         return;
@@ -1100,5 +1102,54 @@ fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
             assert_ne!(stale, full, "delta {i}: the old read of its sets");
             image = reused;
         }
+
+        // The anti-spoofing table: a second guarded pod comes.
+        let pod = |veth: &str, index: u32, ip: &str, last: u8| {
+            GuardedPod::new(
+                &compiler,
+                IfName::new(veth).unwrap(),
+                index,
+                vec![self::ip(ip)],
+                [0x0e, 0, 0, 0, 0, last],
+                false,
+            )
+        };
+        let one = guard_table("node-a", &vec![pod("veth0a", 5, "10.244.1.20", 1)].into());
+        let two = guard_table(
+            "node-a",
+            &vec![
+                pod("veth0a", 5, "10.244.1.20", 1),
+                pod("veth0b", 6, "10.244.1.30", 2),
+            ]
+            .into(),
+        );
+        writer.replace_table(&one).unwrap();
+        let before = writer
+            .table_image(TableFamily::Bridge, TABLE, None)
+            .unwrap()
+            .unwrap();
+        let delta = ruleset::diff(&one, &two);
+        writer
+            .commit(&[Change::Delta {
+                family: TableFamily::Bridge,
+                table: TABLE,
+                delta: &delta,
+            }])
+            .unwrap();
+        let named = sets_named_by(&delta);
+        let reused = writer
+            .table_image(
+                TableFamily::Bridge,
+                TABLE,
+                Some((&before, &|set: &str| named.contains(set))),
+            )
+            .unwrap()
+            .unwrap();
+        let full = writer
+            .table_image(TableFamily::Bridge, TABLE, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reused, full, "the guard's delta");
+        assert_ne!(before, full, "the guard changed");
     });
 }
