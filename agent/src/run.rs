@@ -35,7 +35,7 @@ use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
 use crate::health::{self, Checked, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
-use crate::netlink::{sets_named_by, Change, Monitor, Sent, TableImage, WriteError, Writer};
+use crate::netlink::{Change, Monitor, Named, Sent, TableImage, WriteError, Writer};
 use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
 
@@ -383,11 +383,9 @@ fn read_baseline(
     let mut image = |family: TableFamily, previous: Option<&TableImage>| {
         let touched = after.map(|(_, changes)| Touched::by(changes, family));
         match (previous, touched) {
-            (Some(previous), Some(Touched::Sets(names))) => writer.table_image(
-                family,
-                TABLE_NAME,
-                Some((previous, &|set: &str| names.contains(set))),
-            ),
+            (Some(previous), Some(Touched::Named(named))) => {
+                writer.table_image(family, TABLE_NAME, Some((previous, &named)))
+            }
             _ => writer.table_image(family, TABLE_NAME, None),
         }
     };
@@ -419,23 +417,23 @@ fn read_baseline(
 enum Touched<'a> {
     /// Wrote it whole.
     Whole,
-    /// Changed at most these sets (and maps), by name.
-    Sets(BTreeSet<&'a str>),
+    /// Changed at most these sets (and maps) and chains.
+    Named(Named<'a>),
 }
 
 impl<'a> Touched<'a> {
     fn by(changes: &'a [Change<'a>], family: TableFamily) -> Touched<'a> {
-        let mut names = BTreeSet::new();
+        let mut named = Named::default();
         for change in changes {
             match *change {
                 Change::Replace(table) if table.family == family => return Touched::Whole,
                 Change::Delta {
                     family: f, delta, ..
-                } if f == family => names.extend(sets_named_by(delta)),
+                } if f == family => named.add(delta),
                 _ => {}
             }
         }
-        Touched::Sets(names)
+        Touched::Named(named)
     }
 }
 

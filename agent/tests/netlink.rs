@@ -1047,22 +1047,23 @@ fn the_monitor_vouches_only_for_the_kernels_reports_of_other_tables() {
     });
 }
 
-/// A read-back after a delta reads again only the sets the delta names (and the anonymous
-/// ones): what it gives is what reading everything gives, and taking every set from the old
-/// read instead would not be.
+/// A read-back after a delta reads again only the sets and chains the delta names (and the
+/// anonymous sets): what it gives is what reading everything gives, and taking everything from
+/// the old read instead would not be.
 #[test]
-fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
-    use agent::netlink::sets_named_by;
+fn a_read_back_after_a_delta_reuses_what_it_did_not_name() {
+    use agent::netlink::Named;
+    use ruleset::epoch::{self, CtMarkBits, Epoch};
     use ruleset::guard::{guard_table, GuardedPod};
     use ruleset::ir::IfName;
 
-    if skip_unless_root("a_read_back_after_a_delta_reuses_the_sets_it_did_not_name") {
+    if skip_unless_root("a_read_back_after_a_delta_reuses_what_it_did_not_name") {
         return;
     }
     let mut compiler = compile("three-tier.yaml", "node-a");
     let initial = compiler.table().clone();
     // New chains and sets, elements in and out, then back: every kind of delta.
-    let deltas: Vec<Delta> = [
+    let mut deltas: Vec<Delta> = [
         ("frontend-1", "backend"),
         ("frontend-1", "database"),
         ("backend-1", "frontend"),
@@ -1071,6 +1072,17 @@ fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
     .iter()
     .map(|(pod, app)| relabel(&mut compiler, pod, app))
     .collect();
+    // A new epoch replaces `forward`'s rules, the rest untouched.
+    let second = Epoch::first(CtMarkBits::default()).next();
+    let mut stamped = compiler.table().clone();
+    epoch::apply(&mut stamped, second);
+    let mut next = stamped.clone();
+    epoch::apply(&mut next, second.next());
+    deltas.push(ruleset::diff(compiler.table(), &stamped));
+    deltas.push(ruleset::diff(&stamped, &next));
+    for delta in &deltas[4..] {
+        assert!(delta.add_elements.is_empty() && !delta.replace_chains.is_empty());
+    }
     in_netns(|| {
         let mut writer = Writer::new().unwrap();
         writer.replace_table(&initial).unwrap();
@@ -1080,14 +1092,10 @@ fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
             .unwrap();
         for (i, delta) in deltas.iter().enumerate() {
             writer.apply_delta(TABLE, delta).unwrap();
-            let named = sets_named_by(delta);
-            assert!(!named.is_empty(), "delta {i} changes sets");
+            let named = Named::by(delta);
+            assert!(named != Named::default(), "delta {i} changes something");
             let reused = writer
-                .table_image(
-                    TableFamily::Inet,
-                    TABLE,
-                    Some((&image, &|set: &str| named.contains(set))),
-                )
+                .table_image(TableFamily::Inet, TABLE, Some((&image, &named)))
                 .unwrap()
                 .unwrap();
             let full = writer
@@ -1096,10 +1104,10 @@ fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
                 .unwrap();
             assert_eq!(reused, full, "delta {i}");
             let stale = writer
-                .table_image(TableFamily::Inet, TABLE, Some((&image, &|_: &str| false)))
+                .table_image(TableFamily::Inet, TABLE, Some((&image, &Named::default())))
                 .unwrap()
                 .unwrap();
-            assert_ne!(stale, full, "delta {i}: the old read of its sets");
+            assert_ne!(stale, full, "delta {i}: the old read of what it changed");
             image = reused;
         }
 
@@ -1136,13 +1144,9 @@ fn a_read_back_after_a_delta_reuses_the_sets_it_did_not_name() {
                 delta: &delta,
             }])
             .unwrap();
-        let named = sets_named_by(&delta);
+        let named = Named::by(&delta);
         let reused = writer
-            .table_image(
-                TableFamily::Bridge,
-                TABLE,
-                Some((&before, &|set: &str| named.contains(set))),
-            )
+            .table_image(TableFamily::Bridge, TABLE, Some((&before, &named)))
             .unwrap()
             .unwrap();
         let full = writer

@@ -30,7 +30,7 @@ use ruleset::diff::Delta;
 use ruleset::ir::{Table, TableFamily};
 
 pub use monitor::Monitor;
-pub use readback::TableImage;
+pub use readback::{Reuse, TableImage};
 
 /// Why a table or delta did not reach the kernel. Except after `Receive` and `Unanswered`,
 /// the kernel's ruleset is as it was.
@@ -110,17 +110,36 @@ pub enum Change<'a> {
     },
 }
 
-/// The sets (and maps) a delta creates, deletes or changes the elements of, by name: what a
-/// read-back after it must read again ([`Writer::table_image`]).
-pub fn sets_named_by(delta: &Delta) -> std::collections::BTreeSet<&str> {
-    let mut names = std::collections::BTreeSet::new();
-    names.extend(delta.add_sets.iter().map(|set| set.name.as_str()));
-    names.extend(delta.delete_sets.iter().map(String::as_str));
-    names.extend(delta.add_elements.keys().map(String::as_str));
-    names.extend(delta.remove_elements.keys().map(String::as_str));
-    names.extend(delta.add_map_entries.keys().map(String::as_str));
-    names.extend(delta.remove_map_entries.keys().map(String::as_str));
-    names
+/// What deltas changed in one table, by name: what a read-back after them must read again
+/// ([`Writer::table_image`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named<'a> {
+    /// Sets (and maps) created, deleted, or with elements added or removed.
+    pub sets: std::collections::BTreeSet<&'a str>,
+    /// Chains created, replaced or deleted.
+    pub chains: std::collections::BTreeSet<&'a str>,
+}
+
+impl<'a> Named<'a> {
+    pub fn by(delta: &'a Delta) -> Named<'a> {
+        let mut named = Named::default();
+        named.add(delta);
+        named
+    }
+
+    pub fn add(&mut self, delta: &'a Delta) {
+        let sets = &mut self.sets;
+        sets.extend(delta.add_sets.iter().map(|set| set.name.as_str()));
+        sets.extend(delta.delete_sets.iter().map(String::as_str));
+        sets.extend(delta.add_elements.keys().map(String::as_str));
+        sets.extend(delta.remove_elements.keys().map(String::as_str));
+        sets.extend(delta.add_map_entries.keys().map(String::as_str));
+        sets.extend(delta.remove_map_entries.keys().map(String::as_str));
+        let chains = &mut self.chains;
+        chains.extend(delta.add_chains.iter().map(|chain| chain.name.as_str()));
+        chains.extend(delta.replace_chains.iter().map(|chain| chain.name.as_str()));
+        chains.extend(delta.delete_chains.iter().map(String::as_str));
+    }
 }
 
 /// A netlink socket to nf_tables in the network namespace of the thread that opened it.

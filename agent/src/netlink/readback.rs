@@ -9,7 +9,7 @@ use std::io;
 use ruleset::ir::TableFamily;
 
 use super::{
-    netlink_messages, nul_terminated, plan, request, u32_at, WriteError, Writer, HEADER,
+    netlink_messages, nul_terminated, plan, request, u32_at, Named, WriteError, Writer, HEADER,
     NLMSG_ERROR,
 };
 
@@ -24,6 +24,8 @@ const NLM_F_DUMP: u16 = 0x300;
 /// `NFTA_*_TABLE` is attribute 1 of chains, rules, sets and element lists alike.
 const ATTR_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 pub(super) const NFTA_GEN_ID: u16 = 1;
@@ -33,14 +35,15 @@ const HEADERS: usize = HEADER + 4;
 /// Empty reads tolerated while a reply is still being produced.
 const PATIENCE: usize = 1000;
 
-/// A previous read of a table, and which sets have changed since (by name).
-pub type Reuse<'a> = (&'a TableImage, &'a dyn Fn(&str) -> bool);
+/// A previous read of a table, and what deltas changed in it since.
+pub type Reuse<'a> = (&'a TableImage, &'a Named<'a>);
 
-/// A table as read back: a hash of its chains, sets (their definitions) and rules, and the sum
-/// of each set's element hashes, by set name.
+/// A table as read back: a hash of its chains and sets (their definitions), of each chain's
+/// rules by chain name, and the sum of each set's element hashes by set name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableImage {
     objects: u64,
+    rules: BTreeMap<Vec<u8>, u64>,
     sets: BTreeMap<Vec<u8>, u64>,
 }
 
@@ -48,6 +51,10 @@ impl TableImage {
     pub fn fingerprint(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
         hasher.write_u64(self.objects);
+        for (chain, hash) in &self.rules {
+            hasher.write(chain);
+            hasher.write_u64(*hash);
+        }
         for (set, sum) in &self.sets {
             hasher.write(set);
             hasher.write_u64(*sum);
@@ -95,11 +102,11 @@ impl Writer {
             .map(|image| image.fingerprint()))
     }
 
-    /// What [`Writer::table_fingerprint`] is made of, read from the kernel. With `reuse`, the
-    /// elements of a named set that the previous image holds and `touched` does not name are
-    /// taken from it rather than dumped again: right for a table changed since that image only
-    /// by a delta naming every set it changed (an anonymous set, a rule's own, is always
-    /// dumped: a replaced chain makes new ones, whose names the kernel may give again).
+    /// What [`Writer::table_fingerprint`] is made of, read from the kernel. With `reuse`, what
+    /// the previous image holds and the deltas since do not name is taken from it rather than
+    /// dumped again: the elements of a named set, the rules of a chain. Right for a table
+    /// changed since that image only by those deltas. (An anonymous set, a rule's own, is
+    /// always dumped: a replaced chain makes new ones, whose names the kernel may give again.)
     pub fn table_image(
         &mut self,
         family: TableFamily,
@@ -112,29 +119,80 @@ impl Writer {
         let nfproto = plan::nfproto(family) as u8;
         let table = nul_terminated(name);
         let mut hasher = DefaultHasher::new();
-        let mut names = Vec::new();
-        for (kind, what) in [
-            (NFT_MSG_GETCHAIN, "chains"),
-            (NFT_MSG_GETSET, "sets"),
-            (NFT_MSG_GETRULE, "rules"),
+        let mut chain_names = Vec::new();
+        let mut set_names = Vec::new();
+        for (kind, what, attr, names) in [
+            (
+                NFT_MSG_GETCHAIN,
+                "chains",
+                NFTA_CHAIN_NAME,
+                &mut chain_names,
+            ),
+            (NFT_MSG_GETSET, "sets", NFTA_SET_NAME, &mut set_names),
         ] {
             let seq = self.next_query_seq();
             let req = request(kind, NLM_F_DUMP, nfproto, seq, &[(ATTR_TABLE, &table)]);
             self.dump(&req, seq, what, |payload| {
                 hasher.write(payload);
-                if kind == NFT_MSG_GETSET {
-                    if let Some((_, set)) = attributes(payload).find(|(k, _)| *k == NFTA_SET_NAME) {
-                        names.push(set.to_vec());
-                    }
+                if let Some((_, name)) = attributes(payload).find(|(k, _)| *k == attr) {
+                    names.push(name.to_vec());
                 }
             })?;
         }
+        let text = |name: &[u8]| {
+            String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+        };
+        // Every chain has an entry, with or without rules, whichever way it was read.
+        let mut rules: BTreeMap<Vec<u8>, DefaultHasher> = chain_names
+            .iter()
+            .map(|chain| (chain.clone(), DefaultHasher::new()))
+            .collect();
+        let mut kept_rules = BTreeMap::new();
+        let mut to_read = Vec::new();
+        for chain in &chain_names {
+            let kept = reuse.and_then(|(previous, named)| {
+                (!named.chains.contains(text(chain).as_str()))
+                    .then(|| previous.rules.get(chain).copied())
+                    .flatten()
+            });
+            match kept {
+                Some(hash) => {
+                    kept_rules.insert(chain.clone(), hash);
+                }
+                None => to_read.push(chain.clone()),
+            }
+        }
+        // No chain to take from the previous image: one dump of every rule.
+        let dumps: Vec<Option<Vec<u8>>> = if kept_rules.is_empty() {
+            vec![None]
+        } else {
+            to_read.into_iter().map(Some).collect()
+        };
+        for chain in dumps {
+            let seq = self.next_query_seq();
+            let mut attrs: Vec<(u16, &[u8])> = vec![(ATTR_TABLE, &table)];
+            if let Some(chain) = &chain {
+                attrs.push((NFTA_RULE_CHAIN, chain));
+            }
+            let req = request(NFT_MSG_GETRULE, NLM_F_DUMP, nfproto, seq, &attrs);
+            self.dump(&req, seq, "rules", |payload| {
+                let chain = attributes(payload)
+                    .find(|(k, _)| *k == NFTA_RULE_CHAIN)
+                    .map(|(_, chain)| chain.to_vec())
+                    .unwrap_or_default();
+                rules.entry(chain).or_default().write(payload);
+            })?;
+        }
+        let mut rules: BTreeMap<Vec<u8>, u64> = rules
+            .into_iter()
+            .map(|(chain, hasher)| (chain, hasher.finish()))
+            .collect();
+        rules.extend(kept_rules);
         let mut sets = BTreeMap::new();
-        for set in names {
-            let text = String::from_utf8_lossy(set.split(|b| *b == 0).next().unwrap_or_default())
-                .into_owned();
-            let kept = reuse.and_then(|(previous, touched)| {
-                (!text.starts_with("__") && !touched(&text))
+        for set in set_names {
+            let name = text(&set);
+            let kept = reuse.and_then(|(previous, named)| {
+                (!name.starts_with("__") && !named.sets.contains(name.as_str()))
                     .then(|| previous.sets.get(&set).copied())
                     .flatten()
             });
@@ -146,6 +204,7 @@ impl Writer {
         }
         Ok(Some(TableImage {
             objects: hasher.finish(),
+            rules,
             sets,
         }))
     }
