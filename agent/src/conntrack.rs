@@ -64,6 +64,9 @@ pub enum Which {
     Value(u32),
     /// Every connection with any bit of the mask set.
     Any,
+    /// Every connection with any bit of the mask set, but not holding one of these values (in
+    /// place, as in the mark).
+    AnyBut([u32; 2]),
 }
 
 /// Clears the bits of `mask` in the mark of the connections `which` selects; how many were
@@ -146,8 +149,11 @@ impl Ctnl {
                         None => return Err(ConntrackError::Malformed),
                     },
                     _ => {
-                        if let Some(entry) = entry(payload, mask) {
-                            entries.push(entry);
+                        if let Some((entry, mark)) = entry(payload, mask) {
+                            let kept = matches!(which, Which::AnyBut(keep) if keep.contains(&mark));
+                            if !kept {
+                                entries.push(entry);
+                            }
                         }
                     }
                 }
@@ -284,7 +290,8 @@ fn attributes(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8], 
 }
 
 /// The entry a dumped connection is, when its mark has bits of `mask` set.
-fn entry(payload: &[u8], mask: u32) -> Option<Entry> {
+/// A connection to update, with the bits of `mask` in its mark: one with any of them set.
+fn entry(payload: &[u8], mask: u32) -> Option<(Entry, u32)> {
     let family = *payload.first()?;
     let mut key = Vec::new();
     let mut mark = 0;
@@ -298,7 +305,7 @@ fn entry(payload: &[u8], mask: u32) -> Option<Entry> {
             _ => {}
         }
     }
-    (mark & mask != 0 && !key.is_empty()).then_some(Entry { family, key })
+    (mark & mask != 0 && !key.is_empty()).then_some((Entry { family, key }, mark & mask))
 }
 
 #[cfg(test)]
@@ -315,7 +322,8 @@ mod tests {
         );
         attribute(&mut payload, CTA_MARK, &0x0300_0010u32.to_be_bytes());
         attribute(&mut payload, CTA_ZONE, &7u16.to_be_bytes());
-        let e = entry(&payload, 0xff00_0000).expect("marked");
+        let (e, mark) = entry(&payload, 0xff00_0000).expect("marked");
+        assert_eq!(mark, 0x0300_0000);
         assert_eq!(e.family, 2);
         assert_eq!(e.key.len(), 12 + 8);
         assert!(entry(&payload, 0x00ff_0000).is_none());

@@ -104,7 +104,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         ready: false,
         retry: None,
         epoch: options.epoch,
-        cleared_ahead: None,
+        fresh: Fresh::default(),
     };
     let result = match &args.manifests {
         Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
@@ -340,12 +340,57 @@ struct Kernel {
     retry: Option<(Instant, Duration)>,
     /// The ruleset epoch of the installed table.
     epoch: Epoch,
-    /// The value of the epoch after `epoch` once it is cleared from every connection's mark,
-    /// ahead of the change that installs it. The walk of conntrack takes 10 ms and more
-    /// whatever the number of connections (ctnetlink visits every bucket of the host's table),
-    /// so it is done after a sync rather than between a change and its transaction. Nothing
-    /// stamps that value meanwhile: the rules in force stamp `epoch`'s.
-    cleared_ahead: Option<u32>,
+    /// The epoch values after `epoch` known to be in no connection's mark ([`Fresh`]). The
+    /// walk of conntrack that frees them takes 10 ms and more whatever the number of
+    /// connections (ctnetlink visits every bucket of the host's table), so it is done after a
+    /// sync rather than between a change and its transaction, and once for many changes.
+    fresh: Fresh,
+}
+
+/// Epoch values before the installed one that a walk of conntrack does not count as freed: a
+/// packet still evaluated by the previous ruleset as the transaction replacing it returned may
+/// stamp that ruleset's value after the walk. Packets of the ruleset before that one finished
+/// a whole sync earlier (the assumption clearing one value ahead always made: with a two-bit
+/// mask, that value was in force two changes before).
+const IN_FLIGHT: u32 = 1;
+
+/// How many epoch values after the installed one no connection's mark holds. A walk of
+/// conntrack that clears every value but the installed one and the [`IN_FLIGHT`] before it
+/// frees the rest at once; each change of the policy table then takes the next value without
+/// a walk of its own until they are used up. Nothing stamps a value ahead of the installed
+/// one: only the rules in force stamp, with theirs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Fresh {
+    ahead: u32,
+}
+
+impl Fresh {
+    /// After a walk that cleared every value but the installed one and the [`IN_FLIGHT`]
+    /// before it, of `values` in all.
+    fn after_walk(values: u32) -> Fresh {
+        Fresh {
+            ahead: values.saturating_sub(1 + IN_FLIGHT),
+        }
+    }
+
+    /// Takes the value after the installed one if it is free.
+    fn take(&mut self) -> bool {
+        let free = self.ahead > 0;
+        self.ahead = self.ahead.saturating_sub(1);
+        free
+    }
+}
+
+/// The marks a walk after installing `epoch` leaves alone: its value and the [`IN_FLIGHT`]
+/// before it.
+fn recent_marks(epoch: Epoch) -> [u32; 1 + IN_FLIGHT as usize] {
+    let values = epoch.bits().max_epoch();
+    let shift = epoch.bits().mask().trailing_zeros();
+    std::array::from_fn(|back| {
+        let back = back as u32 % values;
+        let value = (epoch.value() - 1 + values - back) % values + 1;
+        value << shift
+    })
 }
 
 /// What the agent last put in the kernel.
@@ -556,7 +601,12 @@ impl Kernel {
             }
         };
         let next = match changed {
-            None => self.epoch.next().without_fast_path(),
+            // A whole table (start-up, a restore): no value is known free until
+            // `enable_fast_path` clears them all.
+            None => {
+                self.fresh = Fresh::default();
+                self.epoch.next().without_fast_path()
+            }
             Some((false, false)) => {
                 tracing::info!("the cluster changed; this node's ruleset did not");
                 return Synced::Unchanged;
@@ -669,12 +719,13 @@ impl Kernel {
         )
     }
 
-    /// The epoch after the current one, cleared from every connection's mark first. Nothing
-    /// stamps that value until the transaction installing it: the rules in force stamp the
-    /// current one. When the clearing fails, the new epoch comes without the fast path.
+    /// The epoch after the current one, in no connection's mark: free since the last walk
+    /// ([`Fresh`]), or cleared first. Nothing stamps that value until the transaction
+    /// installing it: the rules in force stamp the current one. When the clearing fails, the
+    /// new epoch comes without the fast path.
     fn free_next_epoch(&mut self) -> Epoch {
         let next = self.epoch.next();
-        if next.bits().is_off() || self.cleared_ahead.take() == Some(next.value()) {
+        if next.bits().is_off() || self.fresh.take() {
             return next;
         }
         match clear_epoch(next) {
@@ -695,22 +746,28 @@ impl Kernel {
         }
     }
 
-    /// Clears the epoch after the installed one from conntrack ([`Kernel::cleared_ahead`]),
-    /// unless that is done; on failure the next change clears it itself. Called after every
-    /// sync, so a value cleared for an epoch since installed (a whole table installs the next
-    /// epoch without taking it) never outlives the sync that installed it.
+    /// When no value after the installed epoch is known free, walks conntrack once to free
+    /// them all ([`Fresh`]); on failure the next change clears its value itself. Called after
+    /// every sync.
     fn clear_ahead(&mut self) {
-        let next = self.epoch.next();
-        if next.bits().is_off() || self.cleared_ahead == Some(next.value()) {
+        let bits = self.epoch.bits();
+        // Without the fast path, `enable_fast_path` clears them all anyway.
+        if bits.is_off() || !self.epoch.fast_path() || self.fresh.ahead > 0 {
             return;
         }
-        self.cleared_ahead = match clear_epoch(next) {
-            Ok(_) => Some(next.value()),
-            Err(err) => {
-                tracing::debug!(%err, "cannot clear the next epoch ahead; the next change will");
-                None
+        match conntrack::clear(bits.mask(), Which::AnyBut(recent_marks(self.epoch))) {
+            Ok(cleared) => {
+                self.fresh = Fresh::after_walk(bits.max_epoch());
+                tracing::debug!(
+                    cleared,
+                    free = self.fresh.ahead,
+                    "epochs cleared from conntrack marks ahead of the next changes"
+                );
             }
-        };
+            Err(err) => {
+                tracing::debug!(%err, "cannot clear epochs ahead; the next change clears its own");
+            }
+        }
     }
 
     /// Turns the fast path on for the installed epoch once every connection's epoch bits are
@@ -729,8 +786,9 @@ impl Kernel {
             tracing::warn!(%err, "cannot clear epochs from conntrack marks; fast path off, retrying");
             return;
         }
-        // Every epoch is clear now, the next one too: the rules in force stamp this one's.
-        self.cleared_ahead = Some(self.epoch.next().value());
+        // Every epoch is clear now but for what the rules in force, and those just before
+        // them, stamp.
+        self.fresh = Fresh::after_walk(self.epoch.bits().max_epoch());
         let on = self.epoch.with_fast_path();
         let mut policy = installed.policy.clone();
         epoch::apply(&mut policy, on);
@@ -1450,6 +1508,59 @@ mod tests {
         assert_eq!(tick_period(ms(200), Some(ms(500))), ms(200));
         // A silly WATCHDOG_USEC never makes the loop spin.
         assert_eq!(tick_period(CHECK_EVERY, Some(Duration::ZERO)), ms(10));
+    }
+
+    #[test]
+    fn recent_marks_are_the_installed_value_and_those_before_it_wrapping() {
+        let bits = ruleset::epoch::CtMarkBits::new(0x0000_0030).unwrap();
+        let first = Epoch::first(bits);
+        assert_eq!(recent_marks(first), [0x10, 0x30]);
+        assert_eq!(recent_marks(first.next().next()), [0x30, 0x20]);
+        let wide = Epoch::first(ruleset::epoch::CtMarkBits::default());
+        assert_eq!(recent_marks(wide), [0x0100_0000, 0xff00_0000]);
+    }
+
+    /// A model of conntrack under the worst the kernel may do: after every walk, the rulesets
+    /// of the [`IN_FLIGHT`] epochs before the installed one stamp their values again. No
+    /// value taken as free is ever in a mark, for every width of the mask, across many wraps,
+    /// with walks that fail now and then.
+    #[test]
+    fn a_value_taken_as_free_is_in_no_mark() {
+        for mask in [0x0000_0030, 0x0000_0070, 0x0000_00f0, 0xff00_0000] {
+            let bits = ruleset::epoch::CtMarkBits::new(mask).unwrap();
+            let values = bits.max_epoch();
+            let back = |value: u32, k: u32| (value - 1 + values - k % values) % values + 1;
+            let mut installed = Epoch::first(bits);
+            let mut held: BTreeSet<u32> = (1..=values).collect();
+            let mut fresh = Fresh::default();
+            let mut taken_free = 0;
+            for step in 0..3 * values as usize + 20 {
+                // The walk after a sync (every fifth fails), as `clear_ahead`.
+                if fresh.ahead == 0 && step % 5 != 4 {
+                    let keep = recent_marks(installed);
+                    held.retain(|v| keep.contains(&(v << mask.trailing_zeros())));
+                    fresh = Fresh::after_walk(values);
+                    for k in 1..=IN_FLIGHT {
+                        held.insert(back(installed.value(), k));
+                    }
+                }
+                // A change, as `free_next_epoch`.
+                let next = installed.next();
+                if fresh.take() {
+                    taken_free += 1;
+                    assert!(
+                        !held.contains(&next.value()),
+                        "mask {mask:#x}, step {step}: {} taken as free but held",
+                        next.value()
+                    );
+                } else {
+                    held.remove(&next.value());
+                }
+                installed = next;
+                held.insert(installed.value());
+            }
+            assert!(taken_free > 0, "mask {mask:#x}: never a free value");
+        }
     }
 
     #[test]
