@@ -786,9 +786,11 @@ impl Kernel {
             tracing::warn!(%err, "cannot clear epochs from conntrack marks; fast path off, retrying");
             return;
         }
-        // Every epoch is clear now but for what the rules in force, and those just before
-        // them, stamp.
-        self.fresh = Fresh::after_walk(self.epoch.bits().max_epoch());
+        // Every epoch is clear now but for what the rules in force stamp, and what the rules
+        // the whole table replaced may still stamp: those carried any value (a previous run's,
+        // or rules rewritten behind the agent's back). None is known free until a walk after
+        // the transaction below, when those rules are two transactions old.
+        self.fresh = Fresh::default();
         let on = self.epoch.with_fast_path();
         let mut policy = installed.policy.clone();
         epoch::apply(&mut policy, on);
@@ -809,6 +811,7 @@ impl Kernel {
                 }
                 self.epoch = on;
                 self.health.set_epoch(on);
+                self.clear_ahead();
             }
             // The next tick's check writes the tables whole; the fast path follows.
             Err(err) if waits_for_restore(&err) => {
@@ -1520,46 +1523,75 @@ mod tests {
         assert_eq!(recent_marks(wide), [0x0100_0000, 0xff00_0000]);
     }
 
-    /// A model of conntrack under the worst the kernel may do: after every walk, the rulesets
-    /// of the [`IN_FLIGHT`] epochs before the installed one stamp their values again. No
-    /// value taken as free is ever in a mark, for every width of the mask, across many wraps,
-    /// with walks that fail now and then.
+    /// A model of conntrack under the worst the kernel may do: after a walk, the rules a
+    /// transaction replaced stamp their value again if that transaction is the last one. It
+    /// follows the agent from start-up, where the rules replaced are a previous run's with any
+    /// value: the whole table without the fast path, `enable_fast_path` (clear everything, the
+    /// transaction, `clear_ahead`), then policy changes (`free_next_epoch`, the transaction,
+    /// `clear_ahead`, one walk in five failing), over three wraps. No value is ever made
+    /// current with the fast path on while a mark holds it, for every width of the mask and
+    /// every value the previous run left.
     #[test]
-    fn a_value_taken_as_free_is_in_no_mark() {
+    fn a_value_made_current_is_in_no_mark() {
         for mask in [0x0000_0030, 0x0000_0070, 0x0000_00f0, 0xff00_0000] {
             let bits = ruleset::epoch::CtMarkBits::new(mask).unwrap();
             let values = bits.max_epoch();
-            let back = |value: u32, k: u32| (value - 1 + values - k % values) % values + 1;
-            let mut installed = Epoch::first(bits);
-            let mut held: BTreeSet<u32> = (1..=values).collect();
-            let mut fresh = Fresh::default();
-            let mut taken_free = 0;
-            for step in 0..3 * values as usize + 20 {
-                // The walk after a sync (every fifth fails), as `clear_ahead`.
-                if fresh.ahead == 0 && step % 5 != 4 {
-                    let keep = recent_marks(installed);
-                    held.retain(|v| keep.contains(&(v << mask.trailing_zeros())));
-                    fresh = Fresh::after_walk(values);
-                    for k in 1..=IN_FLIGHT {
-                        held.insert(back(installed.value(), k));
+            let shift = mask.trailing_zeros();
+            for previous_run in 1..=values.min(9) {
+                // Every value in some mark, the previous run's rules in force.
+                let mut held: BTreeSet<u32> = (1..=values).collect();
+                // The value the rules just replaced stamp, until a later transaction.
+                let mut replaced = Some(previous_run);
+                let mut installed = Epoch::first(bits).next();
+                let mut fresh = Fresh::default();
+                let mut taken_free = 0;
+                let walk = |held: &mut BTreeSet<u32>, keep: &[u32], replaced: Option<u32>| {
+                    held.retain(|v| keep.contains(&(v << shift)));
+                    held.extend(replaced);
+                };
+                // enable_fast_path: clear everything (the whole table's rules stamp
+                // `installed`), then the transaction that turns it on.
+                walk(&mut held, &[], replaced);
+                held.insert(installed.value());
+                replaced = None;
+                assert!(
+                    fresh.ahead == 0,
+                    "no value is free after the clear-everything walk"
+                );
+                // clear_ahead, after that transaction.
+                let clear_ahead = |held: &mut BTreeSet<u32>,
+                                       fresh: &mut Fresh,
+                                       installed: Epoch,
+                                       replaced: Option<u32>,
+                                       fails: bool| {
+                    if fresh.ahead == 0 && !fails {
+                        walk(held, &recent_marks(installed), replaced);
+                        *fresh = Fresh::after_walk(values);
                     }
-                }
-                // A change, as `free_next_epoch`.
-                let next = installed.next();
-                if fresh.take() {
-                    taken_free += 1;
+                };
+                clear_ahead(&mut held, &mut fresh, installed, replaced, false);
+                for step in 0..3 * values as usize + 20 {
+                    // free_next_epoch.
+                    let next = installed.next();
+                    if fresh.take() {
+                        taken_free += 1;
+                    } else {
+                        held.remove(&next.value());
+                    }
                     assert!(
                         !held.contains(&next.value()),
-                        "mask {mask:#x}, step {step}: {} taken as free but held",
+                        "mask {mask:#x}, previous run {previous_run}, step {step}: {} made current while held",
                         next.value()
                     );
-                } else {
-                    held.remove(&next.value());
+                    // The transaction: the old rules may still stamp their value.
+                    replaced = Some(installed.value());
+                    installed = next;
+                    held.insert(installed.value());
+                    clear_ahead(&mut held, &mut fresh, installed, replaced, step % 5 == 4);
+                    held.extend(replaced);
                 }
-                installed = next;
-                held.insert(installed.value());
+                assert!(taken_free > 0, "mask {mask:#x}: never a free value");
             }
-            assert!(taken_free > 0, "mask {mask:#x}: never a free value");
         }
     }
 
