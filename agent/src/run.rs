@@ -1560,10 +1560,10 @@ mod tests {
                 );
                 // clear_ahead, after that transaction.
                 let clear_ahead = |held: &mut BTreeSet<u32>,
-                                       fresh: &mut Fresh,
-                                       installed: Epoch,
-                                       replaced: Option<u32>,
-                                       fails: bool| {
+                                   fresh: &mut Fresh,
+                                   installed: Epoch,
+                                   replaced: Option<u32>,
+                                   fails: bool| {
                     if fresh.ahead == 0 && !fails {
                         walk(held, &recent_marks(installed), replaced);
                         *fresh = Fresh::after_walk(values);
