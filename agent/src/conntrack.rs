@@ -289,8 +289,8 @@ fn attributes(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8], 
     })
 }
 
-/// The entry a dumped connection is, when its mark has bits of `mask` set.
-/// A connection to update, with the bits of `mask` in its mark: one with any of them set.
+/// The entry a dumped connection is, with the bits of `mask` in its mark, when any of them is
+/// set.
 fn entry(payload: &[u8], mask: u32) -> Option<(Entry, u32)> {
     let family = *payload.first()?;
     let mut key = Vec::new();

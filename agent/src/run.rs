@@ -386,9 +386,9 @@ impl Fresh {
 fn recent_marks(epoch: Epoch) -> [u32; 1 + IN_FLIGHT as usize] {
     let values = epoch.bits().max_epoch();
     let shift = epoch.bits().mask().trailing_zeros();
+    // `values` is three or more (two bits at least), more than `IN_FLIGHT` steps back.
     std::array::from_fn(|back| {
-        let back = back as u32 % values;
-        let value = (epoch.value() - 1 + values - back) % values + 1;
+        let value = (epoch.value() - 1 + values - back as u32) % values + 1;
         value << shift
     })
 }
@@ -901,6 +901,7 @@ impl Kernel {
     /// ours (and might have changed them). A whole table does not depend on what it replaces:
     /// a batch refused as stale is sent again, and after three refusals it goes unchecked,
     /// with no generation to expect, rather than not at all.
+    ///
     /// The notification monitor sits out the write (see [`Monitor::leave`]); every caller reads
     /// the tables back right after.
     fn commit_whole(&mut self, changes: &[Change<'_>]) -> Result<(Sent, Option<u32>), WriteError> {

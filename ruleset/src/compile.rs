@@ -532,12 +532,12 @@ impl Compiler {
     }
 }
 
-/// The element `pod`, holding `ip`, contributes to a set, if any.
 /// Whether `node` enforces policy for `pod`: an enforceable pod scheduled there.
 fn is_local(node: &str, pod: &Pod) -> bool {
     pod.is_enforceable() && pod.node.as_deref() == Some(node)
 }
 
+/// The element `pod`, holding `ip`, contributes to a set, if any.
 fn elements_for(cluster: &Cluster, def: &SetDef, pod: &Pod, ip: IpAddr) -> Option<Element> {
     if !pod.is_enforceable() || Family::of(&ip) != def.family() {
         return None;

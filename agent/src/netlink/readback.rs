@@ -142,11 +142,6 @@ impl Writer {
         let text = |name: &[u8]| {
             String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
         };
-        // Every chain has an entry, with or without rules, whichever way it was read.
-        let mut rules: BTreeMap<Vec<u8>, DefaultHasher> = chain_names
-            .iter()
-            .map(|chain| (chain.clone(), DefaultHasher::new()))
-            .collect();
         let mut kept_rules = BTreeMap::new();
         let mut to_read = Vec::new();
         for chain in &chain_names {
@@ -162,6 +157,11 @@ impl Writer {
                 None => to_read.push(chain.clone()),
             }
         }
+        // Every chain read has an entry, rules or not; those kept come from the previous image.
+        let mut rules: BTreeMap<Vec<u8>, DefaultHasher> = to_read
+            .iter()
+            .map(|chain| (chain.clone(), DefaultHasher::new()))
+            .collect();
         // No chain to take from the previous image: one dump of every rule.
         let dumps: Vec<Option<Vec<u8>>> = if kept_rules.is_empty() {
             vec![None]
