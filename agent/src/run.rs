@@ -105,6 +105,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         retry: None,
         epoch: options.epoch,
         fresh: Fresh::default(),
+        replaced_unknown: false,
     };
     let result = match &args.manifests {
         Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
@@ -345,6 +346,12 @@ struct Kernel {
     /// connections (ctnetlink visits every bucket of the host's table), so it is done after a
     /// sync rather than between a change and its transaction, and once for many changes.
     fresh: Fresh,
+    /// The last transaction of ours wrote the tables whole over rules whose epoch the agent
+    /// does not know: a previous run's, or rules changed behind its back. A packet those rules
+    /// were evaluating as it returned may stamp their value after a walk of conntrack, and that
+    /// value may be the installed one; so no value is trusted until another transaction of
+    /// ours has gone by ([`IN_FLIGHT`]).
+    replaced_unknown: bool,
 }
 
 /// Epoch values before the installed one that a walk of conntrack does not count as freed: a
@@ -728,6 +735,10 @@ impl Kernel {
         if next.bits().is_off() || self.fresh.take() {
             return next;
         }
+        // No walk can free a value yet; `enable_fast_path` follows this transaction.
+        if self.replaced_unknown {
+            return next.without_fast_path();
+        }
         match clear_epoch(next) {
             Ok(cleared) => {
                 if cleared > 0 {
@@ -778,47 +789,75 @@ impl Kernel {
         if self.epoch.fast_path() || self.epoch.bits().is_off() {
             return;
         }
-        // Without a baseline the delta below would not be sent: no conntrack walk for nothing.
-        let Some(installed) = self.installed.as_ref().filter(|i| i.baseline.is_some()) else {
-            return;
+        // Without a baseline the deltas below would not be sent: no conntrack walk for nothing.
+        let read_back = |kernel: &Self| {
+            kernel
+                .installed
+                .as_ref()
+                .is_some_and(|i| i.baseline.is_some())
         };
+        if !read_back(self) {
+            return;
+        }
+        // The rules the whole table replaced may still stamp their value, perhaps the installed
+        // one, after the walk below: move to the next value first, still without the fast path.
+        if self.replaced_unknown {
+            if let Err(err) = self.commit_epoch(self.epoch.next().without_fast_path()) {
+                self.fast_path_failed(&err);
+                return;
+            }
+            if !read_back(self) {
+                return;
+            }
+        }
         if let Err(err) = conntrack::clear(self.epoch.bits().mask(), Which::Any) {
             tracing::warn!(%err, "cannot clear epochs from conntrack marks; fast path off, retrying");
             return;
         }
-        // Every epoch is clear now but for what the rules in force stamp, and what the rules
-        // the whole table replaced may still stamp: those carried any value (a previous run's,
-        // or rules rewritten behind the agent's back). None is known free until a walk after
-        // the transaction below, when those rules are two transactions old.
+        // Every epoch is clear now but for what the rules in force stamp, and the value of the
+        // rules they replaced. None is known free until a walk after the transaction below.
         self.fresh = Fresh::default();
         let on = self.epoch.with_fast_path();
+        match self.commit_epoch(on) {
+            Ok(()) => {
+                tracing::info!(epoch = on.value(), "established-connection fast path on");
+                self.clear_ahead();
+            }
+            Err(err) => self.fast_path_failed(&err),
+        }
+    }
+
+    fn fast_path_failed(&self, err: &WriteError) {
+        if waits_for_restore(err) {
+            // The next tick's check writes the tables whole; the fast path follows.
+            tracing::info!("our tables changed; the fast path waits for them to be restored");
+        } else {
+            tracing::warn!(%err, "turning the fast path on failed; retrying");
+        }
+    }
+
+    /// Puts `epoch`'s rules in the installed policy table, as a delta of its own.
+    fn commit_epoch(&mut self, epoch: Epoch) -> Result<(), WriteError> {
+        let Some(installed) = self.installed.as_ref() else {
+            return Err(WriteError::Moved);
+        };
         let mut policy = installed.policy.clone();
-        epoch::apply(&mut policy, on);
+        epoch::apply(&mut policy, epoch);
         let delta = diff(&installed.policy, &policy);
-        let change = Change::Delta {
+        let changes = [Change::Delta {
             family: TableFamily::Inet,
             table: TABLE_NAME,
             delta: &delta,
-        };
-        let changes = [change];
-        match self.commit_delta(&changes) {
-            Ok((_, expected)) => {
-                tracing::info!(epoch = on.value(), "established-connection fast path on");
-                let baseline = self.read_after_delta(expected, &changes).ok();
-                if let Some(installed) = self.installed.as_mut() {
-                    installed.policy = policy;
-                    installed.baseline = baseline;
-                }
-                self.epoch = on;
-                self.health.set_epoch(on);
-                self.clear_ahead();
-            }
-            // The next tick's check writes the tables whole; the fast path follows.
-            Err(err) if waits_for_restore(&err) => {
-                tracing::info!("our tables changed; the fast path waits for them to be restored");
-            }
-            Err(err) => tracing::warn!(%err, "turning the fast path on failed; retrying"),
+        }];
+        let (_, expected) = self.commit_delta(&changes)?;
+        let baseline = self.read_after_delta(expected, &changes).ok();
+        if let Some(installed) = self.installed.as_mut() {
+            installed.policy = policy;
+            installed.baseline = baseline;
         }
+        self.epoch = epoch;
+        self.health.set_epoch(epoch);
+        Ok(())
     }
 
     /// Brings the guard table, and the veths the policy table's `input` drops from, in step
@@ -890,7 +929,10 @@ impl Kernel {
                     }
                 }
                 result => {
-                    return result.map(|sent| (sent, Some(generation_after(generation, sent))))
+                    if result.is_ok() {
+                        self.replaced_unknown = false;
+                    }
+                    return result.map(|sent| (sent, Some(generation_after(generation, sent))));
                 }
             }
         }
@@ -914,6 +956,9 @@ impl Kernel {
         };
         if let Some(monitor) = self.monitor.as_mut() {
             monitor.rejoin(&mut self.writer);
+        }
+        if result.is_ok() {
+            self.replaced_unknown = true;
         }
         result
     }
@@ -1532,66 +1577,167 @@ mod tests {
     /// `clear_ahead`, one walk in five failing), over three wraps. No value is ever made
     /// current with the fast path on while a mark holds it, for every width of the mask and
     /// every value the previous run left.
+    /// conntrack's epoch bits as the agent's steps leave them, and the agent's choices as
+    /// `Kernel` makes them (`sync`, `free_next_epoch`, `clear_ahead`, `enable_fast_path`).
+    struct EpochModel {
+        shift: u32,
+        values: u32,
+        /// Values some connection's mark may hold, stamped by rules other than those in force.
+        held: BTreeSet<u32>,
+        /// The value the rules the last transaction replaced may still stamp.
+        replaced: Option<u32>,
+        installed: Epoch,
+        fresh: Fresh,
+        replaced_unknown: bool,
+    }
+
+    impl EpochModel {
+        /// A previous run's rules in force, stamping `previous`; any value in some mark.
+        fn after_run(bits: ruleset::epoch::CtMarkBits, previous: u32) -> Self {
+            let values = bits.max_epoch();
+            let mut installed = Epoch::first(bits);
+            while installed.value() != previous {
+                installed = installed.next();
+            }
+            EpochModel {
+                shift: bits.mask().trailing_zeros(),
+                values,
+                held: (1..=values).collect(),
+                replaced: None,
+                installed,
+                fresh: Fresh::default(),
+                replaced_unknown: false,
+            }
+        }
+
+        /// A transaction installing `to`. The marks its rules stamp from now on are trusted
+        /// by `to` alone; those of the replaced rules are another ruleset's, unless `to` only
+        /// turns the fast path on for the same value (and the same policy).
+        fn commit(&mut self, to: Epoch, whole: bool) -> Result<(), String> {
+            let from = self.installed.value();
+            if from != to.value() {
+                self.held.insert(from);
+            }
+            if to.fast_path() && self.held.contains(&to.value()) {
+                return Err(format!(
+                    "{} trusted while another ruleset's marks may hold it",
+                    to.value()
+                ));
+            }
+            self.replaced = Some(from);
+            self.installed = to;
+            self.replaced_unknown = whole;
+            Ok(())
+        }
+
+        /// A walk of conntrack clearing every value but `keep`; the replaced rules may stamp
+        /// theirs again after it.
+        fn walk(&mut self, keep: &[u32]) {
+            let shift = self.shift;
+            self.held.retain(|v| keep.contains(&(v << shift)));
+            self.held.extend(self.replaced);
+        }
+
+        /// `sync` writing the tables whole at start-up, over the previous run's: the agent
+        /// starts from `Epoch::first`, whatever the kernel holds.
+        fn start(&mut self) -> Result<(), String> {
+            self.fresh = Fresh::default();
+            let first = Epoch::first(self.installed.bits());
+            self.commit(first.next().without_fast_path(), true)
+        }
+
+        /// `sync` with a change of the policy table (`free_next_epoch`), then `clear_ahead`.
+        fn change(&mut self, walk_fails: bool) -> Result<(), String> {
+            let next = self.installed.next();
+            let next = if self.fresh.take() {
+                next
+            } else if self.replaced_unknown {
+                next.without_fast_path()
+            } else {
+                // clear_epoch: a walk of its own.
+                self.held.remove(&next.value());
+                self.held.extend(self.replaced);
+                next
+            };
+            self.commit(next, false)?;
+            self.clear_ahead(walk_fails);
+            Ok(())
+        }
+
+        fn clear_ahead(&mut self, fails: bool) {
+            if self.installed.fast_path() && self.fresh.ahead == 0 && !fails {
+                self.walk(&recent_marks(self.installed));
+                self.fresh = Fresh::after_walk(self.values);
+            }
+        }
+
+        /// `enable_fast_path`; `bump` false leaves out the move to the next value.
+        fn enable_fast_path(&mut self, bump: bool, bump_fails: bool) -> Result<(), String> {
+            if self.installed.fast_path() {
+                return Ok(());
+            }
+            if self.replaced_unknown && bump {
+                if bump_fails {
+                    return Ok(());
+                }
+                self.commit(self.installed.next().without_fast_path(), false)?;
+            }
+            self.walk(&[]);
+            self.fresh = Fresh::default();
+            self.commit(self.installed.with_fast_path(), false)?;
+            self.clear_ahead(false);
+            Ok(())
+        }
+    }
+
+    /// Runs the agent from start-up over a previous run that stamped `previous`: the whole
+    /// table, the fast path turned on (or, when `late`, a change first), then changes with
+    /// every fifth walk failing.
+    fn run_epochs(
+        bits: ruleset::epoch::CtMarkBits,
+        previous: u32,
+        bump: bool,
+        late: bool,
+    ) -> Result<u32, String> {
+        let mut model = EpochModel::after_run(bits, previous);
+        model.start()?;
+        model.enable_fast_path(bump, late)?;
+        if late {
+            model.change(false)?;
+            model.enable_fast_path(bump, false)?;
+        }
+        if !model.installed.fast_path() {
+            return Err("the fast path never came on".to_owned());
+        }
+        let mut taken_free = 0;
+        for step in 0..3 * model.values + 20 {
+            taken_free += u32::from(model.fresh.ahead > 0);
+            model
+                .change(step % 5 == 4)
+                .map_err(|err| format!("change {step}: {err}"))?;
+        }
+        Ok(taken_free)
+    }
+
     #[test]
     fn a_value_made_current_is_in_no_mark() {
         for mask in [0x0000_0030, 0x0000_0070, 0x0000_00f0, 0xff00_0000] {
             let bits = ruleset::epoch::CtMarkBits::new(mask).unwrap();
-            let values = bits.max_epoch();
-            let shift = mask.trailing_zeros();
-            for previous_run in 1..=values.min(9) {
-                // Every value in some mark, the previous run's rules in force.
-                let mut held: BTreeSet<u32> = (1..=values).collect();
-                // The value the rules just replaced stamp, until a later transaction.
-                let mut replaced = Some(previous_run);
-                let mut installed = Epoch::first(bits).next();
-                let mut fresh = Fresh::default();
-                let mut taken_free = 0;
-                let walk = |held: &mut BTreeSet<u32>, keep: &[u32], replaced: Option<u32>| {
-                    held.retain(|v| keep.contains(&(v << shift)));
-                    held.extend(replaced);
-                };
-                // enable_fast_path: clear everything (the whole table's rules stamp
-                // `installed`), then the transaction that turns it on.
-                walk(&mut held, &[], replaced);
-                held.insert(installed.value());
-                replaced = None;
-                assert!(
-                    fresh.ahead == 0,
-                    "no value is free after the clear-everything walk"
-                );
-                // clear_ahead, after that transaction.
-                let clear_ahead = |held: &mut BTreeSet<u32>,
-                                   fresh: &mut Fresh,
-                                   installed: Epoch,
-                                   replaced: Option<u32>,
-                                   fails: bool| {
-                    if fresh.ahead == 0 && !fails {
-                        walk(held, &recent_marks(installed), replaced);
-                        *fresh = Fresh::after_walk(values);
+            for previous in 1..=bits.max_epoch().min(9) {
+                for late in [false, true] {
+                    let case = format!("mask {mask:#x}, previous run {previous}, late {late}");
+                    match run_epochs(bits, previous, true, late) {
+                        Ok(taken_free) => assert!(taken_free > 0, "{case}: never a free value"),
+                        Err(err) => panic!("{case}: {err}"),
                     }
-                };
-                clear_ahead(&mut held, &mut fresh, installed, replaced, false);
-                for step in 0..3 * values as usize + 20 {
-                    // free_next_epoch.
-                    let next = installed.next();
-                    if fresh.take() {
-                        taken_free += 1;
-                    } else {
-                        held.remove(&next.value());
-                    }
-                    assert!(
-                        !held.contains(&next.value()),
-                        "mask {mask:#x}, previous run {previous_run}, step {step}: {} made current while held",
-                        next.value()
-                    );
-                    // The transaction: the old rules may still stamp their value.
-                    replaced = Some(installed.value());
-                    installed = next;
-                    held.insert(installed.value());
-                    clear_ahead(&mut held, &mut fresh, installed, replaced, step % 5 == 4);
-                    held.extend(replaced);
                 }
-                assert!(taken_free > 0, "mask {mask:#x}: never a free value");
+            }
+            // Without the move to the next value, a previous run that stamped the first value
+            // installed has its late stamps trusted.
+            let first = Epoch::first(bits).next().value();
+            for late in [false, true] {
+                let err = run_epochs(bits, first, false, late).unwrap_err();
+                assert!(err.contains("trusted"), "mask {mask:#x}: {err}");
             }
         }
     }
