@@ -607,7 +607,7 @@ impl Kernel {
                 Some((policy_changed(&prev.policy, &policy), prev.guard != guard))
             }
         };
-        let next = match changed {
+        let mut next = match changed {
             // A whole table (start-up, a restore): no value is known free until
             // `enable_fast_path` clears them all.
             None => {
@@ -638,6 +638,7 @@ impl Kernel {
         };
         self.health
             .record_sync(kind, started.elapsed(), attempt.is_ok());
+        let mut fallback = None;
         let (kind, result) = match attempt {
             Ok(sent) => (kind, Ok(sent)),
             Err(err) if kind == SyncKind::Delta => {
@@ -648,14 +649,22 @@ impl Kernel {
                 } else {
                     tracing::error!(%err, "sync failed; retrying as a full replace");
                 }
+                // Like any whole table, without the fast path: what it replaces may not be
+                // what the agent installed.
+                next = next.without_fast_path();
+                self.fresh = Fresh::default();
+                let mut off = policy.clone();
+                epoch::apply(&mut off, next);
+                let off = &*fallback.insert(off);
                 let again = Instant::now();
-                let result = self.commit_whole(&whole);
+                let result = self.commit_whole(&[Change::Replace(off), Change::Replace(&guard)]);
                 self.health
                     .record_sync(SyncKind::Full, again.elapsed(), result.is_ok());
                 (SyncKind::Full, result)
             }
             Err(err) => (kind, Err(err)),
         };
+        let policy = fallback.as_ref().unwrap_or(policy);
         match result {
             Ok((sent, expected)) => {
                 tracing::info!(
@@ -1646,6 +1655,16 @@ mod tests {
             self.commit(first.next().without_fast_path(), true)
         }
 
+        /// `sync` writing the tables whole over rules changed behind the agent's back, which
+        /// stamp `stamping`.
+        fn restore(&mut self, stamping: u32) -> Result<(), String> {
+            self.held.insert(stamping);
+            self.fresh = Fresh::default();
+            self.commit(self.installed.next().without_fast_path(), true)?;
+            self.replaced = Some(stamping);
+            Ok(())
+        }
+
         /// `sync` with a change of the policy table (`free_next_epoch`), then `clear_ahead`.
         fn change(&mut self, walk_fails: bool) -> Result<(), String> {
             let next = self.installed.next();
@@ -1691,8 +1710,9 @@ mod tests {
     }
 
     /// Runs the agent from start-up over a previous run that stamped `previous`: the whole
-    /// table, the fast path turned on (or, when `late`, a change first), then changes with
-    /// every fifth walk failing.
+    /// table, the fast path turned on (or, when `late`, a change first), changes with every
+    /// fifth walk failing; then the same after restoring the tables over rules someone else
+    /// wrote that stamp `previous` too. How many changes took a value known free.
     fn run_epochs(
         bits: ruleset::epoch::CtMarkBits,
         previous: u32,
@@ -1700,21 +1720,27 @@ mod tests {
         late: bool,
     ) -> Result<u32, String> {
         let mut model = EpochModel::after_run(bits, previous);
-        model.start()?;
-        model.enable_fast_path(bump, late)?;
-        if late {
-            model.change(false)?;
-            model.enable_fast_path(bump, false)?;
-        }
-        if !model.installed.fast_path() {
-            return Err("the fast path never came on".to_owned());
-        }
         let mut taken_free = 0;
-        for step in 0..3 * model.values + 20 {
-            taken_free += u32::from(model.fresh.ahead > 0);
-            model
-                .change(step % 5 == 4)
-                .map_err(|err| format!("change {step}: {err}"))?;
+        for phase in ["start-up", "restore"] {
+            if phase == "start-up" {
+                model.start()?;
+            } else {
+                model.restore(previous)?;
+            }
+            model.enable_fast_path(bump, late)?;
+            if late {
+                model.change(false)?;
+                model.enable_fast_path(bump, false)?;
+            }
+            if !model.installed.fast_path() {
+                return Err(format!("{phase}: the fast path never came on"));
+            }
+            for step in 0..3 * model.values + 20 {
+                taken_free += u32::from(model.fresh.ahead > 0);
+                model
+                    .change(step % 5 == 4)
+                    .map_err(|err| format!("{phase}, change {step}: {err}"))?;
+            }
         }
         Ok(taken_free)
     }
