@@ -159,7 +159,15 @@ impl Large {
         let took = wait_synced(&mut agents, LARGE_WAIT);
         let agent = &agents[0];
         let memory = Memory::of(agent.pid());
-        let text = metrics(agent);
+        // The kernel's counts are set once the first sync is read back, just after its log line.
+        let mut text = metrics(agent);
+        for _ in 0..50 {
+            if metric_sum(&text, "nftpol_kernel_rules") > 0.0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+            text = metrics(agent);
+        }
         println!(
             "  first sync {:.1} s after start: {memory} (load {})",
             took.as_secs_f64(),
@@ -256,9 +264,10 @@ impl Large {
         }
         let text = metrics(&self.agents[0]);
         println!(
-            "  the agent looked at its tables after other transactions: {} times by notifications, {} by reading them back",
+            "  the agent looked at its tables after other transactions: {} times by notifications, {} by reading them back; {} whole writes since start-up",
             metric_sum(&text, "nftpol_table_checks_total{by=\"notifications\"}"),
             metric_sum(&text, "nftpol_table_checks_total{by=\"read_back\"}"),
+            metric_sum(&text, "nftpol_syncs_total{kind=\"full\",result=\"ok\"}"),
         );
         let errors = self.agents[0].errors();
         assert_eq!(errors, 0, "agent errors\n{}", logs(&mut self.agents));
