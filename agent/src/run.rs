@@ -1578,14 +1578,6 @@ mod tests {
         assert_eq!(recent_marks(wide), [0x0100_0000, 0xff00_0000]);
     }
 
-    /// A model of conntrack under the worst the kernel may do: after a walk, the rules a
-    /// transaction replaced stamp their value again if that transaction is the last one. It
-    /// follows the agent from start-up, where the rules replaced are a previous run's with any
-    /// value: the whole table without the fast path, `enable_fast_path` (clear everything, the
-    /// transaction, `clear_ahead`), then policy changes (`free_next_epoch`, the transaction,
-    /// `clear_ahead`, one walk in five failing), over three wraps. No value is ever made
-    /// current with the fast path on while a mark holds it, for every width of the mask and
-    /// every value the previous run left.
     /// conntrack's epoch bits as the agent's steps leave them, and the agent's choices as
     /// `Kernel` makes them (`sync`, `free_next_epoch`, `clear_ahead`, `enable_fast_path`).
     struct EpochModel {
@@ -1745,6 +1737,12 @@ mod tests {
         Ok(taken_free)
     }
 
+    /// conntrack under the worst the kernel may do: after a walk, the rules the last
+    /// transaction replaced stamp their value again. From start-up over every value a previous
+    /// run may have left, and after a restore over rules stamping any value, through changes
+    /// over three wraps with one walk in five failing: no value is trusted while another
+    /// ruleset's marks may hold it, neither when the fast path comes on nor when a change makes
+    /// a value current, for every width of the mask.
     #[test]
     fn a_value_made_current_is_in_no_mark() {
         for mask in [0x0000_0030, 0x0000_0070, 0x0000_00f0, 0xff00_0000] {
