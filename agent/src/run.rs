@@ -741,12 +741,16 @@ impl Kernel {
     /// new epoch comes without the fast path.
     fn free_next_epoch(&mut self) -> Epoch {
         let next = self.epoch.next();
-        if next.bits().is_off() || self.fresh.take() {
+        if next.bits().is_off() {
             return next;
         }
-        // No walk can free a value yet; `enable_fast_path` follows this transaction.
+        // No walk can free a value yet (and none is known free after a whole write);
+        // `enable_fast_path` follows this transaction.
         if self.replaced_unknown {
             return next.without_fast_path();
+        }
+        if self.fresh.take() {
+            return next;
         }
         match clear_epoch(next) {
             Ok(cleared) => {
@@ -938,7 +942,8 @@ impl Kernel {
                     }
                 }
                 result => {
-                    if result.is_ok() {
+                    // An empty batch is not sent: no transaction went by.
+                    if result.as_ref().is_ok_and(|sent| sent.messages > 0) {
                         self.replaced_unknown = false;
                     }
                     return result.map(|sent| (sent, Some(generation_after(generation, sent))));
@@ -1660,10 +1665,10 @@ mod tests {
         /// `sync` with a change of the policy table (`free_next_epoch`), then `clear_ahead`.
         fn change(&mut self, walk_fails: bool) -> Result<(), String> {
             let next = self.installed.next();
-            let next = if self.fresh.take() {
-                next
-            } else if self.replaced_unknown {
+            let next = if self.replaced_unknown {
                 next.without_fast_path()
+            } else if self.fresh.take() {
+                next
             } else {
                 // clear_epoch: a walk of its own.
                 self.held.remove(&next.value());
@@ -1704,25 +1709,30 @@ mod tests {
     /// Runs the agent from start-up over a previous run that stamped `previous`: the whole
     /// table, the fast path turned on (or, when `late`, a change first), changes with every
     /// fifth walk failing; then the same after restoring the tables over rules someone else
-    /// wrote that stamp `previous` too. How many changes took a value known free.
+    /// wrote that stamp `tampered` (`None`: the value the restore installs). `bump` says, per
+    /// phase, whether `enable_fast_path` moves to the next value first. How many changes took a
+    /// value known free.
     fn run_epochs(
         bits: ruleset::epoch::CtMarkBits,
         previous: u32,
-        bump: bool,
+        tampered: Option<u32>,
+        bump: [bool; 2],
         late: bool,
     ) -> Result<u32, String> {
         let mut model = EpochModel::after_run(bits, previous);
         let mut taken_free = 0;
-        for phase in ["start-up", "restore"] {
+        for (phase, bump) in ["start-up", "restore"].into_iter().zip(bump) {
             if phase == "start-up" {
                 model.start()?;
             } else {
-                model.restore(previous)?;
+                let stamping = tampered.unwrap_or(model.installed.next().value());
+                model.restore(stamping)?;
             }
-            model.enable_fast_path(bump, late)?;
+            let in_phase = |err| format!("{phase}: {err}");
+            model.enable_fast_path(bump, late).map_err(in_phase)?;
             if late {
-                model.change(false)?;
-                model.enable_fast_path(bump, false)?;
+                model.change(false).map_err(in_phase)?;
+                model.enable_fast_path(bump, false).map_err(in_phase)?;
             }
             if !model.installed.fast_path() {
                 return Err(format!("{phase}: the fast path never came on"));
@@ -1747,21 +1757,34 @@ mod tests {
     fn a_value_made_current_is_in_no_mark() {
         for mask in [0x0000_0030, 0x0000_0070, 0x0000_00f0, 0xff00_0000] {
             let bits = ruleset::epoch::CtMarkBits::new(mask).unwrap();
-            for previous in 1..=bits.max_epoch().min(9) {
-                for late in [false, true] {
-                    let case = format!("mask {mask:#x}, previous run {previous}, late {late}");
-                    match run_epochs(bits, previous, true, late) {
+            let values = 1..=bits.max_epoch().min(9);
+            for previous in values.clone() {
+                let tampered = values.clone().map(Some).chain([None]);
+                for (tampered, late) in tampered.flat_map(|t| [(t, false), (t, true)]) {
+                    let case = format!(
+                        "mask {mask:#x}, previous run {previous}, tampered {tampered:?}, late {late}"
+                    );
+                    match run_epochs(bits, previous, tampered, [true; 2], late) {
                         Ok(taken_free) => assert!(taken_free > 0, "{case}: never a free value"),
                         Err(err) => panic!("{case}: {err}"),
                     }
                 }
             }
             // Without the move to the next value, a previous run that stamped the first value
-            // installed has its late stamps trusted.
+            // installed, or rules changed behind the agent's back that stamp the value the
+            // restore installs, have their late stamps trusted.
             let first = Epoch::first(bits).next().value();
             for late in [false, true] {
-                let err = run_epochs(bits, first, false, late).unwrap_err();
-                assert!(err.contains("trusted"), "mask {mask:#x}: {err}");
+                let err = run_epochs(bits, first, None, [false, true], late).unwrap_err();
+                assert!(
+                    err.starts_with("start-up: ") && err.contains("trusted"),
+                    "mask {mask:#x}: {err}"
+                );
+                let err = run_epochs(bits, 1, None, [true, false], late).unwrap_err();
+                assert!(
+                    err.starts_with("restore: ") && err.contains("trusted"),
+                    "mask {mask:#x}: {err}"
+                );
             }
         }
     }
