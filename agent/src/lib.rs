@@ -6,6 +6,7 @@
 //!                                          -> diff -> netlink::Writer -> kernel (run)
 //! sync that changes the table -> next ruleset epoch -> conntrack: clear it from marks first
 //! kernel links, addresses, bridge tables -> veth::discover -> pod IP -> host-side veth
+//! link reports (a veth new, gone, on a bridge) -> links::LinkWatch -> veth::discover now
 //! API server (list/watch) -> kube_source: Update -> Mirror / Batch -> Compiler -> Delta
 //! Compiler::diagnostics -> events::Findings -> log once; API: events::Recorder -> Events
 //! the loop's syncs and counts -> health::Health -> /healthz, /readyz, /metrics (HTTP)
@@ -19,6 +20,7 @@ pub mod dump;
 pub mod events;
 pub mod health;
 pub mod kube_source;
+pub mod links;
 pub mod manifests;
 pub mod netlink;
 pub mod node;

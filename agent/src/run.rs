@@ -35,6 +35,7 @@ use crate::conntrack::{self, Which};
 use crate::events::{Findings, Recorder};
 use crate::health::{self, Checked, Health, KernelCounts, SyncKind};
 use crate::kube_source::{self, Batch, Mirror, Source, Update};
+use crate::links::LinkWatch;
 use crate::netlink::{Change, Monitor, Named, Sent, TableImage, WriteError, Writer};
 use crate::notify::Notifier;
 use crate::{dump, manifests, node, veth};
@@ -107,9 +108,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         fresh: Fresh::default(),
         replaced_unknown: false,
     };
+    // Without it a new veth is listed at the next check, within a second.
+    let links = match LinkWatch::new() {
+        Ok(links) => Some(links),
+        Err(err) => {
+            tracing::warn!(%err, "cannot subscribe to link reports; new veths are looked for once a second");
+            None
+        }
+    };
     let result = match &args.manifests {
-        Some(path) => from_snapshot(args, path, &options, &mut kernel, signals).await,
-        None => from_api(args, &options, &mut kernel, signals).await,
+        Some(path) => from_snapshot(args, path, &options, &mut kernel, signals, links).await,
+        None => from_api(args, &options, &mut kernel, signals, links).await,
     };
     if let Err(err) = kernel.notifier.stopping() {
         tracing::warn!(%err, "sd_notify STOPPING");
@@ -169,6 +178,20 @@ impl Signals {
     }
 }
 
+/// Returns when [`LinkWatch`] reports a veth changed; never without one (or once it failed).
+async fn veth_change(links: &mut Option<LinkWatch>) {
+    if let Some(watch) = links {
+        match watch.changed().await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(%err, "link reports failed; new veths are looked for once a second");
+                *links = None;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// The snapshot source: polls the file or directory and compiles every new version whole.
 async fn from_snapshot(
     args: &RunArgs,
@@ -176,6 +199,7 @@ async fn from_snapshot(
     options: &Options,
     kernel: &mut Kernel,
     mut signals: Signals,
+    mut links: Option<LinkWatch>,
 ) -> anyhow::Result<()> {
     let mut ticker =
         tokio::time::interval(kernel.tick_period(Duration::from_millis(args.poll_ms.max(10))));
@@ -187,6 +211,10 @@ async fn from_snapshot(
     loop {
         tokio::select! {
             () = signals.any() => return Ok(()),
+            () = veth_change(&mut links) => {
+                kernel.veths_changed(compiler.as_ref());
+                continue;
+            }
             _ = ticker.tick() => {}
         }
         kernel.tick(compiler.as_ref());
@@ -235,6 +263,7 @@ async fn from_api(
     options: &Options,
     kernel: &mut Kernel,
     mut signals: Signals,
+    mut links: Option<LinkWatch>,
 ) -> anyhow::Result<()> {
     let client = kube_source::client(args.kubeconfig.as_deref()).await?;
     let mut source = Source::start(client.clone());
@@ -276,6 +305,10 @@ async fn from_api(
     loop {
         let first = tokio::select! {
             () = signals.any() => return Ok(()),
+            () = veth_change(&mut links) => {
+                kernel.veths_changed(Some(&compiler));
+                continue;
+            }
             _ = ticker.tick() => {
                 kernel.tick(Some(&compiler));
                 recorder.record(findings.due(&compiler));
@@ -561,7 +594,17 @@ impl Kernel {
                     return;
                 }
                 self.enable_fast_path();
-                self.follow_veths(compiler);
+                self.follow_veths(compiler, "check");
+            }
+        }
+    }
+
+    /// A veth appeared, went or joined a bridge ([`LinkWatch`]): follows the veths now rather
+    /// than at the next check, unless a repair is due (the check does that first).
+    fn veths_changed(&mut self, compiler: Option<&Compiler>) {
+        if let Some(compiler) = compiler {
+            if self.installed.is_some() && self.retry.is_none() {
+                self.follow_veths(compiler, "link report");
             }
         }
     }
@@ -876,7 +919,7 @@ impl Kernel {
     /// Brings the guard table, and the veths the policy table's `input` drops from, in step
     /// with the veths in the kernel (pods come and go between changes, and a veth appears only
     /// once the pod's sandbox is up).
-    fn follow_veths(&mut self, compiler: &Compiler) {
+    fn follow_veths(&mut self, compiler: &Compiler, by: &str) {
         let Some(installed) = self.installed.as_ref() else {
             return;
         };
@@ -896,6 +939,7 @@ impl Kernel {
             Ok((sent, expected)) => {
                 tracing::info!(
                     kind = "veths",
+                    by,
                     messages = sent.messages,
                     guarded = guard.sets.get("veths").map_or(0, |s| s.elements.len()),
                     "synced"

@@ -1362,6 +1362,55 @@ fn a_pod_the_agent_does_not_guard_cannot_send_as_one_it_does() {
     );
 }
 
+#[test]
+fn a_new_pods_veth_is_held_to_its_bridges_subnets_as_soon_as_it_joins() {
+    let Some((scratch, mut lab, teller, mallory)) =
+        teller_and_mallory("a_new_pods_veth_is_held_to_its_bridges_subnets_as_soon_as_it_joins")
+    else {
+        return;
+    };
+    // From outside cni0's subnets (a node-b pod's addresses, which an ipBlock might admit),
+    // raw frames to the node through cni0.
+    let node = lab.node_netns(0).unwrap().to_string();
+    let cni0 = link_address(&node, "cni0");
+    let outside = ["10.244.2.77", "fd00:10:244:2::77"].map(String::from);
+    let counter = Counter::at(&node, 10, &outside);
+    let sent = SENT.to_string();
+    let from_outside = |sender: &Pod| {
+        arrivals([(&counter, &outside[0]), (&counter, &outside[1])], || {
+            for (from, to) in outside.iter().zip(["10.244.1.1", "fd00:10:244:1::1"]) {
+                exec(
+                    &sender.netns,
+                    &[LABPOD, "rawudp", "eth0", &cni0, from, to, "80", &sent],
+                );
+            }
+        })
+    };
+    assert_eq!(
+        from_outside(&mallory),
+        [SENT, SENT],
+        "control: without the agent, the node takes datagrams from outside cni0's subnets"
+    );
+
+    let mut agent = guard_node_a(&lab, scratch.path(), &[&teller, &mallory], "");
+    let by_report = |agent: &Agent| agent.count("by=\"link report\"");
+    let before = by_report(&agent);
+    // A pod the snapshot does not list yet: its veth is only a port of cni0.
+    let newcomer = lab.add_pod(0, "bank/newcomer", 14).expect("pod");
+    wait_for(
+        std::slice::from_mut(&mut agent),
+        "the veths followed on a link report",
+        SYNC_TIMEOUT,
+        |_, a| by_report(a) > before,
+    );
+    assert_eq!(
+        from_outside(&newcomer),
+        [0, 0],
+        "the node takes a new pod's datagrams from outside cni0's subnets\n{}",
+        agent.describe()
+    );
+}
+
 const TELLER_FROM_NODE_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  namespace: bank\n  name: teller-from-node-b\n\
     spec:\n  podSelector:\n    matchLabels:\n      app: teller\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 10.244.2.0/24\n";
 

@@ -69,15 +69,17 @@
 //! veth carries), no neighbour advertisement for one or behind an extension header, and no
 //! router advertisement or redirect. These rules go by the interface's
 //! kind, so they hold from the moment a veth appears, and while no agent runs; the agent lists
-//! a veth of another bridge within a second of its appearing, while it runs. If it is a port of
+//! a veth of another bridge when the kernel reports it, or within a second, while it runs. If it is a port of
 //! a guarded pod's bridge ([`Guard::ports`]), it sends nothing straight to the node either.
-//! On a guarded pod's bridge, once the agent lists it in `ports` (within a second of its
-//! appearing, while the agent runs), it sends IP from no address outside the bridges' subnets
+//! On a guarded pod's bridge, once the agent lists it in `ports` (when the kernel reports it on
+//! the bridge, or within a second; while the agent runs), it sends IP from no address outside the bridges' subnets
 //! either: not a remote pod's, nor one an ipBlock admits, which would pass the policies of the
 //! pod it reaches and escape its own pod's egress rules. (What it sends from another address
 //! of the bridges' subnets, an unguarded neighbour's, is not checked. By name, not kind: a
 //! veth of another bridge, `docker0`'s, sends from that bridge's subnet, and must not lose its
-//! first second.) A port that is no veth (an uplink) is not touched.
+//! first moments. `meta ibrname`, the bridge a frame came through, would do without the list,
+//! but needs `CONFIG_NFT_BRIDGE_META`, which the kernel here lacks.) A port that is no veth (an
+//! uplink) is not touched.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
