@@ -11,8 +11,11 @@
 //!   kube-proxy-like, `lab::networking_tables`) without and with nftpol, and with only its
 //!   policy table or only its anti-spoofing guard (to tell their costs apart). A real node
 //!   without a policy agent is `networking`: conntrack on, NAT and filter chains in place.
+//! - `veths`: one `agent run` in a one-node lab as pods are added to its bridge: how long after
+//!   a pod's creation starts the agent lists its veth (it follows the kernel's link reports),
+//!   one pod at a time; and what a burst of 100 pods in about a second costs it in CPU.
 //!
-//! `cargo bench -p integration --bench lab [-- latency|connrate]`. Environment:
+//! `cargo bench -p integration --bench lab [-- latency|connrate|veths]`. Environment:
 //! `NFTPOL_LAB_SAMPLES` (latency samples per direction and poll interval, default 100),
 //! `NFTPOL_LAB_CLIENT_NODE` (connrate: 0 puts the client beside the server, default 1),
 //! `NFTPOL_LAB_ROUNDS` and `NFTPOL_LAB_SECONDS` (connrate rounds per mode, default 10, and
@@ -53,8 +56,8 @@ use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{networking_tables, Lab, Pod, Protocol, Target, NETWORKING_TABLES_DELETE};
 use integration::measure::{
-    enter_netns, env_or, loadavg, median_interval, pct, summary, until_verdict, wants, Jitter,
-    CONNECT_TIMEOUT, GAP, STAGGER,
+    cpu_time, enter_netns, env_or, loadavg, log_time_of_day, median_interval, pct, summary,
+    until_verdict, wants, Jitter, CONNECT_TIMEOUT, GAP, STAGGER,
 };
 use integration::netns;
 use integration::synthetic::{self, LARGE};
@@ -78,6 +81,9 @@ fn main() {
     }
     if wants("connrate") {
         connrate();
+    }
+    if wants("veths") {
+        veths();
     }
     println!("load average at end: {}", loadavg());
 }
@@ -962,4 +968,93 @@ impl Mode {
             nft_text(netns, NETWORKING_TABLES_DELETE);
         }
     }
+}
+
+// ------------------------------------------------------------------------------------ veths
+
+/// Seconds since midnight UTC, as the agent's log lines carry them.
+fn time_of_day() -> f64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    since.as_secs_f64() % 86_400.0
+}
+
+fn veths() {
+    const SINGLES: u8 = 20;
+    const BURST: u8 = 100;
+    let dir = tempfile::tempdir().expect("scratch dir");
+    let mut lab = Lab::new(LABPOD, 1).expect("lab");
+    let first = lab.add_pod(0, "bench/first", 2).expect("pod");
+    let snapshot = dir.path().join("snapshot.yaml");
+    fs::write(
+        &snapshot,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: first, namespace: bench}}\nspec: {{nodeName: {}}}\nstatus: {{podIP: {}}}\n",
+            NODES[0], first.ipv4
+        ),
+    )
+    .expect("write snapshot");
+    agent_binary(Path::new(LABPOD));
+    let mut agents = vec![Agent::start(
+        Path::new(LABPOD),
+        &lab,
+        0,
+        NODES[0],
+        &snapshot,
+        &[],
+    )];
+    wait_synced(&mut agents, Duration::from_secs(10));
+    thread::sleep(Duration::from_secs(1));
+    let agent = &agents[0];
+    // The veths' syncs (by a link report, or by the once-a-second check), by log time.
+    let followed_by = |agent: &Agent, by: &str| -> Vec<f64> {
+        agent
+            .lines()
+            .iter()
+            .filter(|l| l.contains("kind=\"veths\"") && l.contains(by))
+            .filter_map(|l| log_time_of_day(l))
+            .collect()
+    };
+    let followed = |agent: &Agent| followed_by(agent, "by=");
+    let on_reports = |agent: &Agent| followed_by(agent, "by=\"link report\"").len();
+    println!("\nveths: one `agent run` in a one-node lab; pods added to cni0 while it runs");
+    let mut delays = Vec::new();
+    let reports = on_reports(agent);
+    for i in 0..SINGLES {
+        let before = followed(agent).len();
+        let started = time_of_day();
+        lab.add_pod(0, &format!("bench/single-{i}"), 10 + i)
+            .expect("pod");
+        let give_up = Instant::now() + Duration::from_secs(3);
+        while followed(agent).len() == before && Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(at) = followed(agent).get(before) {
+            delays.push((at - started) * 1000.0);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "  one pod at a time ({SINGLES}, 200 ms apart): veth listed after the pod's creation began: {} ({} on a link report, the rest at the check)",
+        summary(&delays, "ms"),
+        on_reports(agent) - reports
+    );
+    let cpu = cpu_time(agent.pid());
+    let syncs = on_reports(agent);
+    let started = Instant::now();
+    for i in 0..BURST {
+        lab.add_pod(0, &format!("bench/burst-{i}"), 100 + i)
+            .expect("pod");
+    }
+    let took = started.elapsed();
+    thread::sleep(Duration::from_secs(2));
+    println!(
+        "  a burst of {BURST} pods, added in {:.2} s: agent CPU {:.2} s over that and 2 s after, {} syncs on link reports",
+        took.as_secs_f64(),
+        (cpu_time(agent.pid()) - cpu).as_secs_f64(),
+        on_reports(agent) - syncs
+    );
+    let errors = agents[0].errors();
+    assert_eq!(errors, 0, "agent errors\n{}", logs(&mut agents));
 }
