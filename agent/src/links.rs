@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 
 /// The largest datagram read; a link report is a few kilobytes at most.
 const DATAGRAM: usize = 1 << 16;
-const ENOBUFS: i32 = 105;
 
 /// How long the agent lets link reports gather before it looks at the veths: a CNI ADD makes
 /// several, and a node starting a hundred pods at once would otherwise cost a discovery per
@@ -85,7 +84,7 @@ fn read_reports(socket: &Socket, tx: &mpsc::Sender<io::Result<()>>) {
             Ok(_) if !reports_a_veth(&buffer) => continue,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Ok(_) => {}
-            Err(err) if err.raw_os_error() == Some(ENOBUFS) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {}
             Err(err) => {
                 // On a thread of its own, not the runtime's: waiting here is fine.
                 let _ = tx.blocking_send(Err(err));

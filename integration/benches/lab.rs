@@ -50,14 +50,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agent::netlink::Writer;
 use integration::agents::{agent_binary, logs, marks, wait_change, wait_synced, Agent, Delivery};
 use integration::lab::{networking_tables, Lab, Pod, Protocol, Target, NETWORKING_TABLES_DELETE};
 use integration::measure::{
-    cpu_time, enter_netns, env_or, loadavg, log_time_of_day, median_interval, pct, summary,
-    until_verdict, wants, Jitter, CONNECT_TIMEOUT, GAP, STAGGER,
+    cpu_time, enter_netns, env_or, loadavg, log_time_of_day, median_interval, pct, seconds_after,
+    summary, time_of_day, until_verdict, wants, Jitter, CONNECT_TIMEOUT, GAP, STAGGER,
 };
 use integration::netns;
 use integration::synthetic::{self, LARGE};
@@ -972,14 +972,6 @@ impl Mode {
 
 // ------------------------------------------------------------------------------------ veths
 
-/// Seconds since midnight UTC, as the agent's log lines carry them.
-fn time_of_day() -> f64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970");
-    since.as_secs_f64() % 86_400.0
-}
-
 fn veths() {
     const SINGLES: u8 = 20;
     const BURST: u8 = 100;
@@ -1023,7 +1015,7 @@ fn veths() {
     let reports = on_reports(agent);
     for i in 0..SINGLES {
         let before = followed(agent).len();
-        let started = time_of_day();
+        let started = time_of_day(SystemTime::now());
         lab.add_pod(0, &format!("bench/single-{i}"), 10 + i)
             .expect("pod");
         let give_up = Instant::now() + Duration::from_secs(3);
@@ -1031,7 +1023,7 @@ fn veths() {
             thread::sleep(Duration::from_millis(10));
         }
         if let Some(at) = followed(agent).get(before) {
-            delays.push((at - started) * 1000.0);
+            delays.push(seconds_after(started, *at) * 1000.0);
         }
         thread::sleep(Duration::from_millis(200));
     }

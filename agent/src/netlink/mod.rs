@@ -543,6 +543,11 @@ fn nul_terminated(text: &str) -> Vec<u8> {
     bytes
 }
 
+/// A name attribute as the kernel sends it, without its terminating NUL.
+fn until_nul(attribute: &[u8]) -> &[u8] {
+    attribute.split(|b| *b == 0).next().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 use ruleset::ir::TABLE_NAME;
 
 use super::readback::{attributes, NFTA_GEN_ID, NFT_MSG_NEWGEN};
-use super::{netlink_messages, sys, u32_at, Writer, HEADER};
+use super::{netlink_messages, sys, u32_at, until_nul, Writer, HEADER};
 
 /// `NFNLGRP_NFTABLES`: nf_tables' change notifications.
 const GROUP: u32 = 7;
@@ -118,7 +118,7 @@ impl Log {
             let family = message.bytes.get(HEADER).copied();
             let table = attributes(payload)
                 .find(|(kind, _)| *kind == ATTR_TABLE)
-                .map(|(_, name)| name.split(|b| *b == 0).next().unwrap_or_default());
+                .map(|(_, name)| until_nul(name));
             let ours = match (family, table) {
                 (Some(family), Some(table)) => {
                     OUR_FAMILIES.contains(&family) && table == TABLE_NAME.as_bytes()

@@ -9,8 +9,8 @@ use std::io;
 use ruleset::ir::TableFamily;
 
 use super::{
-    netlink_messages, nul_terminated, plan, request, u32_at, Named, WriteError, Writer, HEADER,
-    NLMSG_ERROR,
+    netlink_messages, nul_terminated, plan, request, u32_at, until_nul, Named, WriteError, Writer,
+    HEADER, NLMSG_ERROR,
 };
 
 const NFT_MSG_GETCHAIN: u16 = 4;
@@ -139,9 +139,7 @@ impl Writer {
                 }
             })?;
         }
-        let text = |name: &[u8]| {
-            String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
-        };
+        let text = |name: &[u8]| String::from_utf8_lossy(until_nul(name)).into_owned();
         let mut kept_rules = BTreeMap::new();
         let mut to_read = Vec::new();
         for chain in &chain_names {
