@@ -169,6 +169,8 @@ struct State {
     /// The installed ruleset's epoch, and 1 while its fast path is on.
     epoch: u64,
     fast_path: u64,
+    /// 1 while the agent follows the veths on the kernel's link reports.
+    link_reports: u64,
 }
 
 /// The agent's health, shared by the loop (which writes) and the HTTP server (which reads).
@@ -199,6 +201,7 @@ impl Health {
                 checks: [0; Checked::ALL.len()],
                 epoch: 0,
                 fast_path: 0,
+                link_reports: 0,
             })),
             stale_after,
         }
@@ -240,6 +243,12 @@ impl Health {
         let mut s = self.lock();
         s.epoch = u64::from(epoch.value());
         s.fast_path = u64::from(epoch.fast_path_rule().is_some());
+    }
+
+    /// Whether the agent follows the veths on the kernel's link reports, or only looks once a
+    /// second (it could not subscribe, or the subscription failed).
+    pub fn set_link_reports(&self, on: bool) {
+        self.lock().link_reports = u64::from(on);
     }
 
     /// How many fields of policies the agent cannot enforce as written.
@@ -442,6 +451,13 @@ impl Health {
                  (the conntrack-mark fast path); 0 after start-up or a full replace until old \
                  marks are cleared, or with --ct-mark-bits 0.",
                 s.fast_path,
+            ),
+            (
+                "nftpol_link_reports",
+                "1 while the agent looks at the veths as soon as the kernel reports one new, gone \
+                 or joining a bridge; 0 when it looks only once a second (the subscription to \
+                 link reports failed: see the log).",
+                s.link_reports,
             ),
         ];
         for (name, help, value) in gauges {
@@ -669,6 +685,11 @@ mod tests {
         health.set_unenforceable(3);
         let epoch = Epoch::first(CtMarkBits::new(0xff00_0000).unwrap());
         health.set_epoch(epoch.next().with_fast_path());
+        assert!(health
+            .metrics()
+            .lines()
+            .any(|l| l == "nftpol_link_reports 0"));
+        health.set_link_reports(true);
         let m = health.metrics();
         for line in [
             "nftpol_events_total{result=\"created\"} 1",
@@ -678,6 +699,7 @@ mod tests {
             "nftpol_unenforceable_fields 3",
             "nftpol_ruleset_epoch 2",
             "nftpol_fast_path 1",
+            "nftpol_link_reports 1",
         ] {
             assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
         }

@@ -116,6 +116,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             None
         }
     };
+    kernel.health.set_link_reports(links.is_some());
     let result = match &args.manifests {
         Some(path) => from_snapshot(args, path, &options, &mut kernel, signals, links).await,
         None => from_api(args, &options, &mut kernel, signals, links).await,
@@ -179,12 +180,13 @@ impl Signals {
 }
 
 /// Returns when [`LinkWatch`] reports a veth changed; never without one (or once it failed).
-async fn veth_change(links: &mut Option<LinkWatch>) {
+async fn veth_change(links: &mut Option<LinkWatch>, health: &Health) {
     if let Some(watch) = links {
         match watch.changed().await {
             Ok(()) => return,
             Err(err) => {
                 tracing::warn!(%err, "link reports failed; new veths are looked for once a second");
+                health.set_link_reports(false);
                 *links = None;
             }
         }
@@ -203,6 +205,7 @@ async fn from_snapshot(
 ) -> anyhow::Result<()> {
     let mut ticker =
         tokio::time::interval(kernel.tick_period(Duration::from_millis(args.poll_ms.max(10))));
+    let health = kernel.health.clone();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen: Option<manifests::Fingerprint> = None;
     let mut compiler: Option<Compiler> = None;
@@ -211,7 +214,7 @@ async fn from_snapshot(
     loop {
         tokio::select! {
             () = signals.any() => return Ok(()),
-            () = veth_change(&mut links) => {
+            () = veth_change(&mut links, &health) => {
                 kernel.veths_changed(compiler.as_ref());
                 continue;
             }
@@ -270,6 +273,7 @@ async fn from_api(
     let mut recorder = Recorder::start(client, &args.node, kernel.health.clone());
     let mut findings = Findings::default();
     let mut ticker = tokio::time::interval(kernel.tick_period(CHECK_EVERY));
+    let health = kernel.health.clone();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut mirror = Mirror::new();
@@ -305,7 +309,7 @@ async fn from_api(
     loop {
         let first = tokio::select! {
             () = signals.any() => return Ok(()),
-            () = veth_change(&mut links) => {
+            () = veth_change(&mut links, &health) => {
                 kernel.veths_changed(Some(&compiler));
                 continue;
             }

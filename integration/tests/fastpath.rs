@@ -193,12 +193,14 @@ fn established_flow_survives_unrelated_changes_and_is_cut_by_a_deny_across_epoch
     assert!(flow(&lab), "the allowed flow does not pass twice");
     let stamped = flow_mark(&lab).expect("the flow is tracked on node-b");
     assert_ne!(stamped, 0, "node-b did not stamp the flow with its epoch");
-    // node-b's /metrics says the same: the epoch in the mark, and the fast path on.
+    // node-b's /metrics says the same: the epoch in the mark, and the fast path on; and that
+    // it follows the veths on link reports.
     let metrics = http_get_in(lab.node_netns(1).expect("node-b"), HEALTH, "/metrics")
         .expect("GET /metrics from node-b's agent");
     for line in [
         format!("nftpol_ruleset_epoch {}", stamped >> BITS.trailing_zeros()),
         "nftpol_fast_path 1".to_string(),
+        "nftpol_link_reports 1".to_string(),
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
