@@ -19,7 +19,10 @@ pub fn namespace(ns: core::Namespace) -> Namespace {
 }
 
 pub fn pod(pod: core::Pod) -> Pod {
-    let namespace = pod.metadata.namespace.unwrap_or_else(|| "default".into());
+    // Absent or empty: the default namespace, as kubectl reads a manifest.
+    let namespace = (pod.metadata.namespace)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
     let spec = pod.spec.unwrap_or_default();
@@ -70,6 +73,7 @@ pub fn network_policy(policy: net::NetworkPolicy) -> NetworkPolicy {
         namespace: policy
             .metadata
             .namespace
+            .filter(|ns| !ns.is_empty())
             .unwrap_or_else(|| "default".into()),
         name: policy.metadata.name.unwrap_or_default(),
         uid: policy.metadata.uid,

@@ -203,18 +203,27 @@ struct ObjectContext<'a> {
 }
 
 impl ObjectContext<'_> {
-    /// Deserializes into the API type, naming the offending field on failure.
+    /// Deserializes into the API type, naming the offending field on failure. An object without
+    /// a name is refused too: the API server holds none, and a policy without one could not be
+    /// named in a diagnostic, an Event or a trace.
     fn decode<T: DeserializeOwned>(self, value: Value) -> Result<T, ManifestError> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            ManifestError::Object(Box::new(ObjectError {
-                path: self.path.to_path_buf(),
-                document: self.document,
-                kind: self.kind,
-                name: self.name,
-                field: e.path().to_string(),
-                message: e.into_inner().to_string(),
-            }))
-        })
+        let name = value.get("metadata").and_then(|m| m.get("name"));
+        if name.is_none_or(|n| n.is_null() || n.as_str() == Some("")) {
+            return Err(self.error("metadata.name".into(), "missing or empty".into()));
+        }
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| self.error(e.path().to_string(), e.into_inner().to_string()))
+    }
+
+    fn error(&self, field: String, message: String) -> ManifestError {
+        ManifestError::Object(Box::new(ObjectError {
+            path: self.path.to_path_buf(),
+            document: self.document,
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            field,
+            message,
+        }))
     }
 }
 
@@ -308,6 +317,42 @@ items:
         let text = err.to_string();
         assert!(text.contains("networkpolicy a/p"), "{text}");
         assert!(text.contains("spec.ingress[0].ports[0].port"), "{text}");
+    }
+
+    #[test]
+    fn an_object_without_a_name_is_refused_and_an_empty_namespace_is_the_default() {
+        for metadata in [
+            "{namespace: a}",
+            "{namespace: a, name: ''}",
+            "{name: null}",
+            "null",
+        ] {
+            let err = parse(&format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {metadata}\nspec: {{podSelector: {{}}}}\n"
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("metadata {metadata} accepted"));
+            let text = err.to_string();
+            assert!(text.contains("networkpolicy"), "{text}");
+            assert!(
+                text.contains("field metadata.name: missing or empty"),
+                "{text}"
+            );
+        }
+        for kind in ["Namespace", "Pod"] {
+            let err = parse(&format!(
+                "apiVersion: v1\nkind: {kind}\nmetadata: {{labels: {{a: b}}}}\n"
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{kind} without a name accepted"));
+            assert!(err.to_string().contains("metadata.name"), "{err}");
+        }
+        let objects = parse(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: '', name: p}\nspec: {podSelector: {}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {namespace: '', name: q}\n",
+        )
+        .unwrap();
+        assert_eq!(objects.policies[0].namespace, "default");
+        assert_eq!(objects.pods[0].namespace, "default");
     }
 
     #[test]

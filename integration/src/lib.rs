@@ -15,7 +15,7 @@ pub mod objects;
 pub mod probers;
 pub mod synthetic;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The workspace's root directory (where `packaging/`, `agent/` and `integration/` are).
 pub fn workspace() -> &'static Path {
@@ -27,4 +27,20 @@ pub fn workspace() -> &'static Path {
 /// A text file's contents; a missing or unreadable file fails the test, naming the path.
 pub fn read_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The example snapshots the README points to (`integration/examples/*.yaml`), in name order.
+pub fn example_snapshots() -> Vec<PathBuf> {
+    let dir = workspace().join("integration/examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected the five examples, found {files:?}"
+    );
+    files
 }

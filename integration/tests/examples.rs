@@ -11,31 +11,16 @@
 )]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use integration::netns;
 use ruleset::Compiler;
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
-fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .expect("examples directory")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 5,
-        "expected the five examples, found {files:?}"
-    );
-    files
-}
-
 fn rendered() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for file in examples() {
+    for file in integration::example_snapshots() {
         let cluster = agent::manifests::load(&file).expect("example loads");
         let stem = file
             .file_stem()
