@@ -11,6 +11,14 @@ use ruleset::model::{
     PolicyRule, PortRef, SelectorRequirement,
 };
 
+/// A namespaced object's namespace: absent or empty is `default`, as kubectl reads a manifest.
+pub fn namespace_of(namespace: Option<&str>) -> String {
+    namespace
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or("default")
+        .to_string()
+}
+
 pub fn namespace(ns: core::Namespace) -> Namespace {
     Namespace {
         name: ns.metadata.name.unwrap_or_default(),
@@ -19,10 +27,7 @@ pub fn namespace(ns: core::Namespace) -> Namespace {
 }
 
 pub fn pod(pod: core::Pod) -> Pod {
-    // Absent or empty: the default namespace, as kubectl reads a manifest.
-    let namespace = (pod.metadata.namespace)
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(|| "default".into());
+    let namespace = namespace_of(pod.metadata.namespace.as_deref());
     let name = pod.metadata.name.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
     let spec = pod.spec.unwrap_or_default();
@@ -70,11 +75,7 @@ pub fn pod(pod: core::Pod) -> Pod {
 pub fn network_policy(policy: net::NetworkPolicy) -> NetworkPolicy {
     let spec = policy.spec.unwrap_or_default();
     NetworkPolicy {
-        namespace: policy
-            .metadata
-            .namespace
-            .filter(|ns| !ns.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        namespace: namespace_of(policy.metadata.namespace.as_deref()),
         name: policy.metadata.name.unwrap_or_default(),
         uid: policy.metadata.uid,
         pod_selector: spec.pod_selector.map(selector).unwrap_or_default(),

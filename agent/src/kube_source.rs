@@ -256,12 +256,8 @@ impl<K: Watched> Entry<K> {
         let name = self.metadata.name.clone()?;
         let namespace = match K::WATCHED {
             Kind::Namespace => String::new(),
-            // As convert.rs does for an object without a namespace.
-            _ => self
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            // As convert.rs keys the model.
+            _ => convert::namespace_of(self.metadata.namespace.as_deref()),
         };
         Some((namespace, name))
     }

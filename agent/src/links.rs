@@ -40,44 +40,63 @@ pub enum Report {
 
 /// When to look at the veths, from the reports taken and the last look, never twice within
 /// [`SETTLE`]. A report on a bridge brings the look forward, to list the veth as the bridge's
-/// port at once; one [`SETTLE`] after the first report still comes, for what the pod's
-/// namespace does meanwhile (its addresses, which the node's link reports do not show).
+/// port at once, and asks for another [`SETTLE`] after it, for what the pod's namespace does
+/// meanwhile (its addresses, which the node's link reports do not show); other reports are
+/// looked at [`SETTLE`] after the first of them.
 #[derive(Debug, Default)]
 struct Schedule {
-    /// The look a report on a bridge asked for.
+    /// The look a report on a bridge brings forward.
     soon: Option<Instant>,
     /// [`SETTLE`] after the first report not yet looked at.
     settled: Option<Instant>,
+    /// [`SETTLE`] after the last report on a bridge: the look for its pod's addresses.
+    follow: Option<Instant>,
     /// When the last look was.
     last: Option<Instant>,
 }
 
 impl Schedule {
+    /// A report taken at `now`, not yet looked at.
     fn report(&mut self, report: Report, now: Instant) {
         self.settled.get_or_insert(now + SETTLE);
         if report == Report::OnBridge {
             let earliest = self.last.map_or(now, |last| (last + SETTLE).max(now));
             self.soon = Some(self.soon.map_or(earliest, |soon| soon.min(earliest)));
+            self.follow_up(now);
         }
+    }
+
+    /// A report taken at `now`, just before a look that sees it: a report on a bridge still
+    /// asks for the look after, for its pod's addresses.
+    fn seen(&mut self, report: Report, now: Instant) {
+        if report == Report::OnBridge {
+            self.follow_up(now);
+        }
+    }
+
+    fn follow_up(&mut self, now: Instant) {
+        let at = now + SETTLE;
+        self.follow = Some(self.follow.map_or(at, |follow| follow.max(at)));
     }
 
     /// No sooner than [`SETTLE`] after the last look.
     fn due(&self) -> Option<Instant> {
-        let settled = self
-            .settled
-            .map(|settled| self.last.map_or(settled, |last| settled.max(last + SETTLE)));
-        match (self.soon, settled) {
-            (Some(soon), Some(settled)) => Some(soon.min(settled)),
-            (soon, settled) => soon.or(settled),
-        }
+        let after_last = |at: Instant| self.last.map_or(at, |last| at.max(last + SETTLE));
+        [
+            self.soon,
+            self.settled.map(after_last),
+            self.follow.map(after_last),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The agent looks at `now`: a report taken before is seen.
     fn looked(&mut self, now: Instant) {
         self.soon = None;
-        if self.settled.is_some_and(|settled| settled <= now) {
-            self.settled = None;
-        }
+        self.settled = self.settled.filter(|settled| *settled > now);
+        self.follow = self.follow.filter(|follow| *follow > now);
         self.last = Some(now);
     }
 }
@@ -136,12 +155,17 @@ impl LinkWatch {
                 }
             }
         }
-        self.schedule.looked(Instant::now());
+        let now = Instant::now();
+        self.schedule.looked(now);
         // Reports already here are seen by the look the caller is about to make.
-        for channel in [&mut self.on_bridge, &mut self.veth] {
+        for (channel, report) in [
+            (&mut self.on_bridge, Report::OnBridge),
+            (&mut self.veth, Report::Veth),
+        ] {
             while let Ok(taken) = channel.try_recv() {
-                if let Err(err) = taken {
-                    self.failed = Some(err);
+                match taken {
+                    Ok(()) => self.schedule.seen(report, now),
+                    Err(err) => self.failed = Some(err),
                 }
             }
         }
@@ -300,12 +324,21 @@ mod tests {
         schedule.report(Report::OnBridge, t + ms(2));
         assert_eq!(schedule.due(), Some(t + ms(2)));
         schedule.looked(t + ms(2));
-        // Another look still comes, for the pod's addresses: SETTLE after the last.
+        // Another look comes for the pod's addresses, SETTLE after the report on the bridge.
         assert_eq!(schedule.due(), Some(t + ms(32)));
-        // The veth comes up on the bridge: no sooner.
+        schedule.looked(t + ms(32));
+        assert_eq!(schedule.due(), None);
+        // Had the veth come up on the bridge 3 ms later, before that look: the look stays where
+        // it was (none sooner than SETTLE after the last), and one more comes SETTLE after it.
+        let mut schedule = Schedule::default();
+        schedule.report(Report::Veth, t);
+        schedule.report(Report::OnBridge, t + ms(2));
+        schedule.looked(t + ms(2));
         schedule.report(Report::OnBridge, t + ms(5));
         assert_eq!(schedule.due(), Some(t + ms(32)));
         schedule.looked(t + ms(32));
+        assert_eq!(schedule.due(), Some(t + ms(62)));
+        schedule.looked(t + ms(62));
         assert_eq!(schedule.due(), None);
     }
 
@@ -329,6 +362,28 @@ mod tests {
         assert!(looks.len() >= 30, "{}", looks.len());
         // Nothing is left unseen: the last report is looked at.
         assert!(schedule.due().is_some());
+    }
+
+    #[test]
+    fn every_pod_joining_a_bridge_gets_a_look_after_it_for_its_addresses() {
+        let t = Instant::now();
+        let mut schedule = Schedule::default();
+        // Pod a's veth joins and is looked at at once; pod b's joins 27 ms later.
+        schedule.report(Report::OnBridge, t + ms(2));
+        schedule.looked(t + ms(2));
+        schedule.report(Report::OnBridge, t + ms(29));
+        assert_eq!(schedule.due(), Some(t + ms(32)));
+        schedule.looked(t + ms(32));
+        // b's addresses may come after that look: one more, SETTLE after b's report.
+        assert_eq!(schedule.due(), Some(t + ms(62)));
+        schedule.looked(t + ms(62));
+        assert_eq!(schedule.due(), None);
+        // A report on a bridge taken just before a look (the caller was busy) is seen by it,
+        // and still asks for the look after.
+        schedule.seen(Report::OnBridge, t + ms(500));
+        assert_eq!(schedule.due(), Some(t + ms(530)));
+        schedule.seen(Report::Veth, t + ms(500));
+        assert_eq!(schedule.due(), Some(t + ms(530)));
     }
 
     #[test]

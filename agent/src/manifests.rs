@@ -207,8 +207,15 @@ impl ObjectContext<'_> {
     /// a name is refused too: the API server holds none, and a policy without one could not be
     /// named in a diagnostic, an Event or a trace.
     fn decode<T: DeserializeOwned>(self, value: Value) -> Result<T, ManifestError> {
-        let name = value.get("metadata").and_then(|m| m.get("name"));
-        if name.is_none_or(|n| n.is_null() || n.as_str() == Some("")) {
+        // Metadata of the wrong type is left to the decoder, which names that.
+        let unnamed = match value.get("metadata") {
+            None | Some(Value::Null) => true,
+            Some(Value::Mapping(meta)) => meta
+                .get("name")
+                .is_none_or(|n| n.is_null() || n.as_str() == Some("")),
+            Some(_) => false,
+        };
+        if unnamed {
             return Err(self.error("metadata.name".into(), "missing or empty".into()));
         }
         serde_path_to_error::deserialize(value)
@@ -235,11 +242,17 @@ fn object_name(value: &Value) -> String {
             .and_then(Value::as_str)
             .map(str::to_string)
     };
-    match (meta("namespace"), meta("name")) {
-        (Some(ns), Some(name)) => format!("{ns}/{name}"),
-        (None, Some(name)) => name,
-        _ => "(unnamed)".into(),
+    let name = meta("name")
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "(unnamed)".into());
+    let kind = value.get("kind").and_then(Value::as_str);
+    if kind == Some("Namespace") {
+        return name;
     }
+    format!(
+        "{}/{name}",
+        convert::namespace_of(meta("namespace").as_deref())
+    )
 }
 
 #[cfg(test)]

@@ -193,6 +193,26 @@ fn write(docs: &[Value], path: &Path) {
     fs::write(path, text).expect("write snapshot");
 }
 
+fn text(value: Option<&Value>) -> Option<&str> {
+    value.and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// How an error should name a document's object: `namespace/name` (`name` for a Namespace),
+/// `(unnamed)` for the name when it has none; `None` for a list, whose items share a document.
+fn expected_name(doc: &Value) -> Option<String> {
+    let kind = text(doc.get("kind"));
+    if kind.is_some_and(|k| k.ends_with("List")) {
+        return None;
+    }
+    let meta = doc.get("metadata");
+    let name = text(meta.and_then(|m| m.get("name"))).unwrap_or("(unnamed)");
+    if kind == Some("Namespace") {
+        return Some(name.to_string());
+    }
+    let namespace = agent::convert::namespace_of(text(meta.and_then(|m| m.get("namespace"))));
+    Some(format!("{namespace}/{name}"))
+}
+
 /// Everything the agent does with a loaded snapshot; panics are what the test looks for.
 fn exercise(before: &ruleset::Cluster, after: ruleset::Cluster) {
     let mut nodes: Vec<String> = after.pods().filter_map(|p| p.node.clone()).collect();
@@ -263,7 +283,9 @@ proptest! {
                 let shown = err.to_string();
                 prop_assert!(shown.contains(&*path.to_string_lossy()), "{shown}");
                 if let ManifestError::Object(object) = &err {
-                    prop_assert!(!object.kind.is_empty() && !object.field.is_empty(), "{shown}");
+                    prop_assert!(!object.field.is_empty(), "{shown}");
+                    let named = expected_name(&docs[object.document - 1]);
+                    prop_assert!(named.is_none_or(|name| name == object.name), "{shown}");
                 }
             }
         }
